@@ -1,0 +1,65 @@
+"""``nnunet-adpfl`` command line."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+
+def trainers_path() -> str:
+    """Folder to put in ``nnUNet_extTrainer`` (the installed ``trainers/``)."""
+    spec = importlib.util.find_spec("nnunet_adpfl.ext_trainers")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _cmd_trainers_path(args) -> int:
+    print(trainers_path())
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from .accounting import PrivacyAccountant, calibrate_noise_multiplier
+
+    q = args.batch_size / args.cases
+    steps = args.epochs * args.iterations
+    if args.delta >= 1 / args.cases:
+        print(f"error: delta {args.delta} must be < 1/N = {1 / args.cases:.3g}", file=sys.stderr)
+        return 2
+    sigma = calibrate_noise_multiplier(args.epsilon, args.delta, q, steps, args.accountant)
+    acc = PrivacyAccountant(args.accountant, args.delta)
+    acc.step(sigma, q, steps)
+    print(f"noise_multiplier {sigma:.4f} for epsilon {acc.epsilon():.3f} (target {args.epsilon}), delta {args.delta}, "
+          f"sample rate {q:.4g}, {steps} steps, accountant {args.accountant}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import synthetic
+
+    parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("trainers-path", help="print the folder for nnUNet_extTrainer")
+    p.set_defaults(func=_cmd_trainers_path)
+
+    p = sub.add_parser("calibrate", help="noise multiplier for a target epsilon (to plan a DP run)")
+    p.add_argument("--epsilon", type=float, required=True)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--cases", type=int, required=True, help="number of training cases N")
+    p.add_argument("--batch-size", type=int, default=2, help="expected batch size")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--iterations", type=int, default=250, help="steps per epoch")
+    p.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    p.set_defaults(func=_cmd_calibrate)
+
+    synthetic.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Settings for the DP trainers, read from the JSON file named by ``nnUNet_adpfl_config``.
+
+Every key is documented in ``SETTINGS`` (and in README.md). Unknown keys and bad values raise
+``SettingsError`` naming the key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+ENV_VAR = "nnUNet_adpfl_config"
+
+
+class SettingsError(ValueError):
+    """A settings file or value is invalid."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: Any
+    kind: type | tuple
+    doc: str
+    check: Callable[[Any], bool] = lambda v: True
+    requirement: str = ""
+    nullable: bool = False
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+SETTINGS: dict[str, Setting] = {
+    "target_epsilon": Setting(8.0, (int, float), "privacy budget epsilon for the whole training run; "
+                              "null to use a fixed noise_multiplier without a budget", _positive, "> 0",
+                              nullable=True),
+    "delta": Setting(1e-5, (int, float), "privacy parameter delta; must be < 1 / number of training cases",
+                     lambda v: 0 < v < 1, "in (0, 1)"),
+    "noise_multiplier": Setting(None, (int, float), "fixed noise multiplier sigma instead of deriving it from "
+                                "target_epsilon (if both are set, training stops when target_epsilon is spent)",
+                                _non_negative, ">= 0", nullable=True),
+    "max_grad_norm": Setting(1.0, (int, float), "clip norm C: bound on each case's gradient contribution",
+                             _positive, "> 0"),
+    "expected_batch_size": Setting(None, int, "expected number of cases per step (Poisson sampling, "
+                                   "rate = expected_batch_size / number of training cases); null = plan's batch size",
+                                   _positive, ">= 1", nullable=True),
+    "num_epochs": Setting(None, int, "epochs to train; null = nnU-Net's default (1000)", _positive, ">= 1",
+                          nullable=True),
+    "num_iterations_per_epoch": Setting(None, int, "DP steps per epoch; null = nnU-Net's default (250)",
+                                        _positive, ">= 1", nullable=True),
+    "num_val_iterations_per_epoch": Setting(None, int, "validation batches per epoch; null = nnU-Net's default (50)",
+                                            _positive, ">= 1", nullable=True),
+    "initial_lr": Setting(None, (int, float), "SGD learning rate; null = nnU-Net's default (1e-2)", _positive,
+                          "> 0", nullable=True),
+    "accountant": Setting("rdp", str, "privacy accountant: 'rdp' or 'prv' (Opacus)",
+                          lambda v: v in ("rdp", "prv"), "'rdp' or 'prv'"),
+    "gamma": Setting(0.01, (int, float), "Auto-S stability constant: s = C / (n + gamma)", _positive, "> 0"),
+    "r": Setting(None, (int, float), "NSGD / PSAC regulariser r; null = rule default (NSGD 0.01, PSAC 0.1)",
+                 _positive, "> 0", nullable=True),
+    "log_alignment": Setting(False, bool, "log cosine(mean raw gradient, mean clipped gradient) and "
+                             "cosine(mean raw gradient, noisy step) per epoch (diagnostic only)"),
+    "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop', 'vmap' or 'auto' "
+                                 "(loop on CPU, vmap on GPU; see docs/BENCHMARKS.md)",
+                                 lambda v: v in ("auto", "loop", "vmap"), "'auto', 'loop' or 'vmap'"),
+    "max_physical_batch_size": Setting(8, int, "vmap engine: cases per vectorised chunk (bounds memory)",
+                                       _positive, ">= 1"),
+    "noise_seed": Setting(None, int, "seed for the noise generator: FOR TESTS ONLY, a known seed makes the "
+                          "noise predictable and voids the guarantee; null = seeded from the OS", _non_negative,
+                          ">= 0", nullable=True),
+}
+
+
+def _validate(key: str, value: Any) -> Any:
+    spec = SETTINGS[key]
+    if value is None:
+        if spec.nullable or spec.default is None:
+            return None
+        raise SettingsError(f"setting '{key}' may not be null")
+    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise SettingsError(f"setting '{key}' must be {_kind_name(kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise SettingsError(f"setting '{key}' must be {_kind_name(kinds)}, got {value!r}")
+    if not spec.check(value):
+        raise SettingsError(f"setting '{key}' must be {spec.requirement}, got {value!r}")
+    return float(value) if float in kinds and not isinstance(value, bool) else value
+
+
+def _kind_name(kinds: tuple) -> str:
+    return " or ".join("a number" if k in (int, float) and float in kinds else k.__name__ for k in kinds)
+
+
+def load_settings(path: str | None = None, overrides: dict | None = None) -> dict:
+    """Defaults, updated from the JSON file (``path`` or ``$nnUNet_adpfl_config``) and ``overrides``."""
+    path = path if path is not None else os.environ.get(ENV_VAR)
+    user: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                user = json.load(f)
+        except FileNotFoundError:
+            raise SettingsError(f"settings file {path!r} (from ${ENV_VAR}) does not exist") from None
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"settings file {path!r} is not valid JSON: {e}") from None
+        if not isinstance(user, dict):
+            raise SettingsError(f"settings file {path!r} must contain a JSON object")
+    user.update(overrides or {})
+    unknown = sorted(set(user) - set(SETTINGS))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {unknown} in {path or 'overrides'}; known: {sorted(SETTINGS)}")
+    settings = {k: s.default for k, s in SETTINGS.items()}
+    settings.update({k: _validate(k, v) for k, v in user.items()})
+    if settings["target_epsilon"] is None and settings["noise_multiplier"] is None:
+        raise SettingsError("set target_epsilon, noise_multiplier, or both")
+    return settings

@@ -1,0 +1,81 @@
+"""Per-case gradients of a per-case loss.
+
+Two engines, same result (tests compare both with an independent per-case loop):
+- ``loop``: one forward/backward per case (autograd). Lowest memory; on CPU as fast as a batched step.
+- ``vmap``: ``torch.func.vmap(grad(functional_call(..., tie_weights=False)))`` over chunks of cases.
+``tie_weights=False`` matters: with the default, functorch tensors stay in the model and nnU-Net's
+final validation crashes afterwards.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+Target = torch.Tensor | list[torch.Tensor]
+PerCaseLossFn = Callable[[object, Target], torch.Tensor]  # (outputs, targets) -> (b,) losses
+
+
+def slice_target(target: Target, start: int, stop: int) -> Target:
+    if isinstance(target, (list, tuple)):
+        return [t[start:stop] for t in target]
+    return target[start:stop]
+
+
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """'auto' -> 'loop' on CPU (measured faster there), 'vmap' on accelerators."""
+    if engine == "auto":
+        return "loop" if device.type == "cpu" else "vmap"
+    if engine not in ("loop", "vmap"):
+        raise ValueError(f"unknown per-case gradient engine {engine!r}")
+    return engine
+
+
+class PerCaseGradients:
+    """Yields (grads, losses) chunks: grads[k] has shape (m, *params[k].shape), losses shape (m,)."""
+
+    def __init__(self, model: nn.Module, per_case_loss: PerCaseLossFn, params: dict[str, nn.Parameter],
+                 engine: str = "loop", chunk_size: int = 8):
+        self.model = model
+        self.per_case_loss = per_case_loss
+        self.names = list(params)
+        self.params = list(params.values())
+        self.engine = engine
+        self.chunk_size = chunk_size
+        if engine == "vmap":
+            self._vmapped = vmap(grad_and_value(self._case_loss), in_dims=(None, 0, 0), randomness="different")
+
+    def chunks(self, data: torch.Tensor, target: Target) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        step = 1 if self.engine == "loop" else self.chunk_size
+        for start in range(0, data.shape[0], step):
+            stop = min(start + step, data.shape[0])
+            x, y = data[start:stop], slice_target(target, start, stop)
+            yield self._loop_case(x, y) if self.engine == "loop" else self._vmap_chunk(x, y)
+
+    def _loop_case(self, x: torch.Tensor, y: Target):
+        loss = self.per_case_loss(self.model(x), y)[0]
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        return [g.unsqueeze(0) for g in grads], loss.detach().unsqueeze(0)
+
+    def _case_loss(self, params: dict, x: torch.Tensor, y: Target) -> torch.Tensor:
+        y1 = [t.unsqueeze(0) for t in y] if isinstance(y, (list, tuple)) else y.unsqueeze(0)
+        out = functional_call(self.model, params, (x.unsqueeze(0),), tie_weights=False)
+        return self.per_case_loss(out, y1)[0]
+
+    def _vmap_chunk(self, x: torch.Tensor, y: Target):
+        params = {n: p.detach() for n, p in zip(self.names, self.params)}
+        grads, losses = self._vmapped(params, x, y)
+        return [grads[n] for n in self.names], losses.detach()
+
+
+def trainable_params_reached_by_loss(model: nn.Module, per_case_loss: PerCaseLossFn, example_input: torch.Tensor,
+                                     example_target: Target) -> dict[str, nn.Parameter]:
+    """Trainable parameters whose gradient can be non-zero (e.g. not nnU-Net's deep-supervision head that has
+    loss weight 0). Decided from the graph on a data-free example input, never from private data."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = per_case_loss(model(example_input), example_target).sum()
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {n: p for (n, p), g in zip(params.items(), grads) if g is not None}

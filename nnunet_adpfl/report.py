@@ -1,0 +1,96 @@
+"""Privacy report (``privacy_report.json``) and the companion plot ``privacy_progress.png``."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+
+from .accounting import PrivacyAccountant
+
+REPORT_NAME = "privacy_report.json"
+PLOT_NAME = "privacy_progress.png"
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in ("nnunet-adpfl", "nnunetv2", "torch", "opacus"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sample_rate: float, clipping: dict,
+                   max_grad_norm: float, num_cases: int, expected_batch_size: float, target_epsilon: float | None,
+                   planned_steps: int, budget_exhausted: bool, trainer: str, final: bool,
+                   deterministic_noise: bool) -> dict:
+    eps = accountant.epsilon()
+    return {
+        "epsilon": eps if math.isfinite(eps) else None,
+        "delta": accountant.delta,
+        "noise_multiplier": noise_multiplier,
+        "sample_rate": sample_rate,
+        "steps": accountant.steps,
+        "accountant": accountant.mechanism,
+        "clipping": clipping,
+        "max_grad_norm": max_grad_norm,
+        "num_cases": num_cases,
+        "expected_batch_size": expected_batch_size,
+        "target_epsilon": target_epsilon,
+        "planned_steps": planned_steps,
+        "budget_exhausted": budget_exhausted,
+        "privacy_unit": "one training case (patient)",
+        "sampling": "Poisson: each case included independently with probability sample_rate per step",
+        "history": [list(h) for h in accountant.history],
+        "guarantee_void_deterministic_noise": deterministic_noise,
+        "trainer": trainer,
+        "final": final,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+    }
+
+
+def write_json_atomic(content: dict, path: str) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: readers never see a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def plot_privacy_progress(logs: dict, output_folder: str) -> None:
+    """epsilon per epoch, and gradient alignment if logged, next to nnU-Net's progress.png."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    has_alignment = "cos_raw_clipped" in logs
+    fig, axes = plt.subplots(2 if has_alignment else 1, 1, figsize=(10, 8 if has_alignment else 4.5), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(range(len(logs["epsilon"])), logs["epsilon"], color="purple", label="epsilon spent")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("epsilon")
+    ax.legend(loc="upper left")
+    if has_alignment:
+        ax = axes[1, 0]
+        ax.plot(logs["cos_raw_clipped"], label="cos(raw mean, clipped mean)")
+        ax.plot(logs["cos_raw_noisy"], label="cos(raw mean, noisy step)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("cosine")
+        ax.set_ylim(-1.05, 1.05)
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_folder, PLOT_NAME))
+    plt.close(fig)

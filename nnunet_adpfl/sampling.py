@@ -1,0 +1,56 @@
+"""Poisson sampling of cases (what the accountant assumes, DESIGN.md section 1).
+
+Each step includes every training case independently with probability q; an included case gives exactly
+one patch. Whether that patch is forced to contain foreground is decided per case with its own coin
+(nnU-Net's probabilistic oversampling), not by its position in the batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+
+def poisson_mask(num_cases: int, sample_rate: float, rng=np.random) -> np.ndarray:
+    """Boolean inclusion mask: each case independently with probability ``sample_rate``.
+    ``rng``: anything with ``random(n)`` (numpy's global state by default, seeded per worker process)."""
+    return rng.random(num_cases) < sample_rate
+
+
+class PoissonDataLoader(nnUNetDataLoader):
+    """nnU-Net training loader with Poisson-sampled, variable-size batches (possibly empty).
+
+    An empty draw yields ``{'data': None, 'target': None, 'keys': []}``.
+    """
+
+    def __init__(self, *args, sample_rate: float, **kwargs):
+        kwargs["probabilistic_oversampling"] = True
+        super().__init__(*args, **kwargs)
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.sample_rate = sample_rate
+        self._draw: list = []
+
+    def get_indices(self):
+        return self._draw
+
+    def generate_train_batch(self):
+        included = poisson_mask(len(self.indices), self.sample_rate)
+        self._draw = [k for k, inc in zip(self.indices, included) if inc]
+        if not self._draw:
+            return {"data": None, "target": None, "keys": []}
+        self.batch_size = len(self._draw)
+        return super().generate_train_batch()
+
+
+def batch_to_device(batch: dict, device: torch.device):
+    data, target = batch["data"], batch["target"]
+    if data is None:
+        return None, None
+    data = data.to(device, non_blocking=True)
+    if isinstance(target, list):
+        target = [t.to(device, non_blocking=True) for t in target]
+    else:
+        target = target.to(device, non_blocking=True)
+    return data, target
