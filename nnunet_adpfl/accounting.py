@@ -8,9 +8,17 @@ from __future__ import annotations
 import math
 
 from opacus.accountants import create_accountant
+from opacus.accountants.rdp import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 MECHANISMS = ("rdp", "prv")
+# Opacus' default RDP orders stop at 63; large sample rates with small sigma need higher orders for a tight
+# (still valid) bound. These extend them as dp_accounting's defaults do.
+RDP_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS) + [80, 96, 128, 192, 256, 384, 512, 768, 1024]
+
+
+def _epsilon_kwargs(mechanism: str) -> dict:
+    return {"alphas": RDP_ORDERS} if mechanism == "rdp" else {}
 
 
 class PrivacyAccountant:
@@ -42,7 +50,7 @@ class PrivacyAccountant:
             return math.inf
         acc = create_accountant(mechanism=self.mechanism)
         acc.history = history
-        return float(acc.get_epsilon(delta=self.delta))
+        return float(acc.get_epsilon(delta=self.delta, **_epsilon_kwargs(self.mechanism)))
 
     def state_dict(self) -> dict:
         return {"mechanism": self.mechanism, "delta": self.delta, "history": [list(h) for h in self.history]}
@@ -57,7 +65,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     """Smallest sigma (to Opacus' tolerance) whose ``steps`` Poisson-sampled Gaussian steps spend at most
     ``target_epsilon``."""
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=mechanism, epsilon_tolerance=0.01 * target_epsilon))
+                                      steps=steps, accountant=mechanism, epsilon_tolerance=0.01 * target_epsilon,
+                                      **_epsilon_kwargs(mechanism)))
 
 
 def steps_within_budget(accountant: PrivacyAccountant, target_epsilon: float, noise_multiplier: float,

@@ -1,0 +1,62 @@
+"""Run the stock nnU-Net commands (plan, train, predict) in a self-contained folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .cli import trainers_path
+
+
+def nnunet_env(root: str | Path, settings_file: str | Path | None = None, **extra: str) -> dict:
+    """Environment for nnU-Net commands with raw/preprocessed/results under ``root``, our trainers on
+    ``nnUNet_extTrainer`` and CPU-friendly defaults (no torch.compile)."""
+    root = Path(root)
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(root / "nnUNet_raw"),
+        "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
+        "nnUNet_results": str(root / "nnUNet_results"),
+        "nnUNet_extTrainer": trainers_path(),
+        "nnUNet_compile": env.get("nnUNet_compile", "f"),
+    })
+    if settings_file is not None:
+        env["nnUNet_adpfl_config"] = str(settings_file)
+    env.update(extra)
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def nnunet_command(name: str) -> str:
+    """Path of an nnU-Net console script next to this interpreter (falls back to PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bool = False) -> float:
+    """Run a command; its output goes to ``log_file`` (and the console if ``echo``). Raises with the log's
+    tail on failure. Returns the wall time in seconds."""
+    start = time.time()
+    args = [nnunet_command(args[0]), *args[1:]]
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        lines = []
+        log = open(log_file, "a") if log_file else None
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if log:
+                    log.write(line)
+                if echo:
+                    print(line, end="", flush=True)
+        finally:
+            if log:
+                log.close()
+        code = proc.wait()
+    if code != 0:
+        tail = "".join(lines[-40:])
+        raise RuntimeError(f"command failed ({code}): {' '.join(args)}\n--- last output ---\n{tail}")
+    return time.time() - start

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from nnunet_adpfl.config import ENV_VAR, SETTINGS, SettingsError, load_settings
+
+
+def test_defaults_without_file(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    s = load_settings()
+    assert s["target_epsilon"] == 8.0 and s["delta"] == 1e-5 and s["accountant"] == "rdp"
+    assert set(s) == set(SETTINGS)
+
+
+def test_file_from_env(tmp_path, monkeypatch):
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"target_epsilon": 3, "max_grad_norm": 0.5, "log_alignment": True, "accountant": "prv"}))
+    monkeypatch.setenv(ENV_VAR, str(f))
+    s = load_settings()
+    assert s["target_epsilon"] == 3.0 and isinstance(s["target_epsilon"], float)
+    assert s["max_grad_norm"] == 0.5 and s["log_alignment"] is True and s["accountant"] == "prv"
+
+
+@pytest.mark.parametrize("content,match", [
+    ({"target_epsilom": 3}, "unknown setting"),
+    ({"delta": 0}, "delta"),
+    ({"delta": 1.5}, "delta"),
+    ({"max_grad_norm": -1}, "max_grad_norm"),
+    ({"max_grad_norm": "1"}, "max_grad_norm"),
+    ({"expected_batch_size": 2.5}, "expected_batch_size"),
+    ({"expected_batch_size": True}, "expected_batch_size"),
+    ({"accountant": "gdp"}, "accountant"),
+    ({"log_alignment": 1}, "log_alignment"),
+    ({"target_epsilon": None}, "target_epsilon, noise_multiplier"),
+    ({"max_grad_norm": None}, "may not be null"),
+])
+def test_bad_values_are_named(tmp_path, content, match):
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(SettingsError, match=match):
+        load_settings(str(f))
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SettingsError, match="not valid JSON"):
+        load_settings(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(SettingsError, match="JSON object"):
+        load_settings(str(bad))
+
+
+def test_noise_multiplier_alone_is_allowed():
+    s = load_settings("", {"target_epsilon": None, "noise_multiplier": 1.3})
+    assert s["noise_multiplier"] == 1.3 and s["target_epsilon"] is None

@@ -1,0 +1,168 @@
+"""The DP trainers fix every nnU-Net default that breaks DP; each test fails if that fix regresses."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_adpfl.config import SettingsError
+from nnunet_adpfl.losses import PerCaseLoss
+from nnunet_adpfl.sampling import PoissonDataLoader, poisson_mask
+
+TRAINERS = {"nnUNetTrainerDPSGD": "flat", "nnUNetTrainerAutoS": "autos", "nnUNetTrainerNSGD": "nsgd",
+            "nnUNetTrainerPSAC": "psac"}
+
+
+def make_trainer(name="nnUNetTrainerDPSGD", device="cpu", settings=None, tmp_path=None, monkeypatch=None):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    if settings is not None:
+        f = tmp_path / f"settings_{name}.json"
+        f.write_text(json.dumps(settings))
+        monkeypatch.setenv("nnUNet_adpfl_config", str(f))
+    return get_trainer_from_args("501", "3d_fullres", 0, name, "nnUNetPlans", device=torch.device(device))
+
+
+SHORT = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "noise_seed": 0}
+
+
+@pytest.fixture
+def started(nnunet_paths, tmp_path, monkeypatch):
+    trainer = make_trainer(settings=SHORT, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    trainer.on_train_start()
+    yield trainer
+    trainer.on_train_end()
+
+
+@pytest.mark.parametrize("name,rule", TRAINERS.items())
+def test_trainers_found_through_nnUNet_extTrainer(nnunet_paths, name, rule):
+    trainer = make_trainer(name)
+    assert trainer.rule.name == rule and type(trainer).__name__ == name
+
+
+def test_amp_and_compile_off_even_on_cuda(nnunet_paths, monkeypatch):
+    monkeypatch.setenv("nnUNet_compile", "true")
+    trainer = make_trainer(device="cuda")  # constructing does not touch the GPU
+    assert trainer.grad_scaler is None
+    assert trainer._do_i_compile() is False
+
+
+def test_network_loss_and_loader_are_dp_safe(started):
+    t = started
+    assert not any(getattr(m, "inplace", False) for m in t.network.modules())  # LeakyReLU(inplace=True) off
+    assert isinstance(t.loss, PerCaseLoss)  # per-case Dice, never batch Dice
+    dl = t.dataloader_train.data_loader if hasattr(t.dataloader_train, "data_loader") else t.dataloader_train.generator
+    assert isinstance(dl, PoissonDataLoader)
+    assert dl.get_do_oversample == dl._probabilistic_oversampling  # per-case foreground coin, not batch position
+    assert dl.sample_rate == pytest.approx(t.batch_size / t.num_training_cases)
+    # nnU-Net's lowest deep-supervision head (loss weight 0) is frozen, everything else is private-trained
+    frozen = {n for n, p in t.network.named_parameters() if not p.requires_grad}
+    assert frozen == {"decoder.seg_layers.0.weight", "decoder.seg_layers.0.bias"}
+
+
+def test_loader_batches_are_poisson_samples_with_one_patch_per_case(started):
+    t = started
+    sizes, keys_seen = [], []
+    for _ in range(40):
+        batch = next(t.dataloader_train)
+        keys = list(batch["keys"])
+        assert len(keys) == len(set(keys))  # no case twice (nnU-Net samples with replacement)
+        if keys:
+            assert batch["data"].shape[0] == len(keys)
+        else:
+            assert batch["data"] is None
+        sizes.append(len(keys))
+        keys_seen += keys
+    assert len(set(sizes)) > 1  # the batch size varies
+    assert set(keys_seen) <= set(t.get_tr_and_val_datasets()[0].identifiers)
+
+
+def test_poisson_inclusion_frequency_and_independence():
+    rng = np.random.default_rng(0)
+    n, q, draws = 20, 0.15, 20_000
+    masks = np.stack([poisson_mask(n, q, rng) for _ in range(draws)])
+    freq = masks.mean(0)
+    se = np.sqrt(q * (1 - q) / draws)
+    assert np.all(np.abs(freq - q) < 5 * se)
+    pair = (masks[:, 0] & masks[:, 1]).mean()
+    assert abs(pair - q * q) < 5 * np.sqrt(q * q * (1 - q * q) / draws)
+    sizes = masks.sum(1)
+    assert abs(sizes.mean() - n * q) < 5 * np.sqrt(n * q * (1 - q) / draws)
+    assert abs(sizes.var() - n * q * (1 - q)) < 0.1 * n * q * (1 - q)
+
+
+def test_train_step_never_uses_batch_clip_or_autocast(started, monkeypatch):
+    t = started
+
+    def forbidden(*a, **k):
+        raise AssertionError("a DP step must not call this")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", forbidden)
+    monkeypatch.setattr(torch.amp.autocast_mode.autocast, "__enter__", forbidden)
+    before = {n: p.detach().clone() for n, p in t.network.named_parameters()}
+    steps = t.accountant.steps
+    batch = next(b for b in iter(lambda: next(t.dataloader_train), None) if b["keys"])
+    t.train_step(batch)
+    assert t.accountant.steps == steps + 1
+    for n, p in t.network.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        assert changed == p.requires_grad, n
+
+
+def test_noise_scale_and_denominator_are_data_independent(started, monkeypatch):
+    import nnunet_adpfl.dp_trainer as dpt
+    t = started
+    calls = []
+    real = dpt.add_noise
+
+    def spy(sums, noise_std, expected_batch_size, generator):
+        calls.append((noise_std, expected_batch_size))
+        return real(sums, noise_std, expected_batch_size, generator)
+
+    monkeypatch.setattr(dpt, "add_noise", spy)
+    for _ in range(6):
+        t.train_step(next(t.dataloader_train))
+    sigma, clip = t.privacy["noise_multiplier"], t.dp_settings["max_grad_norm"]
+    assert all(c == (pytest.approx(sigma * clip), t.privacy["expected_batch_size"]) for c in calls)
+
+
+def test_sigma_is_calibrated_to_the_target_before_training(started):
+    from nnunet_adpfl.accounting import PrivacyAccountant
+    t = started
+    acc = PrivacyAccountant("rdp", 1e-5)
+    acc.step(t.privacy["noise_multiplier"], t.privacy["sample_rate"], t._planned_steps())
+    assert 0.98 * 8.0 <= acc.epsilon() <= 8.0
+
+
+def test_budget_caps_steps_when_noise_is_fixed(nnunet_paths, tmp_path, monkeypatch):
+    t = make_trainer(settings={**SHORT, "num_epochs": 50, "noise_multiplier": 2.0, "target_epsilon": 4.0},
+                     tmp_path=tmp_path, monkeypatch=monkeypatch)
+    t.on_train_start()
+    try:
+        left = t.privacy["steps_left"]
+        assert 0 < left < t._planned_steps()
+        t.accountant.step(2.0, t.privacy["sample_rate"], left)
+        assert t.accountant.epsilon() <= 4.0
+        t.accountant.step(2.0, t.privacy["sample_rate"], 1)
+        assert t.accountant.epsilon() > 4.0
+    finally:
+        t.on_train_end()
+
+
+def test_delta_must_be_below_one_over_n(nnunet_paths, tmp_path, monkeypatch):
+    t = make_trainer(settings={**SHORT, "delta": 0.2}, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    with pytest.raises(SettingsError, match="delta"):
+        t.on_train_start()
+
+
+def test_checkpoint_restores_privacy_spend(started, tmp_path, monkeypatch):
+    t = started
+    for _ in range(3):
+        t.train_step(next(t.dataloader_train))
+    t.on_train_epoch_end([{"loss": np.array(1.0)}])
+    path = str(tmp_path / "ckpt.pth")
+    t.save_checkpoint(path)
+    t2 = make_trainer(settings=SHORT, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    t2.load_checkpoint(path)
+    assert t2.accountant.history == t.accountant.history and t2.accountant.steps == 3
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["logging"]["epsilon"][-1] == pytest.approx(t.accountant.epsilon())
