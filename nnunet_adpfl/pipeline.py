@@ -13,7 +13,7 @@ from .cli import trainers_path
 
 def nnunet_env(root: str | Path, settings_file: str | Path | None = None, **extra: str) -> dict:
     """Environment for nnU-Net commands with raw/preprocessed/results under ``root``, our trainers on
-    ``nnUNet_extTrainer`` and CPU-friendly defaults (no torch.compile)."""
+    ``nnUNet_extTrainer`` and CPU-friendly defaults (no torch.compile, export workers <= cores)."""
     root = Path(root)
     env = dict(os.environ)
     env.update({
@@ -22,6 +22,8 @@ def nnunet_env(root: str | Path, settings_file: str | Path | None = None, **extr
         "nnUNet_results": str(root / "nnUNet_results"),
         "nnUNet_extTrainer": trainers_path(),
         "nnUNet_compile": env.get("nnUNet_compile", "f"),
+        # nnU-Net's default of 8 spawned export workers costs ~30 s per case on a 2-core machine
+        "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 4))),
     })
     if settings_file is not None:
         env["nnUNet_adpfl_config"] = str(settings_file)

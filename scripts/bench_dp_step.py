@@ -1,0 +1,435 @@
+#!/usr/bin/env python
+"""Time one DP step (nnUNetTrainerDPSGD, per-case gradient engines 'loop'/'vmap') against one standard
+nnUNetTrainer step, on the network, patch size and batch size that nnU-Net plans for the synthetic kidney CT
+dataset.
+
+All variants live in one process, start from identical weights and get the same batches (of exactly the planned
+batch size). Steps are interleaved (round i runs every variant once, in a rotating order); the headline number is
+the median over rounds of (DP time / standard time in the same round). Peak step memory: on CUDA
+torch.cuda.max_memory_allocated per variant; on CPU each variant runs alone in a child process that reports its
+peak resident memory during the steps above its resident memory after set-up.
+
+Real measurement (run by the lead engineer; takes long on CPU):
+    python scripts/bench_dp_step.py --output docs/BENCHMARKS.md
+Quick end-to-end check (writes no docs):
+    python scripts/bench_dp_step.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_adpfl.config import ENV_VAR
+from nnunet_adpfl.pipeline import nnunet_env, run
+from nnunet_adpfl.synthetic import generate_dataset
+
+DATASET_ID = 501
+CONFIGURATION = "3d_fullres"
+FOLD = 0
+NUM_BATCHES = 4  # distinct batches drawn up front and cycled through
+NOISE_MULTIPLIER = 1.0  # fixed sigma: no epsilon calibration, no budget stop (cost does not depend on sigma)
+MARK_START, MARK_END = "<!-- bench_dp_step:start -->", "<!-- bench_dp_step:end -->"
+MEMORY_TAG = "BENCH_MEMORY "
+STANDARD = "standard"
+# (dataset scale, training cases, warm-up steps, timed steps)
+PROFILES = {"full": (1.0, 24, 3, 10), "smoke": (0.5, 8, 2, 2)}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def dataset_root(args) -> Path:
+    return Path(args.work_dir).resolve() / ("smoke" if args.smoke else "full")
+
+
+def prepare_dataset(root: Path, scale: float, num_cases: int, create: bool = True) -> dict:
+    """Synthetic kidney CT dataset + nnUNetv2_plan_and_preprocess, reused when already done with the same
+    parameters. Returns the nnU-Net environment for ``root``."""
+    env = nnunet_env(root)
+    marker = root / "prepared.json"
+    wanted = {"task": "kidney", "dataset_id": DATASET_ID, "scale": scale, "num_cases": num_cases, "seed": 0,
+              "configuration": CONFIGURATION}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        log(f"reusing prepared dataset in {root}")
+        return env
+    if not create:
+        raise RuntimeError(f"no prepared dataset in {root}")
+    start = time.perf_counter()
+    marker.unlink(missing_ok=True)
+    log(f"writing synthetic kidney CT dataset (scale {scale}, {num_cases} cases) to {root / 'nnUNet_raw'}")
+    generate_dataset("kidney", env["nnUNet_raw"], DATASET_ID, num_cases=num_cases, num_sites=1, num_test_cases=0,
+                     seed=0, scale=scale)
+    log_file = root / "plan_and_preprocess.log"
+    log(f"running nnUNetv2_plan_and_preprocess -c {CONFIGURATION} (log: {log_file})")
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np",
+         str(min(2, os.cpu_count() or 1))], env, log_file)
+    marker.write_text(json.dumps(wanted))
+    log(f"dataset prepared in {time.perf_counter() - start:.0f} s")
+    return env
+
+
+def use_env(env: dict, root: Path) -> None:
+    """nnU-Net paths for in-process trainers, single-threaded data loading, no torch.compile."""
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        os.environ[key] = env[key]
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    os.environ["nnUNet_compile"] = "f"
+    for engine in ("loop", "vmap"):
+        settings = {"target_epsilon": None, "noise_multiplier": NOISE_MULTIPLIER, "per_sample_engine": engine}
+        (root / f"dp_settings_{engine}.json").write_text(json.dumps(settings, indent=2))
+
+
+def build_trainer(variant: str, root: Path, device: torch.device, quiet_log: Path):
+    """nnUNetTrainer ('standard') or nnUNetTrainerDPSGD ('dp-<engine>'), started (network, loss, loaders,
+    privacy state). nnU-Net's own console output goes to ``quiet_log``."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    if variant == STANDARD:
+        name = "nnUNetTrainer"
+    else:
+        name = "nnUNetTrainerDPSGD"
+        os.environ[ENV_VAR] = str(root / f"dp_settings_{variant.removeprefix('dp-')}.json")
+    with open(quiet_log, "a") as f, contextlib.redirect_stdout(f):
+        trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, FOLD, name, "nnUNetPlans", device=device)
+        trainer.on_train_start()
+    trainer.network.train()
+    return trainer
+
+
+def shut_down(trainer) -> None:
+    for loader in (trainer.dataloader_train, trainer.dataloader_val):
+        if hasattr(loader, "_finish"):
+            loader._finish()
+
+
+def clone_batch(batch: dict) -> dict:
+    target = batch["target"]
+    target = [t.clone() for t in target] if isinstance(target, list) else target.clone()
+    return {"data": batch["data"].clone(), "target": target}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_step(trainer, batch: dict, device: torch.device) -> float:
+    batch = clone_batch(batch)  # fresh copy, outside the timed region
+    sync(device)
+    start = time.perf_counter()
+    trainer.train_step(batch)
+    sync(device)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0); False if unavailable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap to the OS so it is not counted as baseline
+
+
+def measure_memory_child(args) -> None:
+    """Child process (CPU): one variant alone; print its peak RSS during steps above its RSS after set-up."""
+    root = dataset_root(args)
+    scale, num_cases, _, _ = PROFILES["smoke" if args.smoke else "full"]
+    env = prepare_dataset(root, scale, num_cases, create=False)
+    use_env(env, root)
+    device = torch.device(args.device)
+    trainer = build_trainer(args.measure_memory_of, root, device, root / "trainers.log")
+    inputs = torch.load(root / "bench_inputs.pt", weights_only=False)
+    trainer.network.load_state_dict(inputs["state_dict"])
+    batches = inputs["batches"]
+    trainer.train_step(clone_batch(batches[0]))  # warm-up: allocates optimizer state (momentum buffers)
+    step_batches = [clone_batch(batches[(i + 1) % len(batches)]) for i in range(args.memory_steps)]
+    _release_free_memory()
+    exact = _reset_peak_rss()
+    base_kib = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for batch in step_batches:
+        trainer.train_step(batch)
+    peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    method = ("peak RSS (VmHWM, reset after set-up) minus RSS after set-up" if exact
+              else "ru_maxrss increase over set-up (lower bound: set-up peak may hide the step peak)")
+    shut_down(trainer)
+    print(MEMORY_TAG + json.dumps({"variant": args.measure_memory_of, "peak_mib": (peak_kib - base_kib) / 1024,
+                                   "method": method}), flush=True)
+
+
+def memory_cpu(args, variants: list[str]) -> tuple[dict, str]:
+    """Run every variant in its own child process, one after the other."""
+    peaks, method = {}, ""
+    for variant in variants:
+        start = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory-of", variant, "--work-dir",
+               args.work_dir, "--device", "cpu", "--memory-steps", str(args.memory_steps)]
+        cmd += ["--smoke"] if args.smoke else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEMORY_TAG)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"memory child for {variant} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                               f"{proc.stderr[-3000:]}")
+        result = json.loads(lines[-1][len(MEMORY_TAG):])
+        peaks[variant], method = result["peak_mib"], result["method"]
+        log(f"memory {variant}: {peaks[variant]:.0f} MiB ({time.perf_counter() - start:.0f} s in child process)")
+    return peaks, method
+
+
+def memory_cuda(trainers: dict, batches: list, steps: int, device: torch.device) -> tuple[dict, str]:
+    """Per variant (warm already): peak allocated memory during ``steps`` steps above what was allocated before."""
+    peaks = {}
+    for variant, trainer in trainers.items():
+        sync(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for i in range(steps):
+            trainer.train_step(clone_batch(batches[i % len(batches)]))
+        sync(device)
+        peaks[variant] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        log(f"memory {variant}: {peaks[variant]:.0f} MiB")
+    return peaks, "torch.cuda.max_memory_allocated during the steps minus memory allocated before them"
+
+
+# ----------------------------------------------------------------------------- report
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = match.group(1).strip() if match else cpu
+    text = (f"{cpu}, {os.cpu_count()} logical cores ({torch.get_num_threads()} torch threads), "
+            f"torch {torch.__version__}, device {device.type}")
+    if device.type == "cuda":
+        text += f" ({torch.cuda.get_device_name(device)})"
+    return text
+
+
+def summarise(times: dict[str, list[float]], peaks: dict[str, float] | None) -> list[dict]:
+    """Per variant: median and IQR of s/step, median of per-round ratios to standard, memory and its ratio."""
+    rows = []
+    for variant, ts in times.items():
+        ts_arr = np.array(ts)
+        q1, q3 = np.percentile(ts_arr, [25, 75])
+        row = {"variant": variant, "median_s": float(np.median(ts_arr)), "iqr_s": float(q3 - q1)}
+        if variant != STANDARD:
+            row["ratio"] = float(np.median(ts_arr / np.array(times[STANDARD])))
+        if peaks is not None:
+            row["peak_mib"] = peaks[variant]
+            if variant != STANDARD and peaks[STANDARD] > 0:
+                row["mem_ratio"] = peaks[variant] / peaks[STANDARD]
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| variant | median s/step | IQR s/step | median ratio vs standard | peak step memory (MiB) | "
+             "memory ratio vs standard |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ref = "reference" if r["variant"] == STANDARD else "n/a"
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ref
+        mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "not measured"
+        mem_ratio = f"{r['mem_ratio']:.2f}" if "mem_ratio" in r else (ref if "peak_mib" in r else "not measured")
+        lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['iqr_s']:.3f} | {ratio} | {mem} | {mem_ratio} |")
+    return "\n".join(lines)
+
+
+def update_section(path: Path, section: str) -> None:
+    """Replace the text between the markers in ``path`` (create the file, or append the section, if needed)."""
+    block = f"{MARK_START}\n{section.strip()}\n{MARK_END}"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start != -1 and end > start:
+        text = text[:start] + block + text[end + len(MARK_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def docs_section(info: dict, table: str) -> str:
+    return "\n".join([
+        "## DP step vs standard nnU-Net step (`scripts/bench_dp_step.py`)",
+        "",
+        f"- Date: {info['date']}",
+        f"- Machine: {info['machine']}",
+        f"- Command: `{info['command']}`",
+        f"- Data and plan: synthetic kidney CT (`nnunet_adpfl.synthetic`, scale {info['scale']}, "
+        f"{info['num_cases']} cases), `nnUNetv2_plan_and_preprocess -c {CONFIGURATION}`, fold {FOLD}",
+        f"- Network: {info['arch']}, {info['num_params']:,} parameters; patch size {info['patch_size']}; "
+        f"batch size {info['batch_size']} (as planned; every variant gets the same {NUM_BATCHES} batches, cycled)",
+        f"- Steps: {info['steps']} timed per variant after {info['warmup']} warm-up, interleaved in rotating order; "
+        "ratio = median over rounds of (DP time / standard time of the same round)",
+        f"- DP: nnUNetTrainerDPSGD (flat clipping, noise multiplier {NOISE_MULTIPLIER}, engines as named); "
+        "standard: nnUNetTrainer"
+        + (" (AMP + GradScaler on CUDA, DP steps are fp32)" if info["device"] == "cuda" else ""),
+        f"- Memory: {info['memory_method']}",
+        "",
+        table,
+    ])
+
+
+# ----------------------------------------------------------------------------- main
+
+def benchmark(args) -> None:
+    profile = PROFILES["smoke" if args.smoke else "full"]
+    scale, num_cases = profile[0], profile[1]
+    warmup = profile[2] if args.warmup is None else args.warmup
+    steps = profile[3] if args.steps is None else args.steps
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not engines or any(e not in ("loop", "vmap") for e in engines):
+        raise SystemExit(f"--engines: expected a comma-separated subset of loop,vmap, got {args.engines!r}")
+    if steps < 1 or warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    command = shlex.join(["python", os.path.relpath(Path(__file__).resolve()), *sys.argv[1:]])
+    log(f"command: {command}")
+    log(f"machine: {machine_description(device)}")
+
+    setup_start = time.perf_counter()
+    root = dataset_root(args)
+    env = prepare_dataset(root, scale, num_cases)
+    use_env(env, root)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training
+
+    variants = [STANDARD] + [f"dp-{e}" for e in engines]
+    trainers = {}
+    for variant in variants:
+        start = time.perf_counter()
+        trainers[variant] = build_trainer(variant, root, device, root / "trainers.log")
+        extra = f", engine {trainers[variant].privacy['engine']}" if variant != STANDARD else ""
+        log(f"built {variant} ({type(trainers[variant]).__name__}{extra}) in {time.perf_counter() - start:.1f} s")
+    std = trainers[STANDARD]
+    state = {k: v.detach().clone() for k, v in std.network.state_dict().items()}
+    for variant in variants[1:]:
+        trainers[variant].network.load_state_dict(state)
+
+    batches = []
+    for _ in range(NUM_BATCHES):
+        b = next(std.dataloader_train)
+        batches.append({"data": b["data"].clone(), "target": [t.clone() for t in b["target"]]
+                        if isinstance(b["target"], list) else b["target"].clone()})
+        assert b["data"].shape[0] == std.batch_size, "standard loader returned a batch of another size"
+    cm = std.configuration_manager
+    info = {
+        "date": datetime.date.today().isoformat(), "machine": machine_description(device), "command": command,
+        "device": device.type, "scale": scale, "num_cases": num_cases, "arch": cm.network_arch_class_name.split(".")[-1],
+        "num_params": sum(p.numel() for p in std.network.parameters()), "patch_size": list(cm.patch_size),
+        "batch_size": std.batch_size, "steps": steps, "warmup": warmup,
+    }
+    log(f"network {info['arch']}: {info['num_params']:,} parameters; patch size {info['patch_size']}; "
+        f"batch size {info['batch_size']}; input batch shape {list(batches[0]['data'].shape)}")
+    log(f"set-up took {time.perf_counter() - setup_start:.0f} s")
+
+    if device.type == "cpu" and not args.skip_memory:  # the children load the same weights and batches
+        torch.save({"state_dict": state, "batches": batches}, root / "bench_inputs.pt")
+
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    run_start = time.perf_counter()
+    for i in range(warmup + steps):
+        order = variants[i % len(variants):] + variants[:i % len(variants)]
+        batch = batches[i % len(batches)]
+        measured = {v: timed_step(trainers[v], batch, device) for v in order}
+        if i >= warmup:
+            for v in variants:
+                times[v].append(measured[v])
+        label = "warm-up" if i < warmup else "timed"
+        log(f"round {i + 1}/{warmup + steps} ({label}): " + ", ".join(f"{v} {measured[v]:.2f} s" for v in variants)
+            + f"; elapsed {time.perf_counter() - run_start:.0f} s")
+
+    peaks, method = None, "not measured (--skip-memory)"
+    if not args.skip_memory:
+        log(f"measuring peak step memory ({args.memory_steps} steps per variant)")
+        if device.type == "cuda":
+            peaks, method = memory_cuda(trainers, batches, args.memory_steps, device)
+        else:
+            peaks, method = memory_cpu(args, variants)
+    info["memory_method"] = method
+    for trainer in trainers.values():
+        shut_down(trainer)
+
+    table = markdown_table(summarise(times, peaks))
+    print()
+    print(table)
+    print()
+    log(f"{steps} timed steps per variant after {warmup} warm-up; memory: {method}")
+    if args.output:
+        update_section(Path(args.output), docs_section(info, table))
+        log(f"wrote section to {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default="./work_dirs/bench",
+                        help="folder for the dataset, nnU-Net's files and logs; reused between runs "
+                             "(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed steps per variant (default: {PROFILES['full'][3]}, smoke {PROFILES['smoke'][3]})")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed warm-up rounds (default: {PROFILES['full'][2]}, smoke {PROFILES['smoke'][2]})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: %(default)s)")
+    parser.add_argument("--engines", default="loop,vmap",
+                        help="comma-separated per-case gradient engines to benchmark (default: %(default)s)")
+    parser.add_argument("--output", default=None,
+                        help="Markdown file whose bench_dp_step section is created/replaced, e.g. docs/BENCHMARKS.md "
+                             "(default: print only)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny end-to-end check: dataset scale 0.5, 8 cases, 2 warm-up + 2 timed steps")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="steps per variant for the peak-memory measurement, after one warm-up step "
+                             "(default: %(default)s)")
+    parser.add_argument("--skip-memory", action="store_true", help="do not measure peak step memory")
+    parser.add_argument("--measure-memory-of", metavar="VARIANT", default=None,
+                        help="internal: run only VARIANT in this process and print its peak step memory (CPU)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.measure_memory_of:
+        measure_memory_child(args)
+    else:
+        benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
