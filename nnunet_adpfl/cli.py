@@ -34,7 +34,7 @@ def _cmd_calibrate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import synthetic
+    from . import demo, synthetic
 
     parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_calibrate)
 
     synthetic.add_cli(sub)
+    demo.add_cli(sub)
     return parser
 
 

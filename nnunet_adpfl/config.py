@@ -65,7 +65,7 @@ SETTINGS: dict[str, Setting] = {
     "log_alignment": Setting(False, bool, "log cosine(mean raw gradient, mean clipped gradient) and "
                              "cosine(mean raw gradient, noisy step) per epoch (diagnostic only)"),
     "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop', 'vmap' or 'auto' "
-                                 "(loop on CPU, vmap on GPU; see docs/BENCHMARKS.md)",
+                                 "(= loop, the faster one measured; see docs/BENCHMARKS.md)",
                                  lambda v: v in ("auto", "loop", "vmap"), "'auto', 'loop' or 'vmap'"),
     "max_physical_batch_size": Setting(8, int, "vmap engine: cases per vectorised chunk (bounds memory)",
                                        _positive, ">= 1"),
@@ -73,6 +73,17 @@ SETTINGS: dict[str, Setting] = {
                           "noise predictable and voids the guarantee; null = seeded from the OS", _non_negative,
                           ">= 0", nullable=True),
 }
+
+
+NNUNET_DEFAULTS = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50,
+                   "initial_lr": 1e-2}
+
+
+def apply_run_length(trainer, settings: dict) -> None:
+    """Set an nnU-Net trainer's epochs, iterations and learning rate from the settings (nnU-Net's defaults
+    where unset)."""
+    for key, default in NNUNET_DEFAULTS.items():
+        setattr(trainer, key, settings[key] if settings[key] is not None else default)
 
 
 def _validate(key: str, value: Any) -> Any:

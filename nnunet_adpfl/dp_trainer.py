@@ -25,15 +25,11 @@ from torch import nn
 from . import report
 from .accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_within_budget
 from .clipping import make_rule
-from .config import SettingsError, load_settings
+from .config import SettingsError, apply_run_length, load_settings
 from .losses import PerCaseLoss
 from .noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
 from .per_case_grads import PerCaseGradients, resolve_engine, trainable_params_reached_by_loss
 from .sampling import PoissonDataLoader, batch_to_device
-
-NNUNET_DEFAULTS = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50,
-                   "initial_lr": 1e-2}
-
 
 def make_dp_safe(network: nn.Module) -> nn.Module:
     """Turn off in-place activations (they break per-case gradient hooks) and refuse batch statistics."""
@@ -63,8 +59,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         if self.is_ddp:
             raise SettingsError("DP trainers do not support DDP: per-rank batches would not be Poisson samples")
         self.dp_settings = load_settings()
-        for key, default in NNUNET_DEFAULTS.items():
-            setattr(self, key, self.dp_settings[key] if self.dp_settings[key] is not None else default)
+        apply_run_length(self, self.dp_settings)
         self.grad_scaler = None
         self.rule = make_rule(self.clipping_rule, self.dp_settings)
         self.accountant = PrivacyAccountant(self.dp_settings["accountant"], self.dp_settings["delta"])
@@ -169,7 +164,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         for name, p in self.network.named_parameters():
             if name not in params:
                 p.requires_grad_(False)
-        engine = resolve_engine(s["per_sample_engine"], self.device)
+        engine = resolve_engine(s["per_sample_engine"])
         remaining = max(0, self._planned_steps() - self.accountant.steps)
         allowed = remaining if s["target_epsilon"] is None else \
             steps_within_budget(self.accountant, s["target_epsilon"], sigma, q, remaining)

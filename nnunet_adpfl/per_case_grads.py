@@ -24,10 +24,11 @@ def slice_target(target: Target, start: int, stop: int) -> Target:
     return target[start:stop]
 
 
-def resolve_engine(engine: str, device: torch.device) -> str:
-    """'auto' -> 'loop' on CPU (measured faster there), 'vmap' on accelerators."""
+def resolve_engine(engine: str) -> str:
+    """'auto' -> 'loop': measured faster and leaner than 'vmap' (docs/BENCHMARKS.md; on GPU not yet measured,
+    run scripts/bench_dp_step.py --device cuda to choose there)."""
     if engine == "auto":
-        return "loop" if device.type == "cpu" else "vmap"
+        return "loop"
     if engine not in ("loop", "vmap"):
         raise ValueError(f"unknown per-case gradient engine {engine!r}")
     return engine

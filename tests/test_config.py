@@ -56,3 +56,10 @@ def test_unreadable_files(tmp_path):
 def test_noise_multiplier_alone_is_allowed():
     s = load_settings("", {"target_epsilon": None, "noise_multiplier": 1.3})
     assert s["noise_multiplier"] == 1.3 and s["target_epsilon"] is None
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from pathlib import Path
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [k for k in SETTINGS if f"`{k}`" not in readme]
+    assert not missing, f"settings missing from README.md: {missing}"

@@ -166,3 +166,10 @@ def test_checkpoint_restores_privacy_spend(started, tmp_path, monkeypatch):
     assert t2.accountant.history == t.accountant.history and t2.accountant.steps == 3
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["logging"]["epsilon"][-1] == pytest.approx(t.accountant.epsilon())
+
+
+def test_baseline_trainer_takes_run_length_from_settings(nnunet_paths, tmp_path, monkeypatch):
+    t = make_trainer("nnUNetTrainerBaselineBudget", settings={**SHORT, "initial_lr": 0.005}, tmp_path=tmp_path,
+                     monkeypatch=monkeypatch)
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.initial_lr) == (2, 3, 1, 0.005)
+    assert t.grad_scaler is None or t.device.type == "cuda"  # standard nnU-Net otherwise unchanged

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Prepare the Python environment for nnunet-adpfl (idempotent; fast when already done).
+# Venv: $NNUNET_ADPFL_VENV (default ~/.cache/nnunet-adpfl/venv). Prints progress to stderr.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${NNUNET_ADPFL_VENV:-$HOME/.cache/nnunet-adpfl/venv}"
+python="${PYTHON:-python3}"
+say() { echo "[setup] $*" >&2; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating virtual environment $venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip wheel setuptools
+fi
+pip=("$venv/bin/python" -m pip)
+torch_ok() { "$venv/bin/python" -c "import torch, torchvision; torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)" 2>/dev/null; }
+
+if ! torch_ok; then
+  # torch and torchvision as one matched pair from the package index (a CUDA build; it runs on CPU too).
+  # The CPU-only torch 2.13.0 wheel some machines keep in find-links has no matching torchvision, and
+  # nnU-Net's trainer lookup imports timm -> torchvision, so every '-tr <custom trainer>' would fail with it.
+  say "installing torch + torchvision (several GB on first install; cached afterwards)"
+  "${pip[@]}" install "torch!=2.13.0+cpu" torchvision
+fi
+say "installing nnunet-adpfl (editable) with test dependencies"
+"${pip[@]}" install -q -e "$repo[test]"
+if ! torch_ok; then
+  say "ERROR: 'import torchvision' (with its compiled ops) fails in $venv; reinstall a matching torch/torchvision pair"
+  exit 1
+fi
+"$venv/bin/python" -c "import torch, torchvision, nnunetv2, opacus; print('[setup] torch', torch.__version__, '| torchvision', torchvision.__version__, '| nnunetv2 ok | opacus', opacus.__version__)" >&2
+echo "$venv"

@@ -1,0 +1,13 @@
+"""Standard (non-private) nnU-Net with the run length of the settings file: the baseline of comparisons, trained
+for the same epochs / iterations / learning rate as the private runs."""
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_adpfl.config import apply_run_length, load_settings
+
+
+class nnUNetTrainerBaselineBudget(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_run_length(self, load_settings())
