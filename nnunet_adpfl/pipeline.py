@@ -24,6 +24,7 @@ def nnunet_env(root: str | Path, settings_file: str | Path | None = None, **extr
         "nnUNet_compile": env.get("nnUNet_compile", "f"),
         # nnU-Net's default of 8 spawned export workers costs ~30 s per case on a 2-core machine
         "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 4))),
+        "PYTHONUNBUFFERED": "1",  # logs of long runs stream instead of appearing at exit
     })
     if settings_file is not None:
         env["nnUNet_adpfl_config"] = str(settings_file)

@@ -1,0 +1,212 @@
+"""Shared-folder protocol: FedAvg arithmetic, every rejection reason, order independence, restarts."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from nnunet_adpfl import fed_files as ff
+from nnunet_adpfl.aggregator import Aggregator, create_federation
+from nnunet_adpfl.fed_site import SiteClient
+from nnunet_adpfl.fed_strategy import FedAvg
+
+SITES = ["A", "B", "C"]
+
+
+def model(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g), "count": torch.tensor(5)}
+
+
+@pytest.fixture
+def fed(tmp_path):
+    fed, keys = tmp_path / "fed", tmp_path / "keys"
+    cfg = create_federation(fed, keys, SITES, rounds=3, epochs_per_round=1, mode="dpfl", round_timeout_s=0.0,
+                            quorum=1)
+    agg = Aggregator(fed, keys, poll_interval=0.01, log=lambda *_: None)
+    agg._write_global(0, model(), {"sites": [], "num_cases": 0})
+    clients = {s: SiteClient(fed, s, keys / f"{s}.key", wait_timeout_s=0.5, poll_interval=0.01) for s in SITES}
+    return fed, keys, cfg, agg, clients
+
+
+def delta(seed):
+    d = model(seed)
+    return {"w": d["w"], "b": d["b"], "count": torch.tensor(0)}
+
+
+def rejections(fed, r):
+    path = ff.round_dir(fed, r) / "rejections.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_fedavg_weighted_by_cases(fed):
+    fed_dir, _, _, agg, clients = fed
+    cases = {"A": 2, "B": 3, "C": 5}
+    for i, s in enumerate(SITES):
+        clients[s].upload(1, delta(10 + i), cases[s], {"epsilon": 1.0 + i})
+    manifest = agg.run_round(1)
+    got = clients["A"].wait_global(1)
+    g0 = model()
+    for k in ("w", "b"):
+        expected = g0[k] + sum(cases[s] * delta(10 + i)[k] for i, s in enumerate(SITES)) / 10
+        torch.testing.assert_close(got[k], expected)
+    assert torch.equal(got["count"], g0["count"])
+    assert manifest["sites"] == SITES and manifest["num_cases"] == 10
+    assert manifest["epsilon_by_site"] == {"A": 1.0, "B": 2.0, "C": 3.0}
+
+
+def test_result_does_not_depend_on_arrival_order(tmp_path):
+    results = []
+    for order in (SITES, SITES[::-1]):
+        fed_dir, keys = tmp_path / "".join(order) / "fed", tmp_path / "".join(order) / "keys"
+        create_federation(fed_dir, keys, SITES, rounds=1, epochs_per_round=1, mode="npfl")
+        agg = Aggregator(fed_dir, keys, poll_interval=0.01, log=lambda *_: None)
+        agg._write_global(0, model(), {"sites": [], "num_cases": 0})
+        for s in order:
+            SiteClient(fed_dir, s, keys / f"{s}.key").upload(1, delta(ord(s)), ord(s) - 60, None)
+        agg.run_round(1)
+        results.append(ff.global_paths(fed_dir, 1)[0].read_bytes())
+    assert results[0] == results[1]
+
+
+def test_strategy_sum_order_only_changes_roundoff():
+    base = model()
+    deltas = [delta(i) for i in range(5)]
+    outs = []
+    for seq in (deltas, deltas[::-1]):
+        s = FedAvg()
+        s.begin(base)
+        for i, d in enumerate(seq):
+            s.add(d, 1)
+        outs.append(s.finish())
+    torch.testing.assert_close(outs[0]["w"], outs[1]["w"], rtol=0, atol=1e-6)
+
+
+def _corrupt(fed_dir, clients, keys, how):
+    """Upload a valid update from A, then break it in one way; B uploads a valid one."""
+    clients["B"].upload(1, delta(2), 4, None)
+    tensor_path, manifest_path = ff.update_paths(fed_dir, 1, "A")
+    if how == "unknown site":
+        clients["A"].upload(1, delta(1), 4, None)
+        shutil.move(manifest_path, manifest_path.with_name("Z.json"))
+        shutil.move(tensor_path, tensor_path.with_name("Z.safetensors"))
+        return
+    if how == "bad HMAC":
+        m = clients["A"].upload(1, delta(1), 4, None)
+        m["num_cases"] = 400  # inflate its weight
+        ff.write_json_atomic(manifest_path, m)
+    elif how == "wrong round (replay)":
+        clients["A"].upload(1, delta(1), 4, None)
+        src_t, src_m = ff.update_paths(fed_dir, 1, "A")
+        m = json.loads(src_m.read_text())
+        m["round"] = 0
+        m["hmac"] = ff.mac(ff.load_key(keys / "A.key"), m)  # a genuine old manifest, replayed
+        ff.write_json_atomic(src_m, m)
+    elif how == "truncated":
+        clients["A"].upload(1, delta(1), 4, None)
+        tensor_path.write_bytes(tensor_path.read_bytes()[:-10])
+    elif how == "wrong shape":
+        d = delta(1)
+        d["w"] = torch.zeros(3, 4)
+        clients["A"].upload(1, d, 4, None)
+    elif how == "wrong dtype":
+        d = delta(1)
+        d["b"] = d["b"].double()
+        clients["A"].upload(1, d, 4, None)
+    elif how == "wrong keys":
+        d = delta(1)
+        d["extra"] = torch.zeros(1)
+        clients["A"].upload(1, d, 4, None)
+    elif how == "NaN":
+        d = delta(1)
+        d["w"][0, 0] = float("nan")
+        clients["A"].upload(1, d, 4, None)
+    elif how == "Inf":
+        d = delta(1)
+        d["b"][1] = float("inf")
+        clients["A"].upload(1, d, 4, None)
+    elif how == "not JSON":
+        clients["A"].upload(1, delta(1), 4, None)
+        manifest_path.write_text("{broken")
+    elif how == "pickle instead of safetensors":
+        clients["A"].upload(1, delta(1), 4, None)
+        torch.save(delta(1), tensor_path)
+
+
+REASONS = {"unknown site": "unknown site", "bad HMAC": "bad HMAC", "wrong round (replay)": "wrong round",
+           "truncated": "truncated", "wrong shape": "wrong shape", "wrong dtype": "wrong shape/dtype",
+           "wrong keys": "wrong tensor names", "NaN": "NaN/Inf", "Inf": "NaN/Inf", "not JSON": "not valid JSON",
+           "pickle instead of safetensors": "truncated or altered"}
+
+
+@pytest.mark.parametrize("how", list(REASONS))
+def test_bad_update_is_rejected_with_reason_and_never_averaged(fed, how):
+    fed_dir, keys, _, agg, clients = fed
+    _corrupt(fed_dir, clients, keys, how)
+    manifest = agg.run_round(1)  # timeout 0 + quorum 1: closes with the valid updates
+    assert manifest["sites"] == ["B"]
+    reasons = [r["reason"] for r in rejections(fed_dir, 1)]
+    assert any(REASONS[how] in r for r in reasons), reasons
+    got = clients["B"].wait_global(1)
+    torch.testing.assert_close(got["w"], model()["w"] + delta(2)["w"])
+
+
+def test_foreign_federation_update_is_rejected(fed, tmp_path):
+    fed_dir, keys, _, agg, clients = fed
+    clients["A"].upload(1, delta(1), 4, None)
+    m = json.loads(ff.update_paths(fed_dir, 1, "A")[1].read_text())
+    m["federation"] = "another-federation"
+    m["hmac"] = ff.mac(ff.load_key(keys / "A.key"), m)
+    ff.write_json_atomic(ff.update_paths(fed_dir, 1, "A")[1], m)
+    clients["C"].upload(1, delta(3), 2, None)
+    assert agg.run_round(1)["sites"] == ["C"]
+    assert "another federation" in rejections(fed_dir, 1)[0]["reason"]
+
+
+def test_aggregator_restarts_from_the_folder(fed):
+    fed_dir, keys, _, agg, clients = fed
+    for s in SITES:
+        clients[s].upload(1, delta(ord(s)), 3, None)
+    agg.run(max_rounds=1)
+    again = Aggregator(fed_dir, keys, poll_interval=0.01, log=lambda *_: None)  # a restarted aggregator
+    assert again.last_completed_round() == 1
+    for s in SITES:
+        clients[s].upload(2, delta(ord(s) + 1), 3, None)
+    assert again.run(max_rounds=1) == 2
+
+
+def test_site_checks_the_global_model(fed):
+    fed_dir, keys, _, agg, clients = fed
+    for s in SITES:
+        clients[s].upload(1, delta(ord(s)), 3, None)
+    agg.run_round(1)
+    tensor_path, manifest_path = ff.global_paths(fed_dir, 1)
+    m = json.loads(manifest_path.read_text())
+    m["hmacs"]["A"] = m["hmacs"]["B"]  # B's MAC does not verify under A's key
+    ff.write_json_atomic(manifest_path, m)
+    with pytest.raises(ff.Rejected, match="bad or missing HMAC"):
+        clients["A"].wait_global(1)
+    clients["B"].wait_global(1)
+    tensor_path.write_bytes(tensor_path.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ff.Rejected, match="sha256"):
+        clients["B"].wait_global(1)
+
+
+def test_site_waits_with_a_clear_timeout(fed):
+    _, _, _, _, clients = fed
+    with pytest.raises(TimeoutError, match="Is the aggregator running"):
+        clients["A"].wait_global(2)
+
+
+def test_federation_set_up_errors(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        create_federation(tmp_path / "f1", tmp_path / "k", SITES, 2, 1, "fedprox")
+    with pytest.raises(ValueError, match="distinct"):
+        create_federation(tmp_path / "f2", tmp_path / "k", ["A", "A"], 2, 1, "npfl")
+    with pytest.raises(ValueError, match="inside the shared"):
+        create_federation(tmp_path / "f3", tmp_path / "f3" / "keys", SITES, 2, 1, "npfl")
+    create_federation(tmp_path / "f4", tmp_path / "k", SITES, 2, 1, "npfl")
+    with pytest.raises(FileExistsError):
+        create_federation(tmp_path / "f4", tmp_path / "k", SITES, 2, 1, "npfl")
+    with pytest.raises(Exception, match="not a site"):
+        SiteClient(tmp_path / "f4", "Q", tmp_path / "k" / "A.key")
