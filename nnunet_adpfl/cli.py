@@ -34,7 +34,7 @@ def _cmd_calibrate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, synthetic
+    from . import demo, fed_cli, simulate, synthetic
 
     parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     synthetic.add_cli(sub)
     demo.add_cli(sub)
+    fed_cli.add_cli(sub)
+    simulate.add_cli(sub)
     return parser
 
 

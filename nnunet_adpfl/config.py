@@ -69,6 +69,17 @@ SETTINGS: dict[str, Setting] = {
                                  lambda v: v in ("auto", "loop", "vmap"), "'auto', 'loop' or 'vmap'"),
     "max_physical_batch_size": Setting(8, int, "vmap engine: cases per vectorised chunk (bounds memory)",
                                        _positive, ">= 1"),
+    "federation_dir": Setting(None, str, "federated trainers: the shared federation folder", lambda v: bool(v),
+                              "a path", nullable=True),
+    "site_id": Setting(None, str, "federated trainers: this site's name in federation.json", lambda v: bool(v),
+                       "a site name", nullable=True),
+    "site_key_file": Setting(None, str, "federated trainers: this site's secret key file (from 'federation init')",
+                             lambda v: bool(v), "a path", nullable=True),
+    "round_wait_timeout_s": Setting(86400.0, (int, float), "federated trainers: how long a site waits for a "
+                                    "round's global model before stopping with an error", _positive, "> 0"),
+    "seed": Setting(None, int, "deterministic mode for tests: reseeds data sampling and augmentation at every "
+                    "federated round from (seed, site, round); use with nnUNet_n_proc_DA=0", _non_negative, ">= 0",
+                    nullable=True),
     "noise_seed": Setting(None, int, "seed for the noise generator: FOR TESTS ONLY, a known seed makes the "
                           "noise predictable and voids the guarantee; null = seeded from the OS", _non_negative,
                           ">= 0", nullable=True),

@@ -47,7 +47,7 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
     args = [nnunet_command(args[0]), *args[1:]]
     with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         lines = []
-        log = open(log_file, "a") if log_file else None
+        log = open(log_file, "a", buffering=1) if log_file else None  # line-buffered: follow it live
         try:
             for line in proc.stdout:
                 lines.append(line)

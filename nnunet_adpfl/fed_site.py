@@ -1,0 +1,200 @@
+"""A site of a federation: the client for the shared folder and the nnU-Net trainer mixin.
+
+Round protocol at a site (epochs_per_round local epochs per round):
+    load global R-1 -> train -> upload delta (signed) -> wait for global R -> load it -> checkpoint -> ...
+Restart with the same command: the site loads its last round-end checkpoint; a round whose update is already
+in the folder is not trained again (its privacy spend is taken from that update's manifest), so nothing is
+released twice and nothing released goes unaccounted.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import fed_files as ff
+from .aggregator import load_federation
+from .config import SettingsError, load_settings
+
+
+class SiteClient:
+    def __init__(self, fed: str | Path, site: str, key_file: str | Path, wait_timeout_s: float = 86400,
+                 poll_interval: float = 2.0, log=print):
+        self.fed = Path(fed)
+        self.cfg = load_federation(self.fed)
+        if site not in self.cfg["sites"]:
+            raise SettingsError(f"site {site!r} is not a site of the federation in {fed} ({self.cfg['sites']})")
+        self.site = site
+        self.key = ff.load_key(key_file)
+        self.wait_timeout_s = wait_timeout_s
+        self.poll_interval = poll_interval
+        self.log = log
+
+    def upload(self, r: int, delta: dict[str, torch.Tensor], num_cases: int, privacy: dict | None) -> dict:
+        tensor_path, manifest_path = ff.update_paths(self.fed, r, self.site)
+        manifest = {"kind": "update", "federation": self.cfg["id"], "site": self.site, "round": r,
+                    "num_cases": int(num_cases), **(privacy or {})}
+        return ff.write_tensors_with_manifest(tensor_path, manifest_path, delta, manifest,
+                                              ff.signed_by_site(self.key))
+
+    def own_update(self, r: int) -> dict | None:
+        """This site's uploaded manifest for round r, if present and signed by this site."""
+        _, manifest_path = ff.update_paths(self.fed, r, self.site)
+        if not manifest_path.exists():
+            return None
+        manifest = ff.read_json(manifest_path)
+        return manifest if ff.mac_ok(self.key, manifest, manifest.get("hmac")) and manifest.get("round") == r \
+            and manifest.get("federation") == self.cfg["id"] else None
+
+    def wait_global(self, r: int, spec: dict | None = None) -> dict[str, torch.Tensor]:
+        _, manifest_path = ff.global_paths(self.fed, r)
+        start, note = time.time(), 0.0
+        while not manifest_path.exists():
+            waited = time.time() - start
+            if waited > self.wait_timeout_s:
+                raise TimeoutError(f"site {self.site}: no global model for round {r} in {self.fed} after "
+                                   f"{waited:.0f} s. Is the aggregator running ('nnunet-adpfl aggregate {self.fed}')? "
+                                   "Restarting this command later resumes where it stopped.")
+            if waited - note > 60:
+                self.log(f"site {self.site}: waiting for the global model of round {r} ({waited:.0f} s)")
+                note = waited
+            time.sleep(self.poll_interval)
+        _, tensors = ff.read_global(self.fed, r, self.cfg["id"], self.site, self.key, spec)
+        return tensors
+
+
+def round_seed(seed: int, site: str, r: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{site}/{r}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class FederatedTrainerMixin:
+    """Turns an nnU-Net trainer into a federation site. Settings (nnUNet_adpfl_config): federation_dir,
+    site_id, site_key_file, round_wait_timeout_s; rounds, epochs per round and iterations per epoch come
+    from the federation's federation.json."""
+    federation_mode = "npfl"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp:
+            raise SettingsError("federated trainers do not support DDP")
+        s = load_settings()
+        missing = [k for k in ("federation_dir", "site_id", "site_key_file") if not s[k]]
+        if missing:
+            raise SettingsError(f"{type(self).__name__} needs {missing} in the settings file ($nnUNet_adpfl_config)")
+        self.fed_settings = s
+        self.client = SiteClient(s["federation_dir"], s["site_id"], s["site_key_file"], s["round_wait_timeout_s"],
+                                 log=self.print_to_log_file)
+        cfg = self.client.cfg
+        if cfg["mode"] != self.federation_mode:
+            raise SettingsError(f"{type(self).__name__} trains mode '{self.federation_mode}', but the federation "
+                                f"in {s['federation_dir']} runs mode '{cfg['mode']}'")
+        if cfg["configuration"] != configuration:
+            raise SettingsError(f"the federation trains configuration '{cfg['configuration']}', not '{configuration}'")
+        self.epochs_per_round = cfg["epochs_per_round"]
+        self.num_epochs = cfg["rounds"] * cfg["epochs_per_round"]
+        if cfg.get("iterations_per_epoch"):
+            self.num_iterations_per_epoch = cfg["iterations_per_epoch"]
+        self.save_every = self.epochs_per_round  # nnU-Net's checkpoint_latest at every round end
+        self._round_start: dict[str, torch.Tensor] | None = None
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _module(self):
+        from torch._dynamo.eval_frame import OptimizedModule
+        return self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self._module().state_dict().items()}
+
+    def _load_global(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._module().load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=True)
+        self._round_start = {k: v.clone() for k, v in tensors.items()}
+
+    def _num_cases(self) -> int:
+        return len(self.do_split()[0])
+
+    def _privacy_manifest(self) -> dict:
+        """Privacy fields of an update's manifest (DP trainers add their accountant)."""
+        return {}
+
+    def _adopt_privacy_manifest(self, manifest: dict) -> None:
+        """On restart, take over the spend recorded in an already uploaded update (DP trainers)."""
+
+    def _reseed(self, r: int) -> None:
+        """Deterministic mode (settings 'seed'): every round starts from RNG states fixed by (seed, site, round)."""
+        seed = self.fed_settings["seed"]
+        if seed is None:
+            return
+        s = round_seed(seed, self.client.site, r)
+        random.seed(s)
+        np.random.seed(s % (2 ** 32))
+        torch.manual_seed(s)
+
+    def _pad_logs(self) -> None:
+        logs = self.logger.local_logger.my_fantastic_logging
+        for values in logs.values():
+            values.extend([float("nan")] * (self.current_epoch - len(values)))
+
+    def _check_plans(self) -> None:
+        from .fed_plan import plans_digest
+        expected = self.client.cfg.get("plans_sha256")
+        if expected is None:
+            raise SettingsError(f"the federation in {self.client.fed} has no plan yet ('nnunet-adpfl plan')")
+        if plans_digest(self.plans_manager.plans) != expected:
+            raise SettingsError(
+                f"this site's plans ({self.plans_manager.plans_name}) differ from the federation's plan "
+                f"(sha256 {expected[:12]}...): install it with 'nnunet-adpfl install-plan' and preprocess again")
+
+    # ---- nnU-Net hooks --------------------------------------------------------------------------
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self._check_plans()
+        for name in ("checkpoint_latest.pth", "checkpoint_final.pth"):
+            path = os.path.join(self.output_folder, name)
+            if self.current_epoch == 0 and os.path.isfile(path):
+                self.print_to_log_file(f"federation: resuming from {path}")
+                self.load_checkpoint(path)
+                break
+        done = self._sync_with_federation()
+        super().on_train_start()
+        self._reseed(done + 1)
+
+    def _sync_with_federation(self) -> int:
+        """Load the global model of the last completed round and skip rounds already uploaded; returns the
+        number of rounds done."""
+        epr = self.epochs_per_round
+        done = self.current_epoch // epr
+        if self.current_epoch % epr:
+            raise RuntimeError(f"checkpoint at epoch {self.current_epoch} is not at a round boundary ({epr} epochs "
+                               "per round); remove it to restart this site's training")
+        spec = ff.tensor_spec(self._state())
+        self._load_global(self.client.wait_global(done, spec))
+        while done < self.client.cfg["rounds"] and (manifest := self.client.own_update(done + 1)) is not None:
+            done += 1
+            self.print_to_log_file(f"federation: round {done} was uploaded before a restart; not training it again")
+            self._adopt_privacy_manifest(manifest)
+            self._load_global(self.client.wait_global(done, spec))
+            self.current_epoch = done * epr
+        self._pad_logs()
+        return done
+
+    def on_epoch_end(self):
+        if (self.current_epoch + 1) % self.epochs_per_round == 0:
+            self._finish_round((self.current_epoch + 1) // self.epochs_per_round)
+        super().on_epoch_end()
+
+    def _finish_round(self, r: int) -> None:
+        state = self._state()
+        delta = {k: (v.to(torch.float32) - self._round_start[k].to(torch.float32)) if v.is_floating_point()
+                 else torch.zeros_like(v) for k, v in state.items()}
+        manifest = self.client.upload(r, delta, self._num_cases(), self._privacy_manifest())
+        self.print_to_log_file(f"federation: uploaded round {r} update ({manifest['bytes'] / 1e6:.1f} MB)")
+        self._load_global(self.client.wait_global(r, ff.tensor_spec(state)))
+        self.print_to_log_file(f"federation: loaded global model of round {r}")
+        self._reseed(r + 1)

@@ -1,0 +1,32 @@
+"""Federated trainer bases: NP-FL (standard nnU-Net locally) and DP-FL (DP-SGD locally); FedAvg at the
+aggregator. Each DP site's account covers every update it ever uploads."""
+from __future__ import annotations
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from .accounting import PrivacyAccountant
+from .dp_trainer import nnUNetTrainerDP
+from .fed_site import FederatedTrainerMixin, round_seed
+
+
+class FederatedNPTrainer(FederatedTrainerMixin, nnUNetTrainer):
+    federation_mode = "npfl"
+
+
+class FederatedDPTrainer(FederatedTrainerMixin, nnUNetTrainerDP):
+    federation_mode = "dpfl"
+
+    def _privacy_manifest(self) -> dict:
+        return {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
+                "privacy_accountant": self.accountant.state_dict()}
+
+    def _adopt_privacy_manifest(self, manifest: dict) -> None:
+        uploaded = PrivacyAccountant.from_state_dict(manifest["privacy_accountant"])
+        if uploaded.steps > self.accountant.steps:
+            self.accountant = uploaded
+
+    def _reseed(self, r: int) -> None:
+        super()._reseed(r)
+        noise_seed = self.dp_settings["noise_seed"]
+        if noise_seed is not None and self.privacy is not None:
+            self.privacy["generator"].manual_seed(round_seed(noise_seed, self.client.site, r))

@@ -1,0 +1,221 @@
+"""``nnunet-adpfl simulate``: a whole federation on one machine, every party a separate process.
+
+synthetic multi-site data -> per-site aggregate fingerprints -> one federated plan -> per-site preprocessing ->
+aggregator + N sites running the stock ``nnUNetv2_train`` -> summary table. Resumable: finished stages are kept.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import fed_files as ff
+from .aggregator import create_federation, load_federation
+from .demo import CONFIGURATION, evaluate_folder
+from .pipeline import nnunet_command, nnunet_env, run
+from .synthetic import generate_dataset, split_by_site
+
+DATASET_ID = 501
+MODE_OF_TRAINER = {"nnUNetTrainerFL": "npfl", "nnUNetTrainerDPFL": "dpfl", "nnUNetTrainerADPFL": "adpfl"}
+
+
+def _log(msg: str) -> None:
+    print(f"[simulate {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nnunet_adpfl.cli", *args]
+
+
+class Layout:
+    def __init__(self, work: Path, sites: list[str]):
+        self.work = work
+        self.fed = work / "federation"
+        self.keys = work / "coordinator" / "keys"
+        self.pool = work / "pooled_raw"
+        self.sites_raw = work / "sites_raw"
+        self.sites = sites
+
+    def site_root(self, site: str) -> Path:
+        return self.work / f"site_{site}"
+
+    def site_env(self, site: str, settings: Path | None = None, **extra) -> dict:
+        return nnunet_env(self.site_root(site), settings, nnUNet_raw=str(self.sites_raw / site), **extra)
+
+
+def _stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int) -> Path:
+    pooled = next(lay.pool.glob(f"Dataset{DATASET_ID:03d}_*"), None)
+    if pooled is None or not (pooled / "sites.json").exists():
+        _log(f"writing a synthetic '{task}' dataset split over {len(lay.sites)} sites")
+        pooled = generate_dataset(task, lay.pool, DATASET_ID, num_cases=num_cases, num_sites=len(lay.sites),
+                                  num_test_cases=4, seed=seed, scale=scale)
+    if not all((lay.sites_raw / s / pooled.name / "dataset.json").exists() for s in lay.sites):
+        split_by_site(pooled, lay.sites_raw)
+    return pooled
+
+
+def _stage_plan(lay: Layout, pooled: Path, config: str) -> None:
+    fed_cfg = load_federation(lay.fed)
+    for site in lay.sites:
+        if not (lay.fed / "fingerprints" / f"{site}.json").exists():
+            _log(f"site {site}: sharing its aggregate fingerprint")
+            run(_cli("fingerprint", str(lay.fed), "--site", site, "--key-file", str(lay.keys / f"{site}.key"), "-d",
+                     str(DATASET_ID), "-np", "1"), lay.site_env(site), lay.work / "logs" / f"fingerprint_{site}.log")
+    if fed_cfg.get("plans_sha256") is None:
+        _log("coordinator: planning once for all sites with nnU-Net's planner on the merged fingerprint")
+        run(_cli("plan", str(lay.fed), "--keys-dir", str(lay.keys), "-d", str(DATASET_ID), "--dataset-name",
+                 pooled.name.split("_", 1)[1], "--work-dir", str(lay.work / "coordinator" / "planner")),
+            nnunet_env(lay.work / "coordinator" / "planner"), lay.work / "logs" / "plan.log")
+    for site in lay.sites:
+        env = lay.site_env(site)
+        marker = Path(env["nnUNet_preprocessed"]) / pooled.name / f"nnUNetPlans_{config}"
+        if not marker.exists():
+            _log(f"site {site}: installing the federation plan and preprocessing")
+            log = lay.work / "logs" / f"preprocess_{site}.log"
+            run(_cli("install-plan", str(lay.fed), "-d", str(DATASET_ID)), env, log)
+            run(["nnUNetv2_preprocess", "-d", str(DATASET_ID), "-c", config, "-np", "1"], env, log)
+
+
+def _site_settings(lay: Layout, site: str, privacy: dict) -> Path:
+    path = lay.work / "settings" / f"{site}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"federation_dir": str(lay.fed), "site_id": site,
+                                "site_key_file": str(lay.keys / f"{site}.key"), **privacy}, indent=2))
+    return path
+
+
+def _train(lay: Layout, trainer: str, config: str, privacy: dict, rounds: int) -> float:
+    logs = lay.work / "logs"
+    start = time.time()
+    procs = {"aggregator": subprocess.Popen(_cli("aggregate", str(lay.fed), "--keys-dir", str(lay.keys),
+                                                 "--poll-interval", "1"),
+                                            stdout=open(logs / "aggregator.log", "a"), stderr=subprocess.STDOUT,
+                                            env=nnunet_env(lay.work / "coordinator" / "planner"))}
+    for site in lay.sites:
+        env = lay.site_env(site, _site_settings(lay, site, privacy), nnUNet_n_proc_DA="1")
+        procs[site] = subprocess.Popen([nnunet_command("nnUNetv2_train"), str(DATASET_ID), config, "0", "-tr",
+                                        trainer, "-device", "cpu"], stdout=open(logs / f"train_{site}.log", "a"),
+                                       stderr=subprocess.STDOUT, env=env)
+    _log(f"aggregator and {len(lay.sites)} sites started (logs in {logs})")
+    reported = 0
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"{failed} failed; see {logs}")
+            closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())
+            if closed > reported:
+                reported = closed
+                _log(f"round {closed}/{rounds} closed ({time.time() - start:.0f} s)")
+            time.sleep(2)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+    failed = [n for n, p in procs.items() if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"{failed} failed; see {logs}")
+    return time.time() - start
+
+
+def _bytes_exchanged(fed: Path) -> tuple[int, int]:
+    up = sum(p.stat().st_size for p in fed.glob("round_*/updates/*") if p.is_file())
+    down = sum(p.stat().st_size for p in fed.glob("round_*/global.*"))
+    return up, down
+
+
+def summarise(lay: Layout, trainer: str, config: str, pooled: Path, wall: float | None) -> dict:
+    cfg = load_federation(lay.fed)
+    per_site = {}
+    for site in lay.sites:
+        fold = (Path(lay.site_env(site)["nnUNet_results"]) / pooled.name / f"{trainer}__nnUNetPlans__{config}" /
+                "fold_0")
+        val = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+        report = fold / "privacy_report.json"
+        eps = json.loads(report.read_text())["epsilon"] if report.exists() else None
+        per_site[site] = {"validation_dice": val, "epsilon": eps}
+    site = lay.sites[0]
+    pred = lay.work / "predictions" / trainer
+    if not pred.exists():
+        run(["nnUNetv2_predict", "-i", str(pooled / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID), "-c", config,
+             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], lay.site_env(site),
+            lay.work / "logs" / "predict.log")
+    up, down = _bytes_exchanged(lay.fed)
+    return {"trainer": trainer, "mode": cfg["mode"], "rounds": cfg["rounds"], "sites": per_site,
+            "global_test_dice": evaluate_folder(pooled, pred), "bytes_uploaded": up, "bytes_downloaded_per_site": down,
+            "wall_time_s": wall}
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"## {s['trainer']} ({s['mode']}, {s['rounds']} rounds)", "",
+             "| site | validation Dice (local cases) | epsilon |", "|---|---|---|"]
+    for site, v in s["sites"].items():
+        eps = "-" if v["epsilon"] is None else f"{v['epsilon']:.2f}"
+        lines.append(f"| {site} | {v['validation_dice']:.3f} | {eps} |")
+    wall = "-" if s["wall_time_s"] is None else f"{s['wall_time_s']:.0f} s"
+    dice = s["global_test_dice"]
+    finite = [x for x in dice.values() if not math.isnan(x)]
+    lines += ["", "| global model on the test set | " + " | ".join(dice) + " | mean |",
+              "|---|" + "---|" * (len(dice) + 1),
+              "| Dice | " + " | ".join(f"{x:.3f}" for x in dice.values()) +
+              f" | {sum(finite) / len(finite) if finite else float('nan'):.3f} |", "",
+              f"bytes uploaded (all sites, all rounds): {s['bytes_uploaded'] / 1e6:.1f} MB; "
+              f"global models written: {s['bytes_downloaded_per_site'] / 1e6:.1f} MB; per round and site: "
+              f"{s['bytes_uploaded'] / max(1, s['rounds'] * len(s['sites'])) / 1e6:.1f} MB up",
+              f"wall time of the federated training: {wall}"]
+    return "\n".join(lines)
+
+
+def run_simulation(work_dir: Path, task: str, trainer: str, num_sites: int, rounds: int, epochs_per_round: int,
+                   iterations: int, epsilon: float, num_cases: int, scale: float, seed: int) -> dict:
+    if trainer not in MODE_OF_TRAINER:
+        raise SystemExit(f"error: --trainer must be one of {sorted(MODE_OF_TRAINER)}")
+    lay = Layout(Path(work_dir).resolve(), [chr(ord("A") + i) for i in range(num_sites)])
+    (lay.work / "logs").mkdir(parents=True, exist_ok=True)
+    config = CONFIGURATION[task]
+    pooled = _stage_data(lay, task, num_cases, scale, seed)
+    if not (lay.fed / ff.FEDERATION_FILE).exists():
+        create_federation(lay.fed, lay.keys, lay.sites, rounds, epochs_per_round, MODE_OF_TRAINER[trainer],
+                          iterations_per_epoch=iterations, configuration=config, seed=seed)
+    if load_federation(lay.fed)["mode"] != MODE_OF_TRAINER[trainer]:
+        raise SystemExit(f"error: {lay.fed} holds a '{load_federation(lay.fed)['mode']}' federation; use another "
+                         "--work-dir for this trainer")
+    _stage_plan(lay, pooled, config)
+    privacy = {"target_epsilon": epsilon, "num_val_iterations_per_epoch": max(1, iterations // 5)}
+    wall = None
+    if not ff.global_paths(lay.fed, rounds)[1].exists() or not all(
+            (Path(lay.site_env(s)["nnUNet_results"]) / pooled.name / f"{trainer}__nnUNetPlans__{config}" / "fold_0" /
+             "checkpoint_final.pth").exists() for s in lay.sites):
+        _log(f"federated training: {trainer}, {rounds} rounds x {epochs_per_round} epochs x {iterations} steps")
+        wall = _train(lay, trainer, config, privacy, rounds)
+    summary = summarise(lay, trainer, config, pooled, wall)
+    (lay.work / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = format_summary(summary)
+    (lay.work / "summary.md").write_text(text + "\n")
+    print("\n" + text)
+    return summary
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("simulate", help="a whole federation on this machine (aggregator + sites as processes)")
+    p.add_argument("--work-dir", default="work_dirs/simulate")
+    p.add_argument("--task", choices=tuple(CONFIGURATION), default="kidney")
+    p.add_argument("--trainer", default="nnUNetTrainerDPFL", help=f"one of {sorted(MODE_OF_TRAINER)}")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs-per-round", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=10, help="steps per epoch")
+    p.add_argument("--epsilon", type=float, default=8.0)
+    p.add_argument("--num-cases", type=int, default=24, help="training cases over all sites")
+    p.add_argument("--scale", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(a) -> int:
+    run_simulation(Path(a.work_dir), a.task, a.trainer, a.sites, a.rounds, a.epochs_per_round, a.iterations,
+                   a.epsilon, a.num_cases, a.scale, a.seed)
+    return 0
