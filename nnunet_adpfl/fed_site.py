@@ -2,9 +2,9 @@
 
 Round protocol at a site (epochs_per_round local epochs per round):
     load global R-1 -> train -> upload delta (signed) -> wait for global R -> load it -> checkpoint -> ...
-Restart with the same command: the site loads its last round-end checkpoint; a round whose update is already
-in the folder is not trained again (its privacy spend is taken from that update's manifest), so nothing is
-released twice and nothing released goes unaccounted.
+Each round end is checkpointed (atomically) BEFORE the upload, so the checkpoint always accounts for every
+step released. Restart with the same command: the site loads that checkpoint, uploads the round if the crash
+came before the upload, loads the round's global model and goes on; no round is trained or released twice.
 """
 from __future__ import annotations
 
@@ -122,9 +122,6 @@ class FederatedTrainerMixin:
         """Privacy fields of an update's manifest (DP trainers add their accountant)."""
         return {}
 
-    def _adopt_privacy_manifest(self, manifest: dict) -> None:
-        """On restart, take over the spend recorded in an already uploaded update (DP trainers)."""
-
     def _reseed(self, r: int) -> None:
         """Deterministic mode (settings 'seed'): every round starts from RNG states fixed by (seed, site, round)."""
         seed = self.fed_settings["seed"]
@@ -134,11 +131,6 @@ class FederatedTrainerMixin:
         random.seed(s)
         np.random.seed(s % (2 ** 32))
         torch.manual_seed(s)
-
-    def _pad_logs(self) -> None:
-        logs = self.logger.local_logger.my_fantastic_logging
-        for values in logs.values():
-            values.extend([float("nan")] * (self.current_epoch - len(values)))
 
     def _check_plans(self) -> None:
         from .fed_plan import plans_digest
@@ -166,35 +158,46 @@ class FederatedTrainerMixin:
         self._reseed(done + 1)
 
     def _sync_with_federation(self) -> int:
-        """Load the global model of the last completed round and skip rounds already uploaded; returns the
-        number of rounds done."""
+        """Bring the network to the global model of the last round this site took part in; returns that round.
+        A checkpoint holding a round's local training that was not uploaded yet is uploaded now (the same
+        update the crashed run would have sent)."""
         epr = self.epochs_per_round
         done = self.current_epoch // epr
         if self.current_epoch % epr:
             raise RuntimeError(f"checkpoint at epoch {self.current_epoch} is not at a round boundary ({epr} epochs "
                                "per round); remove it to restart this site's training")
+        if self.client.own_update(done + 1) is not None:
+            raise RuntimeError(f"site {self.client.site} uploaded round {done + 1}, but its newest checkpoint is from "
+                               f"round {done}: restore the checkpoint folder ({self.output_folder}) instead of "
+                               "training that round again (it would be released twice)")
         spec = ff.tensor_spec(self._state())
+        if done > 0 and self.client.own_update(done) is None:
+            self._round_start = self.client.wait_global(done - 1, spec)
+            self._upload(done)
         self._load_global(self.client.wait_global(done, spec))
-        while done < self.client.cfg["rounds"] and (manifest := self.client.own_update(done + 1)) is not None:
-            done += 1
-            self.print_to_log_file(f"federation: round {done} was uploaded before a restart; not training it again")
-            self._adopt_privacy_manifest(manifest)
-            self._load_global(self.client.wait_global(done, spec))
-            self.current_epoch = done * epr
-        self._pad_logs()
         return done
 
     def on_epoch_end(self):
         if (self.current_epoch + 1) % self.epochs_per_round == 0:
-            self._finish_round((self.current_epoch + 1) // self.epochs_per_round)
+            r = (self.current_epoch + 1) // self.epochs_per_round
+            # checkpoint first: a crash after the upload then resumes with this round's full local state
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+            self._upload(r)
+            self._load_global(self.client.wait_global(r, ff.tensor_spec(self._round_start)))
+            self.print_to_log_file(f"federation: loaded global model of round {r}")
+            self._reseed(r + 1)
         super().on_epoch_end()
 
-    def _finish_round(self, r: int) -> None:
+    def _upload(self, r: int) -> None:
         state = self._state()
         delta = {k: (v.to(torch.float32) - self._round_start[k].to(torch.float32)) if v.is_floating_point()
                  else torch.zeros_like(v) for k, v in state.items()}
         manifest = self.client.upload(r, delta, self._num_cases(), self._privacy_manifest())
         self.print_to_log_file(f"federation: uploaded round {r} update ({manifest['bytes'] / 1e6:.1f} MB)")
-        self._load_global(self.client.wait_global(r, ff.tensor_spec(state)))
-        self.print_to_log_file(f"federation: loaded global model of round {r}")
-        self._reseed(r + 1)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically (a crash while saving leaves the previous one intact)."""
+        tmp = f"{filename}.tmp"
+        super().save_checkpoint(tmp)
+        if os.path.exists(tmp):
+            os.replace(tmp, filename)

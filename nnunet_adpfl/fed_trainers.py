@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from .accounting import PrivacyAccountant
 from .dp_trainer import nnUNetTrainerDP
 from .fed_site import FederatedTrainerMixin, round_seed
 
@@ -19,11 +18,6 @@ class FederatedDPTrainer(FederatedTrainerMixin, nnUNetTrainerDP):
     def _privacy_manifest(self) -> dict:
         return {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
                 "privacy_accountant": self.accountant.state_dict()}
-
-    def _adopt_privacy_manifest(self, manifest: dict) -> None:
-        uploaded = PrivacyAccountant.from_state_dict(manifest["privacy_accountant"])
-        if uploaded.steps > self.accountant.steps:
-            self.accountant = uploaded
 
     def _reseed(self, r: int) -> None:
         super()._reseed(r)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import deque
 import subprocess
 import sys
 import time
@@ -45,21 +46,23 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
     tail on failure. Returns the wall time in seconds."""
     start = time.time()
     args = [nnunet_command(args[0]), *args[1:]]
-    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        lines = []
-        log = open(log_file, "a", buffering=1) if log_file else None  # line-buffered: follow it live
-        try:
+    lines: deque[str] = deque(maxlen=40)  # the tail, for the error message
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_file, "a", buffering=1) if log_file else None  # line-buffered: follow it live
+    try:
+        with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             for line in proc.stdout:
                 lines.append(line)
                 if log:
                     log.write(line)
                 if echo:
                     print(line, end="", flush=True)
-        finally:
-            if log:
-                log.close()
-        code = proc.wait()
+    finally:
+        if log:
+            log.close()
+    code = proc.wait()
     if code != 0:
-        tail = "".join(lines[-40:])
+        tail = "".join(lines)
         raise RuntimeError(f"command failed ({code}): {' '.join(args)}\n--- last output ---\n{tail}")
     return time.time() - start

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -31,19 +32,25 @@ def _cli(*args: str) -> list[str]:
 
 
 class Layout:
-    def __init__(self, work: Path, sites: list[str]):
+    """Folders of a simulated federation. ``run`` names one training run (its federation folder and the sites'
+    results), so several runs can share the data, plan and preprocessing."""
+
+    def __init__(self, work: Path, sites: list[str], run: str = "federation"):
         self.work = work
-        self.fed = work / "federation"
+        self.fed = work / run
+        self.results = work / f"results_{run}"
         self.keys = work / "coordinator" / "keys"
         self.pool = work / "pooled_raw"
         self.sites_raw = work / "sites_raw"
+        self.logs = work / "logs" / run
         self.sites = sites
 
     def site_root(self, site: str) -> Path:
         return self.work / f"site_{site}"
 
     def site_env(self, site: str, settings: Path | None = None, **extra) -> dict:
-        return nnunet_env(self.site_root(site), settings, nnUNet_raw=str(self.sites_raw / site), **extra)
+        return nnunet_env(self.site_root(site), settings, nnUNet_raw=str(self.sites_raw / site),
+                          nnUNet_results=str(self.results / site), **extra)
 
 
 def _stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int) -> Path:
@@ -63,42 +70,62 @@ def _stage_plan(lay: Layout, pooled: Path, config: str) -> None:
         if not (lay.fed / "fingerprints" / f"{site}.json").exists():
             _log(f"site {site}: sharing its aggregate fingerprint")
             run(_cli("fingerprint", str(lay.fed), "--site", site, "--key-file", str(lay.keys / f"{site}.key"), "-d",
-                     str(DATASET_ID), "-np", "1"), lay.site_env(site), lay.work / "logs" / f"fingerprint_{site}.log")
+                     str(DATASET_ID), "-np", "1"), lay.site_env(site), lay.logs / f"fingerprint_{site}.log")
     if fed_cfg.get("plans_sha256") is None:
         _log("coordinator: planning once for all sites with nnU-Net's planner on the merged fingerprint")
         run(_cli("plan", str(lay.fed), "--keys-dir", str(lay.keys), "-d", str(DATASET_ID), "--dataset-name",
                  pooled.name.split("_", 1)[1], "--work-dir", str(lay.work / "coordinator" / "planner")),
-            nnunet_env(lay.work / "coordinator" / "planner"), lay.work / "logs" / "plan.log")
+            nnunet_env(lay.work / "coordinator" / "planner"), lay.logs / "plan.log")
     for site in lay.sites:
         env = lay.site_env(site)
         marker = Path(env["nnUNet_preprocessed"]) / pooled.name / f"nnUNetPlans_{config}"
         if not marker.exists():
             _log(f"site {site}: installing the federation plan and preprocessing")
-            log = lay.work / "logs" / f"preprocess_{site}.log"
+            log = lay.logs / f"preprocess_{site}.log"
             run(_cli("install-plan", str(lay.fed), "-d", str(DATASET_ID)), env, log)
             run(["nnUNetv2_preprocess", "-d", str(DATASET_ID), "-c", config, "-np", "1"], env, log)
 
 
-def _site_settings(lay: Layout, site: str, privacy: dict) -> Path:
-    path = lay.work / "settings" / f"{site}.json"
+def _site_settings(lay: Layout, site: str, settings: dict) -> Path:
+    path = lay.logs / "settings" / f"{site}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"federation_dir": str(lay.fed), "site_id": site,
-                                "site_key_file": str(lay.keys / f"{site}.key"), **privacy}, indent=2))
+                                "site_key_file": str(lay.keys / f"{site}.key"), **settings}, indent=2))
     return path
 
 
-def _train(lay: Layout, trainer: str, config: str, privacy: dict, rounds: int) -> float:
-    logs = lay.work / "logs"
+def start_aggregator(lay: Layout) -> subprocess.Popen:
+    lay.logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(_cli("aggregate", str(lay.fed), "--keys-dir", str(lay.keys), "--poll-interval", "1"),
+                            stdout=open(lay.logs / "aggregator.log", "a"), stderr=subprocess.STDOUT,
+                            env=nnunet_env(lay.work / "coordinator" / "planner"))
+
+
+def start_site(lay: Layout, site: str, trainer: str, config: str, settings: dict,
+               n_proc_da: str = "1") -> subprocess.Popen:
+    """The site's stock training command (the same command restarts it)."""
+    env = lay.site_env(site, _site_settings(lay, site, settings), nnUNet_n_proc_DA=n_proc_da)
+    return subprocess.Popen([nnunet_command("nnUNetv2_train"), str(DATASET_ID), config, "0", "-tr", trainer, "-device",
+                             "cpu"], stdout=open(lay.logs / f"train_{site}.log", "a"), stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_round: int, iterations: int,
+            config: str, seed: int) -> None:
+    """A federation folder for one more training run on the same data, reusing the plan of ``planned_fed``."""
+    cfg = create_federation(lay.fed, lay.keys, lay.sites, rounds, epochs_per_round, mode,
+                            iterations_per_epoch=iterations, configuration=config, seed=seed)
+    shutil.copytree(Path(planned_fed) / "plans", lay.fed / "plans")
+    cfg["plans_sha256"] = load_federation(planned_fed)["plans_sha256"]
+    ff.write_json_atomic(lay.fed / ff.FEDERATION_FILE, cfg)
+
+
+def _train(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) -> float:
+    logs = lay.logs
     start = time.time()
-    procs = {"aggregator": subprocess.Popen(_cli("aggregate", str(lay.fed), "--keys-dir", str(lay.keys),
-                                                 "--poll-interval", "1"),
-                                            stdout=open(logs / "aggregator.log", "a"), stderr=subprocess.STDOUT,
-                                            env=nnunet_env(lay.work / "coordinator" / "planner"))}
+    procs = {"aggregator": start_aggregator(lay)}
     for site in lay.sites:
-        env = lay.site_env(site, _site_settings(lay, site, privacy), nnUNet_n_proc_DA="1")
-        procs[site] = subprocess.Popen([nnunet_command("nnUNetv2_train"), str(DATASET_ID), config, "0", "-tr",
-                                        trainer, "-device", "cpu"], stdout=open(logs / f"train_{site}.log", "a"),
-                                       stderr=subprocess.STDOUT, env=env)
+        procs[site] = start_site(lay, site, trainer, config, settings)
     _log(f"aggregator and {len(lay.sites)} sites started (logs in {logs})")
     reported = 0
     try:
@@ -138,11 +165,11 @@ def summarise(lay: Layout, trainer: str, config: str, pooled: Path, wall: float 
         eps = json.loads(report.read_text())["epsilon"] if report.exists() else None
         per_site[site] = {"validation_dice": val, "epsilon": eps}
     site = lay.sites[0]
-    pred = lay.work / "predictions" / trainer
+    pred = lay.results / "predictions" / trainer
     if not pred.exists():
         run(["nnUNetv2_predict", "-i", str(pooled / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID), "-c", config,
              "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], lay.site_env(site),
-            lay.work / "logs" / "predict.log")
+            lay.logs / "predict.log")
     up, down = _bytes_exchanged(lay.fed)
     return {"trainer": trainer, "mode": cfg["mode"], "rounds": cfg["rounds"], "sites": per_site,
             "global_test_dice": evaluate_folder(pooled, pred), "bytes_uploaded": up, "bytes_downloaded_per_site": down,
@@ -174,7 +201,7 @@ def run_simulation(work_dir: Path, task: str, trainer: str, num_sites: int, roun
     if trainer not in MODE_OF_TRAINER:
         raise SystemExit(f"error: --trainer must be one of {sorted(MODE_OF_TRAINER)}")
     lay = Layout(Path(work_dir).resolve(), [chr(ord("A") + i) for i in range(num_sites)])
-    (lay.work / "logs").mkdir(parents=True, exist_ok=True)
+    lay.logs.mkdir(parents=True, exist_ok=True)
     config = CONFIGURATION[task]
     pooled = _stage_data(lay, task, num_cases, scale, seed)
     if not (lay.fed / ff.FEDERATION_FILE).exists():

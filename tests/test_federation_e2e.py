@@ -1,0 +1,157 @@
+"""3-site federations through the stock nnUNetv2_train: NP-FL, DP-FL, the plan-mismatch refusal, and kills of
+a site and of the aggregator that end (deterministic mode) with the same weights as an uninterrupted run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from nnunet_adpfl import fed_files as ff
+from nnunet_adpfl.aggregator import create_federation
+from nnunet_adpfl.pipeline import nnunet_command
+from nnunet_adpfl.simulate import (Layout, _stage_data, _stage_plan, new_run, start_aggregator, start_site,
+                                   summarise)
+
+SITES = ["A", "B", "C"]
+CONFIG = "2d"
+ITERATIONS = 3
+SHORT = {"num_val_iterations_per_epoch": 1, "target_epsilon": 8}
+DETERMINISTIC = {**SHORT, "seed": 1, "noise_seed": 2}  # seeded sampling, augmentation and noise
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """Synthetic skin data over 3 sites, one federated plan, every site preprocessed with it."""
+    work = tmp_path_factory.mktemp("federation")
+    lay = Layout(work, SITES, run="planning")
+    pooled = _stage_data(lay, "skin", num_cases=18, scale=0.25, seed=0)  # >= 5 cases per site (5 folds)
+    create_federation(lay.fed, lay.keys, SITES, 1, 1, "npfl", configuration=CONFIG)
+    _stage_plan(lay, pooled, CONFIG)
+    return work, pooled
+
+
+def wait_all(procs: dict, timeout: float = 600) -> None:
+    end = time.time() + timeout
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            bad = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
+            assert not bad, f"failed: {bad}"
+            assert time.time() < end, "federation did not finish in time"
+            time.sleep(1)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs.values()), {n: p.returncode for n, p in procs.items()}
+
+
+def run_federation(work, run, trainer, mode, rounds, settings, n_proc_da="1"):
+    lay = Layout(work, SITES, run)
+    new_run(lay, work / "planning", mode, rounds, 1, ITERATIONS, CONFIG, seed=0)
+    procs = {"aggregator": start_aggregator(lay)}
+    procs.update({s: start_site(lay, s, trainer, CONFIG, settings, n_proc_da) for s in SITES})
+    return lay, procs
+
+
+def fold(lay, site, pooled, trainer):
+    return lay.results / site / pooled.name / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
+
+
+def final_weights(lay, site, pooled, trainer):
+    return torch.load(fold(lay, site, pooled, trainer) / "checkpoint_final.pth", weights_only=False)["network_weights"]
+
+
+def global_tensors(lay, r):
+    tensor_path, manifest_path = ff.global_paths(lay.fed, r)
+    return ff.read_verified_tensors(tensor_path, ff.read_json(manifest_path), None)
+
+
+def assert_sites_hold_global(lay, pooled, trainer, rounds):
+    g = global_tensors(lay, rounds)
+    for site in SITES:
+        w = final_weights(lay, site, pooled, trainer)
+        assert all(torch.equal(w[k].cpu(), g[k]) for k in g), site
+
+
+def test_npfl_federation(planned):
+    work, pooled = planned
+    lay, procs = run_federation(work, "npfl", "nnUNetTrainerFL", "npfl", 2, SHORT)
+    wait_all(procs)
+    assert_sites_hold_global(lay, pooled, "nnUNetTrainerFL", 2)
+    manifest = ff.read_json(ff.global_paths(lay.fed, 2)[1])
+    assert manifest["sites"] == SITES
+    assert not (fold(lay, "A", pooled, "nnUNetTrainerFL") / "privacy_report.json").exists()
+
+
+@pytest.fixture(scope="module")
+def dpfl_reference(planned):
+    """An uninterrupted deterministic DP-FL federation (single-threaded data loading)."""
+    lay, procs = run_federation(planned[0], "dpfl_reference", "nnUNetTrainerDPFL", "dpfl", ROUNDS, DETERMINISTIC,
+                                n_proc_da="0")
+    wait_all(procs)
+    return lay
+
+
+def test_dpfl_federation_and_prediction(planned, dpfl_reference):
+    work, pooled = planned
+    lay = dpfl_reference
+    assert_sites_hold_global(lay, pooled, "nnUNetTrainerDPFL", ROUNDS)
+    for site in SITES:
+        report = json.loads((fold(lay, site, pooled, "nnUNetTrainerDPFL") / "privacy_report.json").read_text())
+        assert report["steps"] == ROUNDS * ITERATIONS and 0 < report["epsilon"] <= 8
+        update = ff.read_json(ff.update_paths(lay.fed, ROUNDS, site)[1])
+        assert update["epsilon"] == pytest.approx(report["epsilon"])
+    summary = summarise(lay, "nnUNetTrainerDPFL", CONFIG, pooled, None)  # runs nnUNetv2_predict
+    assert set(summary["global_test_dice"]) == {"lesion"} and summary["bytes_uploaded"] > 0
+
+
+def test_site_with_other_plans_is_refused(planned, tmp_path):
+    work, pooled = planned
+    lay = Layout(work, SITES, "mismatch")
+    new_run(lay, work / "planning", "npfl", 1, 1, ITERATIONS, CONFIG, seed=0)
+    env = lay.site_env("A")
+    own = tmp_path / "preprocessed"
+    shutil.copytree(env["nnUNet_preprocessed"], own)
+    plans_file = own / pooled.name / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"][CONFIG]["batch_size"] += 1
+    plans_file.write_text(json.dumps(plans))
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"federation_dir": str(lay.fed), "site_id": "A",
+                                    "site_key_file": str(lay.keys / "A.key")}))
+    env = {**env, "nnUNet_preprocessed": str(own), "nnUNet_adpfl_config": str(settings)}
+    out = subprocess.run([nnunet_command("nnUNetv2_train"), "501", CONFIG, "0", "-tr", "nnUNetTrainerFL", "-device",
+                          "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "differ from the federation's plan" in out.stdout + out.stderr
+
+
+def test_killed_site_and_aggregator_resume_to_the_same_weights(planned, dpfl_reference):
+    work, pooled = planned
+    settings, trainer, rounds, reference = DETERMINISTIC, "nnUNetTrainerDPFL", ROUNDS, dpfl_reference
+    lay, procs = run_federation(work, "dpfl_interrupted", trainer, "dpfl", rounds, settings, n_proc_da="0")
+    deadline = time.time() + 300
+    while not ff.global_paths(lay.fed, 1)[1].exists():
+        assert time.time() < deadline and procs["aggregator"].poll() is None
+        time.sleep(0.2)
+    time.sleep(1.0)  # site B is now inside round 2
+    for name in ("B", "aggregator"):
+        os.kill(procs[name].pid, signal.SIGKILL)
+        procs[name].wait()
+    procs["aggregator"] = start_aggregator(lay)   # restarted with the same commands
+    procs["B"] = start_site(lay, "B", trainer, CONFIG, settings, n_proc_da="0")
+    wait_all(procs)
+
+    g_ref, g = global_tensors(reference, rounds), global_tensors(lay, rounds)
+    assert all(torch.equal(g_ref[k], g[k]) for k in g_ref)
+    assert_sites_hold_global(lay, pooled, trainer, rounds)
+    ref_b = json.loads((fold(reference, "B", pooled, trainer) / "privacy_report.json").read_text())
+    got_b = json.loads((fold(lay, "B", pooled, trainer) / "privacy_report.json").read_text())
+    assert got_b["steps"] == ref_b["steps"] == rounds * ITERATIONS  # no step counted twice or lost
+    assert got_b["epsilon"] == pytest.approx(ref_b["epsilon"])
