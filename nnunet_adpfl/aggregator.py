@@ -52,8 +52,7 @@ def create_federation(fed: Path, keys_dir: Path, sites: list[str], rounds: int, 
     for site in sites:
         key_file = keys_dir / f"{site}.key"
         if not key_file.exists():
-            ff.write_bytes_atomic(key_file, ff.generate_key().encode())
-            key_file.chmod(0o600)
+            ff.write_bytes_atomic(key_file, ff.generate_key().encode(), mode=0o600)
     ff.write_json_atomic(fed / ff.FEDERATION_FILE, cfg)
     return cfg
 

@@ -58,11 +58,20 @@ def global_paths(fed: Path, r: int) -> tuple[Path, Path]:
 
 
 # ---- atomic files ------------------------------------------------------------------------------------
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Temporary file in the same folder, fsync, rename. Permissions ``mode``, by default what a plain open()
+    would give (mkstemp's 0600 would hide the file from the other parties' accounts on a shared mount)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

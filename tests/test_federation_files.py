@@ -210,3 +210,11 @@ def test_federation_set_up_errors(tmp_path):
         create_federation(tmp_path / "f4", tmp_path / "k", SITES, 2, 1, "npfl")
     with pytest.raises(Exception, match="not a site"):
         SiteClient(tmp_path / "f4", "Q", tmp_path / "k" / "A.key")
+
+
+def test_shared_files_are_readable_by_the_other_parties_but_keys_are_not(fed):
+    fed_dir, keys, _, _, clients = fed
+    clients["A"].upload(1, delta(1), 3, None)
+    for path in [*ff.update_paths(fed_dir, 1, "A"), fed_dir / ff.FEDERATION_FILE]:
+        assert path.stat().st_mode & 0o044, path  # group/other read (umask permitting)
+    assert (keys / "A.key").stat().st_mode & 0o077 == 0
