@@ -24,6 +24,7 @@ from torch import nn
 
 from . import report
 from .accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_within_budget
+from .atomic import write_json_atomic
 from .clipping import make_rule
 from .config import SettingsError, apply_run_length, load_settings
 from .losses import PerCaseLoss
@@ -277,5 +278,5 @@ class nnUNetTrainerDP(nnUNetTrainer):
             expected_batch_size=pv["expected_batch_size"], target_epsilon=s["target_epsilon"],
             planned_steps=self._planned_steps(), budget_exhausted=self.privacy_budget_spent(),
             trainer=self.__class__.__name__, final=final, deterministic_noise=s["noise_seed"] is not None)
-        report.write_json_atomic(content, join(self.output_folder, report.REPORT_NAME))
+        write_json_atomic(join(self.output_folder, report.REPORT_NAME), content)
         return content

@@ -21,7 +21,6 @@ import hmac
 import json
 import os
 import secrets
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from .atomic import write_bytes_atomic, write_json_atomic  # noqa: F401  (re-exported: the protocol's file API)
 
 FEDERATION_FILE = "federation.json"
 MAC_FIELDS = ("hmac", "hmacs")
@@ -57,36 +58,7 @@ def global_paths(fed: Path, r: int) -> tuple[Path, Path]:
     return d / "global.safetensors", d / "global.json"
 
 
-# ---- atomic files ------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Temporary file in the same folder, fsync, rename. Permissions ``mode``, by default what a plain open()
-    would give (mkstemp's 0600 would hide the file from the other parties' accounts on a shared mount)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, content: dict) -> None:
-    write_bytes_atomic(path, json.dumps(content, indent=2, sort_keys=True, allow_nan=False).encode())
-
-
+# ---- files -----------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)

@@ -1,10 +1,8 @@
 """Privacy report (``privacy_report.json``) and the companion plot ``privacy_progress.png``."""
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -52,22 +50,6 @@ def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sa
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(),
     }
-
-
-def write_json_atomic(content: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: readers never see a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def plot_privacy_progress(logs: dict, output_folder: str) -> None:
