@@ -89,7 +89,7 @@ def build_initial_model(plans: dict, dataset_json: dict, configuration: str, see
                                  cm.network_arch_init_kwargs_req_import,
                                  determine_num_input_channels(pm, cm, dataset_json), heads, allow_init=True,
                                  deep_supervision=True)
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return {k: v.clone() for k, v in ff.unique_state(net).items()}
 
 
 class Aggregator:

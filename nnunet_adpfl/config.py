@@ -80,6 +80,33 @@ SETTINGS: dict[str, Setting] = {
     "seed": Setting(None, int, "deterministic mode for tests: reseeds data sampling and augmentation at every "
                     "federated round from (seed, site, round); use with nnUNet_n_proc_DA=0", _non_negative, ">= 0",
                     nullable=True),
+    "adpfl_noise_schedule": Setting("exponential", str, "ADP-FL: noise multiplier schedule over rounds, "
+                                    "calibrated to target_epsilon: constant, linear, exponential or step",
+                                    lambda v: v in ("constant", "linear", "exponential", "step"),
+                                    "'constant', 'linear', 'exponential' or 'step'"),
+    "adpfl_schedule_end_ratio": Setting(0.5, (int, float), "ADP-FL: last-round / first-round noise multiplier "
+                                        "(linear, exponential)", _positive, "> 0"),
+    "adpfl_adaptive_clip": Setting(True, bool, "ADP-FL: track a quantile of per-case gradient norms with the "
+                                   "private geometric update (Andrew et al.)"),
+    "adpfl_clip_quantile": Setting(0.5, (int, float), "ADP-FL: target quantile of the adaptive clip norm",
+                                   lambda v: 0 < v < 1, "in (0, 1)"),
+    "adpfl_clip_lr": Setting(0.2, (int, float), "ADP-FL: learning rate of the geometric clip update", _positive,
+                             "> 0"),
+    "adpfl_count_noise": Setting(None, (int, float), "ADP-FL: noise multiplier of the unclipped count; null = "
+                                 "max(B/20, the value that inflates gradient noise by at most 10%)", _positive,
+                                 "> 0", nullable=True),
+    "adpfl_step_sparsity": Setting("topk_prev_global", str, "ADP-FL: coordinates the private step updates: "
+                                   "topk_prev_global (largest entries of the previous released global update), "
+                                   "random (seeded per round) or none",
+                                   lambda v: v in ("topk_prev_global", "random", "none"),
+                                   "'topk_prev_global', 'random' or 'none'"),
+    "adpfl_step_density": Setting(0.25, (int, float), "ADP-FL: fraction k/d of coordinates the private step updates",
+                                  lambda v: 0 < v <= 1, "in (0, 1]"),
+    "adpfl_upload_density": Setting(0.1, (int, float), "ADP-FL: fraction of the noisy update's coordinates uploaded "
+                                    "(top-k by magnitude; null = dense upload)", lambda v: 0 < v <= 1, "in (0, 1]",
+                                    nullable=True),
+    "adpfl_error_feedback": Setting(True, bool, "ADP-FL: carry the part of the update not uploaded into the next "
+                                    "round"),
     "noise_seed": Setting(None, int, "seed for the noise generator: FOR TESTS ONLY, a known seed makes the "
                           "noise predictable and voids the guarantee; null = seeded from the OS", _non_negative,
                           ">= 0", nullable=True),

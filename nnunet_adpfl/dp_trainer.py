@@ -65,10 +65,6 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.rule = make_rule(self.clipping_rule, self.dp_settings)
         self.accountant = PrivacyAccountant(self.dp_settings["accountant"], self.dp_settings["delta"])
         self.privacy = None  # -> _setup_privacy
-        keys = ["epsilon", "dp_steps", "privacy_accountant"]
-        if self.dp_settings["log_alignment"]:
-            keys += ["cos_raw_clipped", "cos_raw_noisy"]
-        self._dp_log_keys = keys
         self._ensure_log_keys()
 
     # ---- nnU-Net defaults that break DP -------------------------------------------------------------
@@ -167,8 +163,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
                 p.requires_grad_(False)
         engine = resolve_engine(s["per_sample_engine"])
         remaining = max(0, self._planned_steps() - self.accountant.steps)
-        allowed = remaining if s["target_epsilon"] is None else \
-            steps_within_budget(self.accountant, s["target_epsilon"], sigma, q, remaining)
+        allowed = self._budget_steps(q, sigma, remaining)
         self.privacy = {
             "sample_rate": q, "noise_multiplier": sigma, "expected_batch_size": self._expected_batch_size(),
             "params": params, "steps_left": allowed, "engine": engine,
@@ -186,23 +181,46 @@ class nnUNetTrainerDP(nnUNetTrainer):
         if s["noise_seed"] is not None:
             self.print_to_log_file("WARNING: noise_seed is set: the noise is predictable, no privacy guarantee.")
 
-    # ---- the private step ---------------------------------------------------------------------------
+    def _budget_steps(self, sample_rate: float, sigma: float, remaining: int) -> int:
+        """How many of the remaining planned steps fit the budget."""
+        target = self.dp_settings["target_epsilon"]
+        return remaining if target is None else steps_within_budget(self.accountant, target, sigma, sample_rate,
+                                                                    remaining)
+
+    # ---- the private step (hooks below are what ADP-FL changes) ---------------------------------
     def train_step(self, batch: dict) -> dict:
         pv, s = self.privacy, self.dp_settings
         data, target = batch_to_device(batch, self.device)
-        clip = s["max_grad_norm"]
-        sums = clipped_sum(pv["per_case"], self.rule, clip, data, target, keep_raw=s["log_alignment"])
-        noisy = add_noise(sums.clipped, pv["noise_multiplier"] * clip, pv["expected_batch_size"], pv["generator"])
+        clip = self._clip_norm()
+        sums = clipped_sum(self._per_case_engine(), self.rule, clip, data, target, keep_raw=s["log_alignment"])
+        noisy = self._noisy_gradient(sums.clipped, self._gradient_noise_multiplier() * clip)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(pv["params"].values(), noisy):
             p.grad = g
         self.optimizer.step()
         self.accountant.step(pv["noise_multiplier"], pv["sample_rate"])
         pv["steps_left"] -= 1
+        self._after_step(sums)
         if s["log_alignment"]:
             pv["alignment"].append((cosine(sums.raw, sums.clipped), cosine(sums.raw, noisy)))
         loss = float(sums.losses.mean()) if sums.batch_size else float("nan")
         return {"loss": np.array(loss)}
+
+    def _clip_norm(self) -> float:
+        return self.dp_settings["max_grad_norm"]
+
+    def _per_case_engine(self) -> PerCaseGradients:
+        return self.privacy["per_case"]
+
+    def _gradient_noise_multiplier(self) -> float:
+        return self.privacy["noise_multiplier"]
+
+    def _noisy_gradient(self, sums: list[torch.Tensor], noise_std: float) -> list[torch.Tensor]:
+        pv = self.privacy
+        return add_noise(sums, noise_std, pv["expected_batch_size"], pv["generator"])
+
+    def _after_step(self, sums) -> None:
+        """Called after every private step (ADP-FL: the clip-norm update)."""
 
     def privacy_budget_spent(self) -> bool:
         return self.privacy is not None and self.privacy["steps_left"] <= 0
@@ -228,11 +246,19 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.on_train_end()
 
     # ---- logging, report, checkpoint ----------------------------------------------------------------
+    def _dp_log_key_names(self) -> list[str]:
+        keys = ["epsilon", "dp_steps", "privacy_accountant"]
+        return keys + (["cos_raw_clipped", "cos_raw_noisy"] if self.dp_settings["log_alignment"] else [])
+
     def _ensure_log_keys(self):
         logs = self.logger.local_logger.my_fantastic_logging
         n_epochs = len(logs["train_losses"])
-        for k in self._dp_log_keys:
+        for k in self._dp_log_key_names():
             logs.setdefault(k, [math.nan] * n_epochs)
+
+    def _log_epoch_state(self) -> None:
+        """State restored from checkpoints, logged once per epoch (saved in the checkpoint's logger)."""
+        self.logger.local_logger.log("privacy_accountant", self.accountant.state_dict(), self.current_epoch)
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         losses = [float(o["loss"]) for o in train_outputs]
@@ -241,7 +267,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         eps = self.accountant.epsilon()
         self.logger.log("epsilon", eps, self.current_epoch)
         self.logger.log("dp_steps", self.accountant.steps, self.current_epoch)
-        self.logger.local_logger.log("privacy_accountant", self.accountant.state_dict(), self.current_epoch)
+        self._log_epoch_state()
         msg = f"epsilon spent: {eps:.4f} (delta={self.accountant.delta}) after {self.accountant.steps} steps"
         if self.dp_settings["log_alignment"]:
             al = np.array(self.privacy["alignment"]) if self.privacy["alignment"] else np.full((1, 2), np.nan)
@@ -268,6 +294,10 @@ class nnUNetTrainerDP(nnUNetTrainer):
         if states:
             self.accountant = PrivacyAccountant.from_state_dict(states[-1])
 
+    def _report_extra(self) -> dict:
+        """Mechanism-specific report fields (ADP-FL)."""
+        return {}
+
     def write_privacy_report(self, final: bool) -> dict:
         if self.local_rank != 0 or self.privacy is None:
             return {}
@@ -277,6 +307,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
             clipping=self.rule.describe(), max_grad_norm=s["max_grad_norm"], num_cases=self.num_training_cases,
             expected_batch_size=pv["expected_batch_size"], target_epsilon=s["target_epsilon"],
             planned_steps=self._planned_steps(), budget_exhausted=self.privacy_budget_spent(),
-            trainer=self.__class__.__name__, final=final, deterministic_noise=s["noise_seed"] is not None)
+            trainer=self.__class__.__name__, final=final, deterministic_noise=s["noise_seed"] is not None,
+            extra=self._report_extra())
         write_json_atomic(join(self.output_folder, report.REPORT_NAME), content)
         return content

@@ -102,6 +102,27 @@ def mac_ok(key: bytes, manifest: dict, value: str | None) -> bool:
 
 
 # ---- tensors -----------------------------------------------------------------------------------------
+def unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state with every tensor once: nnU-Net registers shared modules under several names
+    (``conv`` / ``all_modules.0``, ``encoder`` / ``decoder.encoder``); only the first name of each is kept, so
+    an update or a sparse encoding never treats two names of one tensor differently."""
+    seen, out = set(), {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[name] = value.detach()
+    return out
+
+
+def load_unique_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a ``unique_state`` dict; every key it lacks must be another name of a loaded tensor."""
+    expected = unique_state(module)
+    if set(tensors) != set(expected):
+        raise ValueError(f"state keys differ from the model's: missing {sorted(set(expected) - set(tensors))[:3]}, "
+                         f"unexpected {sorted(set(tensors) - set(expected))[:3]}")
+    module.load_state_dict(tensors, strict=False)
+
+
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
@@ -186,7 +207,28 @@ def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dic
         raise Rejected(f"num_cases must be a positive integer, got {cases!r}")
     if manifest.get("file") != tensor_path.name:
         raise Rejected(f"manifest names file {manifest.get('file')!r}, expected {tensor_path.name!r}")
+    if manifest.get("encoding") == "topk":
+        return manifest, _decode_topk(read_verified_tensors(tensor_path, manifest, None), spec)
+    if manifest.get("encoding") is not None:
+        raise Rejected(f"unknown encoding {manifest.get('encoding')!r}")
     return manifest, read_verified_tensors(tensor_path, manifest, spec)
+
+
+def _decode_topk(encoded: dict, spec: dict[str, tuple]) -> dict:
+    """Dense update from a top-k (indices + values) encoding, checked against the model; non-float tensors
+    (never encoded) are zero."""
+    from .sparsify import topk_decode
+
+    floats = {k: v for k, v in spec.items() if "float" in v[1]}
+    try:
+        dense = topk_decode(encoded, floats)
+    except ValueError as e:
+        raise Rejected(f"bad top-k encoding: {e}") from None
+    dtypes = {"torch.int64": torch.int64, "torch.int32": torch.int32, "torch.bool": torch.bool}
+    for k, (shape, dtype) in spec.items():
+        if k not in dense:
+            dense[k] = torch.zeros(shape, dtype=dtypes.get(dtype, torch.int64))
+    return dense
 
 
 def read_global(fed: Path, r: int, federation_id: str, site: str, key: bytes,

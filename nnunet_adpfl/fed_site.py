@@ -109,10 +109,10 @@ class FederatedTrainerMixin:
         return self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self._module().state_dict().items()}
+        return {k: v.cpu().clone() for k, v in ff.unique_state(self._module()).items()}
 
     def _load_global(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._module().load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=True)
+        ff.load_unique_state(self._module(), {k: v.to(self.device) for k, v in tensors.items()})
         self._round_start = {k: v.clone() for k, v in tensors.items()}
 
     def _num_cases(self) -> int:
@@ -122,8 +122,9 @@ class FederatedTrainerMixin:
         """Privacy fields of an update's manifest (DP trainers add their accountant)."""
         return {}
 
-    def _reseed(self, r: int) -> None:
-        """Deterministic mode (settings 'seed'): every round starts from RNG states fixed by (seed, site, round)."""
+    def _start_round(self, r: int) -> None:
+        """Called before round r's local training. Deterministic mode (settings 'seed'): every round starts from
+        RNG states fixed by (seed, site, round)."""
         seed = self.fed_settings["seed"]
         if seed is None:
             return
@@ -155,7 +156,8 @@ class FederatedTrainerMixin:
                 break
         done = self._sync_with_federation()
         super().on_train_start()
-        self._reseed(done + 1)
+        if done < self.client.cfg["rounds"]:
+            self._start_round(done + 1)
 
     def _sync_with_federation(self) -> int:
         """Bring the network to the global model of the last round this site took part in; returns that round.
@@ -185,15 +187,21 @@ class FederatedTrainerMixin:
             self._upload(r)
             self._load_global(self.client.wait_global(r, ff.tensor_spec(self._round_start)))
             self.print_to_log_file(f"federation: loaded global model of round {r}")
-            self._reseed(r + 1)
+            if r < self.client.cfg["rounds"]:
+                self._start_round(r + 1)
         super().on_epoch_end()
 
     def _upload(self, r: int) -> None:
         state = self._state()
         delta = {k: (v.to(torch.float32) - self._round_start[k].to(torch.float32)) if v.is_floating_point()
                  else torch.zeros_like(v) for k, v in state.items()}
-        manifest = self.client.upload(r, delta, self._num_cases(), self._privacy_manifest())
+        tensors, encoding = self._upload_tensors(r, delta)
+        manifest = self.client.upload(r, tensors, self._num_cases(), {**self._privacy_manifest(), **encoding})
         self.print_to_log_file(f"federation: uploaded round {r} update ({manifest['bytes'] / 1e6:.1f} MB)")
+
+    def _upload_tensors(self, r: int, delta: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """What goes into the shared folder for this round's update, and its manifest fields (ADP-FL: top-k)."""
+        return delta, {}
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically (a crash while saving leaves the previous one intact)."""

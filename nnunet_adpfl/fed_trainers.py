@@ -19,8 +19,8 @@ class FederatedDPTrainer(FederatedTrainerMixin, nnUNetTrainerDP):
         return {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
                 "privacy_accountant": self.accountant.state_dict()}
 
-    def _reseed(self, r: int) -> None:
-        super()._reseed(r)
+    def _start_round(self, r: int) -> None:
+        super()._start_round(r)
         noise_seed = self.dp_settings["noise_seed"]
         if noise_seed is not None and self.privacy is not None:
             self.privacy["generator"].manual_seed(round_seed(noise_seed, self.client.site, r))

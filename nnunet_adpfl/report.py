@@ -25,9 +25,9 @@ def package_versions() -> dict:
 def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sample_rate: float, clipping: dict,
                    max_grad_norm: float, num_cases: int, expected_batch_size: float, target_epsilon: float | None,
                    planned_steps: int, budget_exhausted: bool, trainer: str, final: bool,
-                   deterministic_noise: bool) -> dict:
+                   deterministic_noise: bool, extra: dict | None = None) -> dict:
     eps = accountant.epsilon()
-    return {
+    content = {
         "epsilon": eps if math.isfinite(eps) else None,
         "delta": accountant.delta,
         "noise_multiplier": noise_multiplier,
@@ -50,6 +50,8 @@ def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sa
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(),
     }
+    content.update(extra or {})
+    return content
 
 
 def plot_privacy_progress(logs: dict, output_folder: str) -> None:

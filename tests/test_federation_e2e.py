@@ -155,3 +155,23 @@ def test_killed_site_and_aggregator_resume_to_the_same_weights(planned, dpfl_ref
     got_b = json.loads((fold(lay, "B", pooled, trainer) / "privacy_report.json").read_text())
     assert got_b["steps"] == ref_b["steps"] == rounds * ITERATIONS  # no step counted twice or lost
     assert got_b["epsilon"] == pytest.approx(ref_b["epsilon"])
+
+
+def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned):
+    work, pooled = planned
+    trainer = "nnUNetTrainerADPFL"
+    lay, procs = run_federation(work, "adpfl", trainer, "adpfl", ROUNDS, {**SHORT, "adpfl_step_density": 0.3,
+                                                                          "adpfl_upload_density": 0.05})
+    wait_all(procs)
+    assert_sites_hold_global(lay, pooled, trainer, ROUNDS)
+    dense_bytes = ff.global_paths(lay.fed, ROUNDS)[0].stat().st_size
+    for site in SITES:
+        report = json.loads((fold(lay, site, pooled, trainer) / "privacy_report.json").read_text())
+        assert 0.98 * 8 <= report["epsilon"] <= 8  # the calibrated schedule spends the whole budget
+        sigmas = report["adpfl"]["noise_schedule"]["noise_multiplier_per_round"]
+        assert len(sigmas) == ROUNDS and sigmas[0] > sigmas[-1]  # decaying noise
+        assert report["adpfl"]["adaptive_clipping"]["current_clip"] > 0
+        for r in range(1, ROUNDS + 1):
+            manifest = ff.read_json(ff.update_paths(lay.fed, r, site)[1])
+            assert manifest["encoding"] == "topk"
+            assert manifest["bytes"] < dense_bytes / 5  # 5% of the coordinates at 12 bytes each: ~1/6.7

@@ -218,3 +218,43 @@ def test_shared_files_are_readable_by_the_other_parties_but_keys_are_not(fed):
     for path in [*ff.update_paths(fed_dir, 1, "A"), fed_dir / ff.FEDERATION_FILE]:
         assert path.stat().st_mode & 0o044, path  # group/other read (umask permitting)
     assert (keys / "A.key").stat().st_mode & 0o077 == 0
+
+
+def test_sparse_topk_update_is_decoded_and_averaged(fed):
+    from nnunet_adpfl.sparsify import topk_encode
+    fed_dir, _, _, agg, clients = fed
+    d = delta(7)
+    floats = {k: v for k, v in d.items() if v.is_floating_point()}
+    encoded = topk_encode(floats, 0.5)
+    clients["A"].upload(1, encoded, 2, {"encoding": "topk", "density": 0.5})
+    manifest = agg.run_round(1)
+    assert manifest["sites"] == ["A"]
+    kept = torch.zeros_like(d["w"]).flatten()
+    kept[encoded["w::idx"]] = encoded["w::val"]
+    torch.testing.assert_close(clients["A"].wait_global(1)["w"], model()["w"] + kept.view_as(d["w"]))
+
+
+def test_malformed_sparse_update_is_rejected(fed):
+    from nnunet_adpfl.sparsify import topk_encode
+    fed_dir, _, _, agg, clients = fed
+    encoded = topk_encode({k: v for k, v in delta(7).items() if v.is_floating_point()}, 0.5)
+    encoded["w::idx"][1] = encoded["w::idx"][0]  # duplicate index: would double-count a coordinate
+    clients["A"].upload(1, encoded, 2, {"encoding": "topk"})
+    clients["B"].upload(1, delta(2), 4, None)
+    assert agg.run_round(1)["sites"] == ["B"]
+    assert "bad top-k encoding" in rejections(fed_dir, 1)[0]["reason"]
+
+
+def test_shared_nnunet_modules_travel_once():
+    from tests.nets import build
+    net = build(3)
+    full = {k: v.clone() for k, v in net.state_dict().items()}
+    unique = ff.unique_state(net)
+    assert len(unique) < len(full)  # nnU-Net registers convs twice (conv / all_modules.0)
+    assert len({id(t) for t in net.state_dict(keep_vars=True).values()}) == len(unique)
+    shifted = {k: v + 1 for k, v in unique.items()}
+    ff.load_unique_state(net, shifted)
+    for k, v in net.state_dict().items():  # every alias follows its tensor
+        assert torch.equal(v, shifted[k] if k in shifted else full[k] + 1)
+    with pytest.raises(ValueError, match="state keys differ"):
+        ff.load_unique_state(net, {k: v for k, v in list(shifted.items())[1:]})
