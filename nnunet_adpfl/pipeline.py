@@ -21,7 +21,9 @@ def nnunet_env(root: str | Path, settings_file: str | Path | None = None, **extr
         "nnUNet_raw": str(root / "nnUNet_raw"),
         "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
         "nnUNet_results": str(root / "nnUNet_results"),
-        "nnUNet_extTrainer": trainers_path(),
+        # ours first, the user's own trainer folders kept
+        "nnUNet_extTrainer": os.pathsep.join(dict.fromkeys(
+            [trainers_path(), *[p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]])),
         "nnUNet_compile": env.get("nnUNet_compile", "f"),
         # nnU-Net's default of 8 spawned export workers costs ~30 s per case on a 2-core machine
         "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 4))),
