@@ -47,9 +47,9 @@ def clipped_sum(engine: PerCaseGradients, rule: ClippingRule, clip: float, data:
                     acc.add_(g.sum(0))
             norms.append(n.detach())
             losses.append(loss)
-    device = clipped[0].device if clipped else torch.device("cpu")
-    cat = (lambda xs: torch.cat(xs)) if norms else (lambda xs: torch.zeros(0, device=device))
-    return ClippedSum(clipped, raw, cat(norms), cat(losses), int(sum(len(n) for n in norms)))
+    empty = torch.zeros(0, device=clipped[0].device if clipped else "cpu")
+    all_norms = torch.cat(norms) if norms else empty
+    return ClippedSum(clipped, raw, all_norms, torch.cat(losses) if losses else empty, len(all_norms))
 
 
 def make_noise_generator(device: torch.device, seed: int | None) -> torch.Generator:
