@@ -22,6 +22,10 @@ from .sparsify import ErrorFeedback, MaskedPerCaseGradients, masked_add_noise, r
 
 class FederatedADPTrainer(FederatedDPTrainer):
     federation_mode = "adpfl"
+    # per-run state, set during training: per-round sigmas, clip tracker from a checkpoint, upload residual
+    _schedule: list[float] = []
+    _restored_tracker = None
+    _feedback = None
 
     # ---- noise schedule -------------------------------------------------------------------------
     def _steps_per_round(self) -> int:
@@ -114,10 +118,6 @@ class FederatedADPTrainer(FederatedDPTrainer):
         return encoded, {"encoding": "topk", "density": density}
 
     # ---- state, report --------------------------------------------------------------------------
-    _restored_tracker = None
-    _feedback = None
-    _schedule: list[float] = []
-
     def _log_epoch_state(self) -> None:
         super()._log_epoch_state()
         tracker = self.privacy.get("clip_tracker") if self.privacy else None
