@@ -58,7 +58,7 @@ def cmd_fingerprint(a) -> int:
 def cmd_plan(a) -> int:
     """Coordinator: merge the sites' aggregate fingerprints and run nnU-Net's planner once for everyone."""
     from .aggregator import load_site_keys
-    from .fed_plan import merge_summaries, plan_federated, plans_digest
+    from .fed_plan import cap_features, merge_summaries, plan_federated, plans_digest
 
     fed = Path(a.federation_dir)
     cfg = load_federation(fed)
@@ -74,6 +74,8 @@ def cmd_plan(a) -> int:
         summaries.append(content["summary"])
     plans = plan_federated(summaries, a.dataset_id, a.dataset_name, Path(a.work_dir),
                            configurations=(cfg["configuration"],))
+    if a.max_features is not None:
+        plans = cap_features(plans, a.max_features)
     plans_file, dataset_file = plans_files(fed)
     fingerprint, dataset_json = merge_summaries(summaries)
     ff.write_json_atomic(plans_file, plans)
@@ -145,6 +147,8 @@ def add_cli(sub) -> None:
     p.add_argument("-d", "--dataset-id", type=int, required=True)
     p.add_argument("--dataset-name", required=True, help="e.g. SynthKidney (the DatasetXXX_ suffix)")
     p.add_argument("--work-dir", default="work_dirs/federated_plan", help="scratch folder for nnU-Net's planner")
+    p.add_argument("--max-features", type=int, default=None,
+                   help="cap the network width per stage (a DP preset: fewer parameters, less noise norm)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("install-plan", help="at a site: install the federation plan before nnUNetv2_preprocess")

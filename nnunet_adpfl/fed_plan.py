@@ -52,7 +52,8 @@ QUANTILES: tuple[int, ...] = tuple(range(0, 101, 5))  # percent
 SUMMARY_FORMAT = "nnunet_adpfl.site_summary/1"
 INTENSITY_KEYS = ("mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5")
 DATASET_KEYS = ("channel_names", "labels", "file_ending", "regions_class_order")
-DIGEST_IGNORED_KEYS = ("dataset_name",)  # plans fields that legitimately differ between sites
+# plans fields that legitimately differ between sites; dp_morph is added by the DP-Morph trainers from the settings
+DIGEST_IGNORED_KEYS = ("dataset_name", "dp_morph")
 _TAIL = 0.005  # level of percentile_00_5 (and 1 - level of percentile_99_5) in nnU-Net's fingerprint
 _FINGERPRINT_FILE, _DATASET_FILE = "dataset_fingerprint.json", "dataset.json"
 
@@ -346,6 +347,24 @@ def plan_federated(summaries: list[dict], dataset_id: int, dataset_name: str, wo
     plans = _select_configurations(json.loads(plans_files[0].read_text()), configurations)
     _write_json(plans_files[0], plans)
     return plans
+
+
+def cap_features(plans: dict, max_features: int) -> dict:
+    """The plans with every configuration's network width capped at ``max_features`` per stage. A DP preset:
+    the Gaussian noise norm grows with the square root of the parameter count, so a narrower network keeps more
+    of the clipped signal at the same epsilon."""
+    if int(max_features) < 1:
+        raise ValueError(f"max_features must be >= 1, got {max_features}")
+    configurations = {}
+    for name, c in plans["configurations"].items():
+        arch = c.get("architecture", {})
+        kwargs = arch.get("arch_kwargs", {})
+        if "features_per_stage" in kwargs:
+            kwargs = {**kwargs, "features_per_stage": [min(int(f), int(max_features))
+                                                       for f in kwargs["features_per_stage"]]}
+            c = {**c, "architecture": {**arch, "arch_kwargs": kwargs}}
+        configurations[name] = c
+    return {**plans, "configurations": configurations}
 
 
 # ----------------------------------------------------------------------------- installing at a site

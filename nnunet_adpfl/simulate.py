@@ -53,18 +53,18 @@ class Layout:
                           nnUNet_results=str(self.results / site), **extra)
 
 
-def _stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int) -> Path:
+def _stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int, num_test_cases: int = 4) -> Path:
     pooled = next(lay.pool.glob(f"Dataset{DATASET_ID:03d}_*"), None)
     if pooled is None or not (pooled / "sites.json").exists():
         _log(f"writing a synthetic '{task}' dataset split over {len(lay.sites)} sites")
         pooled = generate_dataset(task, lay.pool, DATASET_ID, num_cases=num_cases, num_sites=len(lay.sites),
-                                  num_test_cases=4, seed=seed, scale=scale)
+                                  num_test_cases=num_test_cases, seed=seed, scale=scale)
     if not all((lay.sites_raw / s / pooled.name / "dataset.json").exists() for s in lay.sites):
         split_by_site(pooled, lay.sites_raw)
     return pooled
 
 
-def _stage_plan(lay: Layout, pooled: Path, config: str) -> None:
+def _stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None = None) -> None:
     fed_cfg = load_federation(lay.fed)
     for site in lay.sites:
         if not (lay.fed / "fingerprints" / f"{site}.json").exists():
@@ -73,8 +73,9 @@ def _stage_plan(lay: Layout, pooled: Path, config: str) -> None:
                      str(DATASET_ID), "-np", "1"), lay.site_env(site), lay.logs / f"fingerprint_{site}.log")
     if fed_cfg.get("plans_sha256") is None:
         _log("coordinator: planning once for all sites with nnU-Net's planner on the merged fingerprint")
+        width = [] if max_features is None else ["--max-features", str(max_features)]
         run(_cli("plan", str(lay.fed), "--keys-dir", str(lay.keys), "-d", str(DATASET_ID), "--dataset-name",
-                 pooled.name.split("_", 1)[1], "--work-dir", str(lay.work / "coordinator" / "planner")),
+                 pooled.name.split("_", 1)[1], "--work-dir", str(lay.work / "coordinator" / "planner"), *width),
             nnunet_env(lay.work / "coordinator" / "planner"), lay.logs / "plan.log")
     for site in lay.sites:
         env = lay.site_env(site)
