@@ -107,6 +107,26 @@ SETTINGS: dict[str, Setting] = {
                                     nullable=True),
     "adpfl_error_feedback": Setting(True, bool, "ADP-FL: carry the part of the update not uploaded into the next "
                                     "round"),
+    "clipping_rule": Setting(None, str, "clipping rule of the trainers that take it from the settings "
+                             "(nnUNetTrainerDPMorph*): 'flat', 'autos', 'nsgd' or 'psac'; null = 'flat'",
+                             lambda v: v in ("flat", "autos", "nsgd", "psac"), "'flat', 'autos', 'nsgd' or 'psac'",
+                             nullable=True),
+    "morph_operation": Setting("both", str, "DP-Morph: operation on the class probabilities: 'open', 'close' or "
+                               "'both' (closing after opening); the adaptive trainer chooses per case and class",
+                               lambda v: v in ("open", "close", "both"), "'open', 'close' or 'both'"),
+    "morph_kernel": Setting(3, int, "DP-Morph: structuring element size in voxels (odd; k x k or k x k x k)",
+                            lambda v: v >= 1 and v % 2 == 1, "odd and >= 1"),
+    "morph_anisotropic": Setting(False, bool, "DP-Morph: shrink the kernel along coarse axes so it covers about "
+                                 "the same physical extent on every axis (from the plan's spacing)"),
+    "morph_classes": Setting(None, list, "DP-Morph: outputs to refine: label values (softmax) or region numbers "
+                             "counting from 1 (region-based); null = every foreground output",
+                             lambda v: all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in v),
+                             "a list of integers >= 1", nullable=True),
+    "morph_thin_threshold": Setting(0.3, (int, float), "DP-Morph adaptive: a case's class whose probability mass "
+                                    "keeps less than this share after one erosion is thin -> closing",
+                                    lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "morph_thick_threshold": Setting(0.7, (int, float), "DP-Morph adaptive: more than this share -> thick -> "
+                                     "opening; in between -> both", lambda v: 0 <= v <= 1, "in [0, 1]"),
     "noise_seed": Setting(None, int, "seed for the noise generator: FOR TESTS ONLY, a known seed makes the "
                           "noise predictable and voids the guarantee; null = seeded from the OS", _non_negative,
                           ">= 0", nullable=True),
@@ -164,6 +184,8 @@ def load_settings(path: str | None = None, overrides: dict | None = None) -> dic
         raise SettingsError(f"unknown setting(s) {unknown} in {path or 'overrides'}; known: {sorted(SETTINGS)}")
     settings = {k: s.default for k, s in SETTINGS.items()}
     settings.update({k: _validate(k, v) for k, v in user.items()})
+    if settings["morph_thin_threshold"] > settings["morph_thick_threshold"]:
+        raise SettingsError("morph_thin_threshold must be <= morph_thick_threshold")
     if settings["target_epsilon"] is None and settings["noise_multiplier"] is None:
         raise SettingsError("set target_epsilon, noise_multiplier, or both")
     return settings

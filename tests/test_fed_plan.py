@@ -263,13 +263,14 @@ def test_merge_intensities_case_weighted():
     assert merged["percentile_99_5"] == pytest.approx(p995, abs=5.0)
 
 
-def test_plans_digest_ignores_dataset_name_only():
+def test_plans_digest_ignores_dataset_name_and_the_morph_entry_only():
     plans = {"dataset_name": "Dataset501_A", "plans_name": "nnUNetPlans",
              "configurations": {"3d_fullres": {"patch_size": [16, 48, 48], "spacing": [3.7, 0.86, 0.86],
                                                "batch_size": 2}}}
     digest = plans_digest(plans)
     assert len(digest) == 64
     assert plans_digest({**plans, "dataset_name": "Dataset501_B"}) == digest
+    assert plans_digest({**plans, "dp_morph": {"kernel": [3, 3, 3]}}) == digest  # added by DP-Morph trainers
     reordered = json.loads(json.dumps(plans, sort_keys=True))
     reordered["configurations"]["3d_fullres"]["patch_size"] = (16, 48, 48)  # tuple vs list, key order
     assert plans_digest(reordered) == digest
@@ -279,3 +280,18 @@ def test_plans_digest_ignores_dataset_name_only():
     changed = copy.deepcopy(plans)
     changed["configurations"]["3d_fullres"]["spacing"][0] = 3.7000001
     assert plans_digest(changed) != digest
+
+
+def test_cap_features_narrows_every_configuration_and_changes_the_digest():
+    arch = {"network_class_name": "PlainConvUNet", "arch_kwargs": {"features_per_stage": [32, 64, 128, 256, 320],
+                                                                   "n_stages": 5}}
+    plans = {"configurations": {"2d": {"architecture": arch}, "3d_fullres": {"architecture": copy.deepcopy(arch)},
+                                "3d_lowres": {"inherits_from": "3d_fullres"}}}
+    capped = fed_plan.cap_features(plans, 48)
+    for name in ("2d", "3d_fullres"):
+        assert capped["configurations"][name]["architecture"]["arch_kwargs"]["features_per_stage"] == [32, 48, 48,
+                                                                                                       48, 48]
+    assert plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"][1] == 64  # a copy
+    assert plans_digest(capped) != plans_digest(plans)
+    with pytest.raises(ValueError):
+        fed_plan.cap_features(plans, 0)
