@@ -63,3 +63,11 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [k for k in SETTINGS if f"`{k}`" not in readme]
     assert not missing, f"settings missing from README.md: {missing}"
+
+
+@pytest.mark.parametrize("bad", [{"morph_kernel": 4}, {"morph_operation": "dilate"}, {"morph_classes": [0]},
+                                 {"morph_classes": [True]}, {"clipping_rule": "batch"},
+                                 {"morph_thin_threshold": 0.8, "morph_thick_threshold": 0.5}])
+def test_bad_morph_settings_are_refused(bad):
+    with pytest.raises(SettingsError):
+        load_settings("", bad)

@@ -152,3 +152,21 @@ def test_determine_keeps_an_operation_only_where_it_improves_dice(tmp_path):
     assert result["mean_dice"]["1"][result["chosen"]["1"]] > result["mean_dice"]["1"]["none"]
     fns, kwargs = pickle.loads((pred_dir / mp.PKL_NAME).read_bytes())
     assert fns == [morph.morph_postprocess] and kwargs[0]["operations"] == {1: result["chosen"]["1"]}
+
+
+def test_morph_config_per_output_channel():
+    from nnunet_adpfl.config import SettingsError, load_settings
+    from nnunet_adpfl.morph_trainer import morph_config
+
+    plans = {"configurations": {"3d_fullres": {"patch_size": [16, 32, 32], "spacing": [3.0, 0.8, 0.8]}}}
+    labels = {"labels": {"background": 0, "kidney": 1, "tumour": 2}}
+    cfg = morph_config(plans, "3d_fullres", labels, load_settings("", {}), adaptive=False)
+    assert cfg["operations"] == ["none", "both", "both"] and cfg["kernel"] == [3, 3, 3] and not cfg["regions"]
+    cfg = morph_config(plans, "3d_fullres", labels, load_settings("", {"morph_classes": [2], "morph_anisotropic": True,
+                                                                        "morph_operation": "open"}), adaptive=False)
+    assert cfg["operations"] == ["none", "none", "open"] and cfg["kernel"] == [1, 3, 3]
+    regions = {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2]}
+    cfg = morph_config(plans, "3d_fullres", regions, load_settings("", {"morph_classes": [2]}), adaptive=True)
+    assert cfg["regions"] and cfg["operations"] == ["none", "adaptive"]
+    with pytest.raises(SettingsError, match="morph_classes"):
+        morph_config(plans, "3d_fullres", labels, load_settings("", {"morph_classes": [3]}), adaptive=False)
