@@ -10,9 +10,15 @@ from the previous released global update or a seeded random subset, never from t
 """
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from . import fed_files as ff
 from .adaptive import NoiseSchedule, QuantileClipTracker, calibrate_schedule, default_sigma_count
+from .atomic import write_bytes_atomic
 from .config import SettingsError
 from .fed_trainers import FederatedDPTrainer
 from .noisy_step import add_noise
@@ -22,10 +28,12 @@ from .sparsify import ErrorFeedback, MaskedPerCaseGradients, masked_add_noise, r
 
 class FederatedADPTrainer(FederatedDPTrainer):
     federation_mode = "adpfl"
-    # per-run state, set during training: per-round sigmas, clip tracker from a checkpoint, upload residual
+    # per-run state, set during training: per-round sigmas, clip tracker from a checkpoint, upload residual and
+    # the round whose upload left it
     _schedule: list[float] = []
     _restored_tracker = None
     _feedback = None
+    _feedback_round = 0
 
     # ---- noise schedule -------------------------------------------------------------------------
     def _steps_per_round(self) -> int:
@@ -113,6 +121,7 @@ class FederatedADPTrainer(FederatedDPTrainer):
             if self._feedback is None:
                 self._feedback = ErrorFeedback()
             encoded, _ = self._feedback.compress(floats, density)
+            self._feedback_round = r
         else:
             encoded = topk_encode(floats, density)
         return encoded, {"encoding": "topk", "density": density}
@@ -127,11 +136,44 @@ class FederatedADPTrainer(FederatedDPTrainer):
     def _dp_log_key_names(self) -> list[str]:
         return super()._dp_log_key_names() + ["adpfl_clip_tracker"]
 
+    @staticmethod
+    def _residual_path(checkpoint: str) -> Path:
+        return Path(checkpoint).with_name(Path(checkpoint).stem + "_upload_residual.safetensors")
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus, beside it, the error-feedback residual (and the round that left it)."""
+        if self._feedback is not None and self.local_rank == 0:
+            write_bytes_atomic(self._residual_path(filename),
+                               st_save(self._feedback.state_dict(), metadata={"round": str(self._feedback_round)}))
+        super().save_checkpoint(filename)
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
         states = [st for st in self.logger.get_value("adpfl_clip_tracker", step=None) if isinstance(st, dict)]
         if states:
             self._restored_tracker = QuantileClipTracker.from_state_dict(states[-1])
+        path = self._residual_path(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) else None
+        if path is not None and path.is_file():
+            with safe_open(str(path), "pt") as f:
+                self._feedback = ErrorFeedback()
+                self._feedback.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+                self._feedback_round = int(f.metadata()["round"])
+
+    def _sync_with_federation(self) -> int:
+        """On a restart, also restore the upload residual of the last round: the checkpoint (written before the
+        upload) holds the residual from the round before; if that round's update was uploaded, its compression
+        is redone (deterministic) to carry exactly the residual the crashed run had."""
+        done = self.current_epoch // self.epochs_per_round
+        if done > 0 and self.dp_settings["adpfl_upload_density"] is not None and self.dp_settings[
+                "adpfl_error_feedback"]:
+            if self._feedback_round != done - 1:
+                self.print_to_log_file(f"federation: upload residual of round {done - 1} not found (have round "
+                                       f"{self._feedback_round}); continuing without it")
+                self._feedback, self._feedback_round = None, done - 1
+            if self.client.own_update(done) is not None:
+                self._round_start = self.client.wait_global(done - 1, ff.tensor_spec(self._state()))
+                self._upload_tensors(done, self._local_delta())
+        return super()._sync_with_federation()
 
     def _report_extra(self) -> dict:
         s, pv = self.dp_settings, self.privacy

@@ -191,11 +191,13 @@ class FederatedTrainerMixin:
                 self._start_round(r + 1)
         super().on_epoch_end()
 
+    def _local_delta(self) -> dict[str, torch.Tensor]:
+        """This round's local update: the weights now minus the global model the round started from."""
+        return {k: (v.to(torch.float32) - self._round_start[k].to(torch.float32)) if v.is_floating_point()
+                else torch.zeros_like(v) for k, v in self._state().items()}
+
     def _upload(self, r: int) -> None:
-        state = self._state()
-        delta = {k: (v.to(torch.float32) - self._round_start[k].to(torch.float32)) if v.is_floating_point()
-                 else torch.zeros_like(v) for k, v in state.items()}
-        tensors, encoding = self._upload_tensors(r, delta)
+        tensors, encoding = self._upload_tensors(r, self._local_delta())
         manifest = self.client.upload(r, tensors, self._num_cases(), {**self._privacy_manifest(), **encoding})
         self.print_to_log_file(f"federation: uploaded round {r} update ({manifest['bytes'] / 1e6:.1f} MB)")
 

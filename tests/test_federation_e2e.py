@@ -132,10 +132,26 @@ def test_site_with_other_plans_is_refused(planned, tmp_path):
     assert "differ from the federation's plan" in out.stdout + out.stderr
 
 
-def test_killed_site_and_aggregator_resume_to_the_same_weights(planned, dpfl_reference):
+ADPFL = {**DETERMINISTIC, "adpfl_step_density": 0.3, "adpfl_upload_density": 0.05}
+
+
+@pytest.fixture(scope="module")
+def adpfl_reference(planned):
+    """An uninterrupted deterministic ADP-FL federation (sparse uploads with error feedback)."""
+    lay, procs = run_federation(planned[0], "adpfl_reference", "nnUNetTrainerADPFL", "adpfl", ROUNDS, ADPFL,
+                                n_proc_da="0")
+    wait_all(procs)
+    return lay
+
+
+@pytest.mark.parametrize("trainer, mode, settings, reference", [
+    ("nnUNetTrainerDPFL", "dpfl", DETERMINISTIC, "dpfl_reference"),
+    # the upload residual carried between rounds must survive the restart too
+    ("nnUNetTrainerADPFL", "adpfl", ADPFL, "adpfl_reference")])
+def test_killed_site_and_aggregator_resume_to_the_same_weights(planned, trainer, mode, settings, reference, request):
     work, pooled = planned
-    settings, trainer, rounds, reference = DETERMINISTIC, "nnUNetTrainerDPFL", ROUNDS, dpfl_reference
-    lay, procs = run_federation(work, "dpfl_interrupted", trainer, "dpfl", rounds, settings, n_proc_da="0")
+    reference, rounds = request.getfixturevalue(reference), ROUNDS
+    lay, procs = run_federation(work, f"{mode}_interrupted", trainer, mode, rounds, settings, n_proc_da="0")
     deadline = time.time() + 300
     while not ff.global_paths(lay.fed, 1)[1].exists():
         assert time.time() < deadline and procs["aggregator"].poll() is None
@@ -157,12 +173,9 @@ def test_killed_site_and_aggregator_resume_to_the_same_weights(planned, dpfl_ref
     assert got_b["epsilon"] == pytest.approx(ref_b["epsilon"])
 
 
-def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned):
+def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned, adpfl_reference):
     work, pooled = planned
-    trainer = "nnUNetTrainerADPFL"
-    lay, procs = run_federation(work, "adpfl", trainer, "adpfl", ROUNDS, {**SHORT, "adpfl_step_density": 0.3,
-                                                                          "adpfl_upload_density": 0.05})
-    wait_all(procs)
+    trainer, lay = "nnUNetTrainerADPFL", adpfl_reference
     assert_sites_hold_global(lay, pooled, trainer, ROUNDS)
     dense_bytes = ff.global_paths(lay.fed, ROUNDS)[0].stat().st_size
     for site in SITES:
