@@ -1,0 +1,145 @@
+"""``nnunet-adpfl fed-compare``: NP-FL, DP-FL, ADP-FL (and ADP-FL minus each mechanism) as simulated 3-site
+federations on one synthetic task, the same rounds x steps for every run and the same epsilon for the private
+ones; per-class Dice of each final global model on held-out test cases, epsilon and bytes uploaded.
+
+Resumable: each run keeps its result in <work-dir>/<task>/results.json and is skipped when present. All runs of a
+task share one dataset, one federated plan and one preprocessing (nnunet_adpfl.simulate).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from . import fed_files as ff
+from .aggregator import create_federation
+from .demo import CONFIGURATION
+from .simulate import Layout, _stage_data, _stage_plan, _train, new_run, summarise
+
+ADPFL = "nnUNetTrainerADPFL"
+ALL_MECHANISMS = {"adpfl_noise_schedule": "exponential", "adpfl_schedule_end_ratio": 0.5, "adpfl_adaptive_clip": True,
+                  "adpfl_clip_quantile": 0.5, "adpfl_step_sparsity": "topk_prev_global", "adpfl_step_density": 0.25,
+                  "adpfl_upload_density": 0.1, "adpfl_error_feedback": True}
+WITHOUT = {"dynamic noise": {"adpfl_noise_schedule": "constant"}, "adaptive clipping": {"adpfl_adaptive_clip": False},
+           "step sparsification": {"adpfl_step_sparsity": "none"}, "upload sparsification": {"adpfl_upload_density": None}}
+RUNS = {  # name -> (trainer, settings beyond the common private ones; None: not private)
+    "NP-FL": ("nnUNetTrainerFL", None),
+    "DP-FL": ("nnUNetTrainerDPFL", {}),
+    "ADP-FL (defaults)": (ADPFL, {}),
+    "ADP-FL (all mechanisms)": (ADPFL, ALL_MECHANISMS),
+    **{f"ADP-FL (all) - {name}": (ADPFL, {**ALL_MECHANISMS, **off}) for name, off in WITHOUT.items()},
+    "ADP-FL: step sparsification only": (ADPFL, {**ALL_MECHANISMS, **WITHOUT["dynamic noise"],
+                                                 **WITHOUT["adaptive clipping"], **WITHOUT["upload sparsification"]}),
+}
+DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
+
+
+def _log(msg: str) -> None:
+    print(f"[fed-compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_task(a, task: str) -> dict:
+    work = Path(a.work_dir).resolve() / task
+    sites = [chr(ord("A") + i) for i in range(a.sites)]
+    config = CONFIGURATION[task]
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    plan_lay = Layout(work, sites, "plan")
+    plan_lay.logs.mkdir(parents=True, exist_ok=True)
+    pooled = _stage_data(plan_lay, task, a.num_cases, a.scale, a.seed, num_test_cases=a.num_test_cases)
+    if not (plan_lay.fed / ff.FEDERATION_FILE).exists():
+        create_federation(plan_lay.fed, plan_lay.keys, sites, a.rounds, 1, "npfl",
+                          iterations_per_epoch=a.iterations, configuration=config, seed=a.seed)
+    _stage_plan(plan_lay, pooled, config, a.max_features)
+    private = {"target_epsilon": a.epsilon, "delta": a.delta, "expected_batch_size": a.batch_size,
+               "max_grad_norm": a.clip, "num_val_iterations_per_epoch": 1, "seed": a.seed}
+    for name in a.runs:
+        if name in results:
+            continue
+        trainer, extra = RUNS[name]
+        slug = "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
+        lay = Layout(work, sites, slug)
+        if not (lay.fed / ff.FEDERATION_FILE).exists():
+            new_run(lay, plan_lay.fed, {"nnUNetTrainerFL": "npfl", "nnUNetTrainerDPFL": "dpfl"}.get(trainer, "adpfl"),
+                    a.rounds, 1, a.iterations, config, a.seed)
+        settings = {"num_val_iterations_per_epoch": 1, "seed": a.seed} if extra is None else {**private, **extra}
+        _log(f"{task}: {name} ({trainer}, {a.rounds} rounds x {a.iterations} steps)")
+        wall = None if ff.global_paths(lay.fed, a.rounds)[1].exists() else _train(lay, trainer, config, settings,
+                                                                                   a.rounds)
+        summary = summarise(lay, trainer, config, pooled, wall)
+        summary["settings"] = settings
+        results[name] = summary
+        results_file.write_text(json.dumps(results, indent=2))
+        _log(f"{task}: {name}: test Dice {summary['global_test_dice']}")
+    return results
+
+
+def _mean(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def format_task(task: str, results: dict) -> str:
+    """One table per task; the last column: (ADP - DP) / (NP - DP) of the mean Dice, for the ADP-FL rows."""
+    classes = list(next(iter(results.values()))["global_test_dice"])
+    mean = {name: _mean(s["global_test_dice"].values()) for name, s in results.items()}
+    gap = mean["NP-FL"] - mean["DP-FL"] if {"NP-FL", "DP-FL"} <= set(results) else None
+    lines = [f"### {task}", "", "| run | " + " | ".join(classes) + " | mean Dice | share of the DP-FL -> NP-FL gap "
+             "closed | epsilon (max over sites) | MB uploaded per site and round | training wall time |",
+             "|---" * (len(classes) + 6) + "|"]
+    for name, s in results.items():
+        eps = [v["epsilon"] for v in s["sites"].values() if v["epsilon"] is not None]
+        closed = "-" if gap is None or not name.startswith("ADP-FL") else (
+            "n/a (no gap)" if gap <= 0 else f"{100 * (mean[name] - mean['DP-FL']) / gap:.0f}%")
+        wall = "-" if s["wall_time_s"] is None else f"{s['wall_time_s']:.0f} s"
+        lines.append(f"| {name} | " + " | ".join(f"{s['global_test_dice'][c]:.3f}" for c in classes) +
+                     f" | {mean[name]:.3f} | {closed} | {f'{max(eps):.2f}' if eps else '- (not private)'} | "
+                     f"{s['bytes_uploaded'] / (s['rounds'] * len(s['sites'])) / 1e6:.2f} | {wall} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
+    p.add_argument("--work-dir", default="work_dirs/fed_compare")
+    p.add_argument("--output", default=None, help="markdown file for the tables (printed anyway)")
+    p.add_argument("--tasks", nargs="+", default=list(tasks), choices=tuple(CONFIGURATION))
+    p.add_argument("--runs", nargs="+", default=list(runs), choices=list(RUNS),
+                   help=f"default: {' '.join(runs)}; all: {' | '.join(RUNS)}")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=10, help="private steps per round and site")
+    p.add_argument("--epsilon", type=float, default=8.0)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=8, help="expected (Poisson) batch size of the private runs")
+    p.add_argument("--clip", type=float, default=1.0, help="clip norm C (initial C with adaptive clipping)")
+    p.add_argument("--max-features", type=int, default=32, help="network width cap of the shared plan")
+    p.add_argument("--num-cases", type=int, default=90, help="training cases over all sites")
+    p.add_argument("--num-test-cases", type=int, default=10)
+    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_all(a) -> str:
+    start = time.time()
+    tables = []
+    for task in a.tasks:
+        tables.append(format_task(task, run_task(a, task)))
+        _log(f"{task} done ({time.time() - start:.0f} s so far)")
+    text = "\n\n".join(tables)
+    print("\n" + text)
+    for path in {Path(a.work_dir) / "results.md", *([Path(a.output)] if a.output else [])}:
+        path.write_text(text + "\n")
+        _log(f"table written to {path}")
+    return text
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("fed-compare", help="NP-FL vs DP-FL vs ADP-FL (and ablations) as simulated federations on "
+                                           "synthetic data, with a result table")
+    add_arguments(p)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(a) -> int:
+    run_all(a)
+    return 0
