@@ -14,3 +14,38 @@ def test_dice_hand_computed():
     assert math.isnan(d[3])  # absent in both
     assert d[(1, 2)] == 2 * 3 / (4 + 3)
     assert dice(ref, np.zeros_like(ref), [1])[1] == 0.0
+
+
+def brute_force_surface_distances(a, b, spacing):
+    from nnunet_adpfl.metrics import _surface
+    pa, pb = np.argwhere(_surface(a)) * spacing, np.argwhere(_surface(b)) * spacing
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return d.min(1), d.min(0)
+
+
+def test_hd95_and_nsd_match_brute_force_with_anisotropic_spacing():
+    from nnunet_adpfl.metrics import hd95, nsd
+    rng = np.random.default_rng(0)
+    spacing = np.array([2.5, 0.8, 0.8])
+    for _ in range(3):
+        ref = np.zeros((6, 20, 20), dtype=np.uint8)
+        pred = np.zeros_like(ref)
+        ref[1:5, 4:14, 5:15] = 1
+        z, y, x = rng.integers(0, 3, 3)
+        pred[1 + z:4 + z, 3 + y:12 + y, 4 + x:16 + x] = 1
+        pred[rng.random(pred.shape) > 0.97] = 1  # specks
+        d_rp, d_pr = brute_force_surface_distances(ref == 1, pred == 1, spacing)
+        want_hd = max(np.percentile(d_rp, 95), np.percentile(d_pr, 95))
+        want_nsd = ((d_rp <= 1.0).sum() + (d_pr <= 1.0).sum()) / (d_rp.size + d_pr.size)
+        assert math.isclose(hd95(ref, pred, [1], spacing)[1], want_hd, rel_tol=1e-9)
+        assert math.isclose(nsd(ref, pred, [1], 1.0, spacing)[1], want_nsd, rel_tol=1e-9)
+    assert hd95(ref, ref, [1], spacing)[1] == 0 and nsd(ref, ref, [1], 1.0, spacing)[1] == 1
+
+
+def test_hd95_and_nsd_empty_conventions():
+    from nnunet_adpfl.metrics import hd95, nsd
+    ref = np.zeros((4, 10), dtype=np.uint8)
+    pred = ref.copy()
+    pred[1, 2] = 1
+    assert math.isnan(hd95(ref, ref, [1])[1]) and math.isnan(nsd(ref, ref, [1])[1])
+    assert hd95(ref, pred, [1], (2.0, 1.0))[1] == math.sqrt(8 ** 2 + 10 ** 2) and nsd(ref, pred, [1])[1] == 0
