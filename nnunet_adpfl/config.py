@@ -80,13 +80,13 @@ SETTINGS: dict[str, Setting] = {
     "seed": Setting(None, int, "deterministic mode for tests: reseeds data sampling and augmentation at every "
                     "federated round from (seed, site, round); use with nnUNet_n_proc_DA=0", _non_negative, ">= 0",
                     nullable=True),
-    "adpfl_noise_schedule": Setting("exponential", str, "ADP-FL: noise multiplier schedule over rounds, "
+    "adpfl_noise_schedule": Setting("constant", str, "ADP-FL: noise multiplier schedule over rounds, "
                                     "calibrated to target_epsilon: constant, linear, exponential or step",
                                     lambda v: v in ("constant", "linear", "exponential", "step"),
                                     "'constant', 'linear', 'exponential' or 'step'"),
     "adpfl_schedule_end_ratio": Setting(0.5, (int, float), "ADP-FL: last-round / first-round noise multiplier "
                                         "(linear, exponential)", _positive, "> 0"),
-    "adpfl_adaptive_clip": Setting(True, bool, "ADP-FL: track a quantile of per-case gradient norms with the "
+    "adpfl_adaptive_clip": Setting(False, bool, "ADP-FL: track a quantile of per-case gradient norms with the "
                                    "private geometric update (Andrew et al.)"),
     "adpfl_clip_quantile": Setting(0.5, (int, float), "ADP-FL: target quantile of the adaptive clip norm",
                                    lambda v: 0 < v < 1, "in (0, 1)"),
@@ -102,7 +102,7 @@ SETTINGS: dict[str, Setting] = {
                                    "'topk_prev_global', 'random' or 'none'"),
     "adpfl_step_density": Setting(0.25, (int, float), "ADP-FL: fraction k/d of coordinates the private step updates",
                                   lambda v: 0 < v <= 1, "in (0, 1]"),
-    "adpfl_upload_density": Setting(0.1, (int, float), "ADP-FL: fraction of the noisy update's coordinates uploaded "
+    "adpfl_upload_density": Setting(None, (int, float), "ADP-FL: fraction of the noisy update's coordinates uploaded "
                                     "(top-k by magnitude; null = dense upload)", lambda v: 0 < v <= 1, "in (0, 1]",
                                     nullable=True),
     "adpfl_error_feedback": Setting(True, bool, "ADP-FL: carry the part of the update not uploaded into the next "

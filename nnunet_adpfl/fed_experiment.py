@@ -29,8 +29,6 @@ RUNS = {  # name -> (trainer, settings beyond the common private ones; None: not
     "ADP-FL (defaults)": (ADPFL, {}),
     "ADP-FL (all mechanisms)": (ADPFL, ALL_MECHANISMS),
     **{f"ADP-FL (all) - {name}": (ADPFL, {**ALL_MECHANISMS, **off}) for name, off in WITHOUT.items()},
-    "ADP-FL: step sparsification only": (ADPFL, {**ALL_MECHANISMS, **WITHOUT["dynamic noise"],
-                                                 **WITHOUT["adaptive clipping"], **WITHOUT["upload sparsification"]}),
 }
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the main job: synthetic data -> plan -> train (standard + DP) -> predict -> table.
-# Extra arguments go to 'nnunet-adpfl demo' (see --help).
+# Set up (if needed) and run the main job: a small simulated 3-site federation on synthetic skin-lesion data
+# (aggregate fingerprints -> one federated plan -> NP-FL, DP-FL and ADP-FL through the stock nnUNetv2_train ->
+# test-set prediction) and a result table. Extra arguments go to 'nnunet-adpfl fed-compare' (see --help).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$repo/scripts/setup_env.sh")"
 cd "$repo"
-exec "$venv/bin/nnunet-adpfl" demo "$@"
+exec "$venv/bin/nnunet-adpfl" fed-compare --work-dir work_dirs/demo "$@"

@@ -132,7 +132,8 @@ def test_site_with_other_plans_is_refused(planned, tmp_path):
     assert "differ from the federation's plan" in out.stdout + out.stderr
 
 
-ADPFL = {**DETERMINISTIC, "adpfl_step_density": 0.3, "adpfl_upload_density": 0.05}
+ADPFL = {**DETERMINISTIC, "adpfl_noise_schedule": "exponential", "adpfl_adaptive_clip": True,  # every mechanism
+         "adpfl_step_density": 0.3, "adpfl_upload_density": 0.05, "adpfl_error_feedback": True}
 
 
 @pytest.fixture(scope="module")
