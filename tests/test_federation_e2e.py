@@ -189,3 +189,19 @@ def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned, adpfl_re
             manifest = ff.read_json(ff.update_paths(lay.fed, r, site)[1])
             assert manifest["encoding"] == "topk"
             assert manifest["bytes"] < dense_bytes / 5  # 5% of the coordinates at 12 bytes each: ~1/6.7
+
+
+def test_adpfl_with_morphology_in_a_federation(planned):
+    """The FL flavour of DP-Morph: every site trains ADP-FL through the morphology; the sites' plans still match
+    the federation's (the morph entry is outside the digest) and the model folder records it for prediction."""
+    work, pooled = planned
+    trainer = "nnUNetTrainerADPFLMorph"
+    lay, procs = run_federation(work, "adpfl_morph", trainer, "adpfl", 2, {**SHORT, "clipping_rule": "autos"})
+    wait_all(procs)
+    assert_sites_hold_global(lay, pooled, trainer, 2)
+    for site in SITES:
+        report = json.loads((fold(lay, site, pooled, trainer) / "privacy_report.json").read_text())
+        assert report["dp_morph"]["operations"] == ["none", "both"] and "adpfl" in report
+        assert report["clipping"]["rule"] == "autos" and 0 < report["epsilon"] <= 8
+        plans = json.loads((fold(lay, site, pooled, trainer).parent / "plans.json").read_text())
+        assert plans["dp_morph"] == report["dp_morph"]
