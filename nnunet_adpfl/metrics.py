@@ -34,38 +34,40 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> tuple[np.ndarray
     return to_b[sa], to_a[sb]
 
 
-def _pair(reference, prediction, label):
-    return np.isin(reference, label), np.isin(prediction, label)
+def _per_label(reference, prediction, labels, one_empty: float, measure) -> dict:
+    """``measure(ref_mask, pred_mask)`` per label; NaN if both masks are empty, ``one_empty`` if one is."""
+    out = {}
+    for label in labels:
+        ref, pred = np.isin(reference, label), np.isin(prediction, label)
+        if not ref.any() and not pred.any():
+            out[label] = float("nan")
+        elif not ref.any() or not pred.any():
+            out[label] = one_empty
+        else:
+            out[label] = float(measure(ref, pred))
+    return out
+
+
+def _spacing(reference: np.ndarray, spacing) -> tuple[float, ...]:
+    return (1.0,) * reference.ndim if spacing is None else tuple(float(s) for s in spacing)
 
 
 def hd95(reference: np.ndarray, prediction: np.ndarray, labels, spacing=None) -> dict:
     """95th-percentile symmetric Hausdorff distance (mm) per label: max of the two directed 95th percentiles."""
-    spacing = (1.0,) * reference.ndim if spacing is None else tuple(float(s) for s in spacing)
+    spacing = _spacing(reference, spacing)
     diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(reference.shape, spacing))))
-    out = {}
-    for label in labels:
-        ref, pred = _pair(reference, prediction, label)
-        if not ref.any() and not pred.any():
-            out[label] = float("nan")
-        elif not ref.any() or not pred.any():
-            out[label] = diagonal
-        else:
-            d_rp, d_pr = surface_distances(ref, pred, spacing)
-            out[label] = float(max(np.percentile(d_rp, 95), np.percentile(d_pr, 95)))
-    return out
+
+    def measure(ref, pred):
+        d_rp, d_pr = surface_distances(ref, pred, spacing)
+        return max(np.percentile(d_rp, 95), np.percentile(d_pr, 95))
+    return _per_label(reference, prediction, labels, diagonal, measure)
 
 
 def nsd(reference: np.ndarray, prediction: np.ndarray, labels, tolerance_mm: float = 1.0, spacing=None) -> dict:
     """Normalised surface Dice per label: the share of both surfaces within ``tolerance_mm`` of the other."""
-    spacing = (1.0,) * reference.ndim if spacing is None else tuple(float(s) for s in spacing)
-    out = {}
-    for label in labels:
-        ref, pred = _pair(reference, prediction, label)
-        if not ref.any() and not pred.any():
-            out[label] = float("nan")
-        elif not ref.any() or not pred.any():
-            out[label] = 0.0
-        else:
-            d_rp, d_pr = surface_distances(ref, pred, spacing)
-            out[label] = float(((d_rp <= tolerance_mm).sum() + (d_pr <= tolerance_mm).sum()) / (d_rp.size + d_pr.size))
-    return out
+    spacing = _spacing(reference, spacing)
+
+    def measure(ref, pred):
+        d_rp, d_pr = surface_distances(ref, pred, spacing)
+        return ((d_rp <= tolerance_mm).sum() + (d_pr <= tolerance_mm).sum()) / (d_rp.size + d_pr.size)
+    return _per_label(reference, prediction, labels, 0.0, measure)

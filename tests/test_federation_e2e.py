@@ -89,13 +89,16 @@ def test_npfl_federation(planned):
     assert not (fold(lay, "A", pooled, "nnUNetTrainerFL") / "privacy_report.json").exists()
 
 
-@pytest.fixture(scope="module")
-def dpfl_reference(planned):
-    """An uninterrupted deterministic DP-FL federation (single-threaded data loading)."""
-    lay, procs = run_federation(planned[0], "dpfl_reference", "nnUNetTrainerDPFL", "dpfl", ROUNDS, DETERMINISTIC,
-                                n_proc_da="0")
+def uninterrupted(planned, trainer, mode, settings):
+    """A deterministic federation run to its end (single-threaded data loading)."""
+    lay, procs = run_federation(planned[0], f"{mode}_reference", trainer, mode, ROUNDS, settings, n_proc_da="0")
     wait_all(procs)
     return lay
+
+
+@pytest.fixture(scope="module")
+def dpfl_reference(planned):
+    return uninterrupted(planned, "nnUNetTrainerDPFL", "dpfl", DETERMINISTIC)
 
 
 def test_dpfl_federation_and_prediction(planned, dpfl_reference):
@@ -138,11 +141,7 @@ ADPFL = {**DETERMINISTIC, "adpfl_noise_schedule": "exponential", "adpfl_adaptive
 
 @pytest.fixture(scope="module")
 def adpfl_reference(planned):
-    """An uninterrupted deterministic ADP-FL federation (sparse uploads with error feedback)."""
-    lay, procs = run_federation(planned[0], "adpfl_reference", "nnUNetTrainerADPFL", "adpfl", ROUNDS, ADPFL,
-                                n_proc_da="0")
-    wait_all(procs)
-    return lay
+    return uninterrupted(planned, "nnUNetTrainerADPFL", "adpfl", ADPFL)
 
 
 @pytest.mark.parametrize("trainer, mode, settings, reference", [
