@@ -141,8 +141,9 @@ class FederatedADPTrainer(FederatedDPTrainer):
         return Path(checkpoint).with_name(Path(checkpoint).stem + "_upload_residual.safetensors")
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus, beside it, the error-feedback residual (and the round that left it)."""
-        if self._feedback is not None and self.local_rank == 0:
+        """nnU-Net's checkpoint plus, beside the one restarts load, the error-feedback residual (and the round that
+        left it)."""
+        if self._feedback is not None and self.local_rank == 0 and Path(filename).name == "checkpoint_latest.pth":
             write_bytes_atomic(self._residual_path(filename),
                                st_save(self._feedback.state_dict(), metadata={"round": str(self._feedback_round)}))
         super().save_checkpoint(filename)
@@ -160,12 +161,13 @@ class FederatedADPTrainer(FederatedDPTrainer):
                 self._feedback_round = int(f.metadata()["round"])
 
     def _sync_with_federation(self) -> int:
-        """On a restart, also restore the upload residual of the last round: the checkpoint (written before the
-        upload) holds the residual from the round before; if that round's update was uploaded, its compression
-        is redone (deterministic) to carry exactly the residual the crashed run had."""
+        """On a restart, also restore the upload residual. Two checkpoints end a round: ours before the upload
+        (it holds the residual of the round before) and nnU-Net's periodic one after it (it holds this round's
+        residual). In the first case, if the round's update was uploaded, its compression is redone
+        (deterministic) to carry exactly the residual the crashed run had."""
         done = self.current_epoch // self.epochs_per_round
         if done > 0 and self.dp_settings["adpfl_upload_density"] is not None and self.dp_settings[
-                "adpfl_error_feedback"]:
+                "adpfl_error_feedback"] and self._feedback_round != done:
             if self._feedback_round != done - 1:
                 self.print_to_log_file(f"federation: upload residual of round {done - 1} not found (have round "
                                        f"{self._feedback_round}); continuing without it")

@@ -144,19 +144,32 @@ def adpfl_reference(planned):
     return uninterrupted(planned, "nnUNetTrainerADPFL", "adpfl", ADPFL)
 
 
-@pytest.mark.parametrize("trainer, mode, settings, reference", [
-    ("nnUNetTrainerDPFL", "dpfl", DETERMINISTIC, "dpfl_reference"),
-    # the upload residual carried between rounds must survive the restart too
-    ("nnUNetTrainerADPFL", "adpfl", ADPFL, "adpfl_reference")])
-def test_killed_site_and_aggregator_resume_to_the_same_weights(planned, trainer, mode, settings, reference, request):
+def wait_for(condition, procs, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline and all(p.poll() is None for p in procs.values())
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("trainer, mode, settings, reference, kill_at", [
+    ("nnUNetTrainerDPFL", "dpfl", DETERMINISTIC, "dpfl_reference", "next_round"),
+    # the upload residual carried between rounds must survive a restart from either checkpoint of round 1: ours
+    # before the upload (killed while waiting for the round to close) and nnU-Net's after it (in round 2)
+    ("nnUNetTrainerADPFL", "adpfl", ADPFL, "adpfl_reference", "waiting"),
+    ("nnUNetTrainerADPFL", "adpfl", ADPFL, "adpfl_reference", "next_round")])
+def test_killed_site_and_aggregator_resume_to_the_same_weights(planned, trainer, mode, settings, reference, kill_at,
+                                                               request):
     work, pooled = planned
     reference, rounds = request.getfixturevalue(reference), ROUNDS
-    lay, procs = run_federation(work, f"{mode}_interrupted", trainer, mode, rounds, settings, n_proc_da="0")
-    deadline = time.time() + 300
-    while not ff.global_paths(lay.fed, 1)[1].exists():
-        assert time.time() < deadline and procs["aggregator"].poll() is None
-        time.sleep(0.2)
-    time.sleep(1.0)  # site B is now inside round 2
+    lay, procs = run_federation(work, f"{mode}_interrupted_{kill_at}", trainer, mode, rounds, settings,
+                                n_proc_da="0")
+    if kill_at == "waiting":  # B uploaded round 1 and waits for the others
+        wait_for(lambda: ff.update_paths(lay.fed, 1, "B")[1].exists(), procs)
+    else:  # B wrote nnU-Net's checkpoint after loading global model 1, and trains round 2
+        closed, latest = ff.global_paths(lay.fed, 1)[1], fold(lay, "B", pooled, trainer) / "checkpoint_latest.pth"
+        wait_for(lambda: closed.exists() and latest.exists() and latest.stat().st_mtime > closed.stat().st_mtime,
+                 procs)
+        time.sleep(0.5)
     for name in ("B", "aggregator"):
         os.kill(procs[name].pid, signal.SIGKILL)
         procs[name].wait()
