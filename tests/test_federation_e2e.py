@@ -203,6 +203,7 @@ def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned, adpfl_re
             assert manifest["bytes"] < dense_bytes / 5  # 5% of the coordinates at 12 bytes each: ~1/6.7
 
 
+@pytest.mark.slow  # ~1.5 min; its parts are in the default suite (ADP-FL federations, DP-Morph train/predict)
 def test_adpfl_with_morphology_in_a_federation(planned):
     """The FL flavour of DP-Morph: every site trains ADP-FL through the morphology; the sites' plans still match
     the federation's (the morph entry is outside the digest) and the model folder records it for prediction."""
