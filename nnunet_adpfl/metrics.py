@@ -4,6 +4,7 @@ Conventions: a label absent from both reference and prediction gives NaN (left o
 evaluation. Absent from exactly one of them: Dice 0, NSD 0, and HD95 the image diagonal in mm (the worst
 possible distance, so means stay finite and such cases are penalised).
 Surfaces are the mask voxels with a background face-neighbour; distances are Euclidean in mm (voxel spacing).
+HD95 and NSD agree with MONAI's compute_hausdorff_distance / compute_surface_dice (tests/test_metrics.py).
 """
 from __future__ import annotations
 

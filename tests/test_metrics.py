@@ -49,3 +49,25 @@ def test_hd95_and_nsd_empty_conventions():
     pred[1, 2] = 1
     assert math.isnan(hd95(ref, ref, [1])[1]) and math.isnan(nsd(ref, ref, [1])[1])
     assert hd95(ref, pred, [1], (2.0, 1.0))[1] == math.sqrt(8 ** 2 + 10 ** 2) and nsd(ref, pred, [1])[1] == 0
+
+
+def test_hd95_and_nsd_match_monai():
+    """The reference library: MONAI's compute_hausdorff_distance (95th percentile) and compute_surface_dice."""
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    from nnunet_adpfl.metrics import hd95, nsd
+    rng = np.random.default_rng(1)
+
+    def one_hot(seg):
+        return torch.from_numpy(np.stack([seg == 0, seg == 1])[None].astype(np.float32))
+
+    for shape, spacing in (((6, 20, 20), (2.5, 0.8, 0.8)), ((24, 30), (1.0, 0.5))):
+        for _ in range(3):
+            ref = (rng.random(shape) > 0.6).astype(np.uint8)
+            pred = (rng.random(shape) > 0.6).astype(np.uint8)
+            want_hd = compute_hausdorff_distance(one_hot(pred), one_hot(ref), percentile=95, spacing=spacing).item()
+            want_nsd = compute_surface_dice(one_hot(pred), one_hot(ref), class_thresholds=[1.0],
+                                            spacing=spacing).item()
+            assert math.isclose(hd95(ref, pred, [1], spacing)[1], want_hd, rel_tol=1e-5)
+            assert math.isclose(nsd(ref, pred, [1], 1.0, spacing)[1], want_nsd, rel_tol=1e-5)
