@@ -15,7 +15,7 @@ from pathlib import Path
 from . import fed_files as ff
 from .aggregator import create_federation
 from .demo import CONFIGURATION
-from .simulate import Layout, _stage_data, _stage_plan, _train, new_run, summarise
+from .simulate import MODE_OF_TRAINER, Layout, _stage_data, _stage_plan, _train, new_run, summarise
 
 ADPFL = "nnUNetTrainerADPFL"
 ALL_MECHANISMS = {"adpfl_noise_schedule": "exponential", "adpfl_schedule_end_ratio": 0.5, "adpfl_adaptive_clip": True,
@@ -59,8 +59,7 @@ def run_task(a, task: str) -> dict:
         slug = "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
         lay = Layout(work, sites, slug)
         if not (lay.fed / ff.FEDERATION_FILE).exists():
-            new_run(lay, plan_lay.fed, {"nnUNetTrainerFL": "npfl", "nnUNetTrainerDPFL": "dpfl"}.get(trainer, "adpfl"),
-                    a.rounds, 1, a.iterations, config, a.seed)
+            new_run(lay, plan_lay.fed, MODE_OF_TRAINER[trainer], a.rounds, 1, a.iterations, config, a.seed)
         settings = {"num_val_iterations_per_epoch": 1, "seed": a.seed} if extra is None else {**private, **extra}
         _log(f"{task}: {name} ({trainer}, {a.rounds} rounds x {a.iterations} steps)")
         wall = None if ff.global_paths(lay.fed, a.rounds)[1].exists() else _train(lay, trainer, config, settings,
