@@ -5,13 +5,13 @@ Every stage is skipped when its output exists, so an interrupted demo resumes wh
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-
+from . import evaluation
+from .evaluation import mean_per_label
+from .metrics import nanmean
 from .pipeline import nnunet_env, run
 from .report import REPORT_NAME
 from .synthetic import TASKS, generate_dataset
@@ -25,31 +25,9 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _read_seg(reader, path: Path) -> np.ndarray:
-    seg, _ = reader.read_seg(str(path))
-    return seg
-
-
 def evaluate_folder(dataset_folder: Path, prediction_folder: Path) -> dict:
-    """Mean Dice per label/region over the test cases (NaN-aware), using nnU-Net's reader for the format."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-
-    from .metrics import dice
-
-    dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
-    ending = dataset_json["file_ending"]
-    labels = {name: tuple(v) if isinstance(v, list) else v for name, v in dataset_json["labels"].items()
-              if name != "background"}
-    refs = sorted((dataset_folder / "labelsTs").glob(f"*{ending}"))
-    reader = determine_reader_writer_from_dataset_json(dataset_json, str(refs[0]), verbose=False)()
-    per_label = {name: [] for name in labels}
-    for ref_file in refs:
-        scores = dice(_read_seg(reader, ref_file), _read_seg(reader, prediction_folder / ref_file.name),
-                      list(labels.values()))
-        for name, label in labels.items():
-            per_label[name].append(scores[label])
-    return {name: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
-            for name, v in per_label.items()}
+    """Mean Dice per label/region over the test cases (NaN-aware)."""
+    return mean_per_label(evaluation.evaluate_folder(dataset_folder, prediction_folder, metrics=("dice",)))
 
 
 def run_demo(work_dir: Path, task: str, trainers: list[str], epochs: int, iterations: int, epsilon: float,
@@ -113,11 +91,10 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         values = list(r["dice"].values())
-        finite = [v for v in values if not math.isnan(v)]
         eps = "inf (not private)" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         lines.append("| " + " | ".join([
             r["trainer"], eps, "-" if r["delta"] is None else f"{r['delta']:g}",
-            *[f"{v:.3f}" for v in values], f"{np.mean(finite):.3f}" if finite else "nan",
+            *[f"{v:.3f}" for v in values], f"{nanmean(values):.3f}",
             "-" if r["train_time_s"] is None else f"{r['train_time_s']:.0f}"]) + " |")
     return "\n".join(lines)
 

@@ -8,13 +8,13 @@ task share one dataset, one federated plan and one preprocessing (nnunet_adpfl.s
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 from . import fed_files as ff
 from .aggregator import create_federation
 from .demo import CONFIGURATION
+from .metrics import nanmean
 from .simulate import MODE_OF_TRAINER, Layout, _stage_data, _stage_plan, _train, new_run, summarise
 
 ADPFL = "nnUNetTrainerADPFL"
@@ -72,15 +72,10 @@ def run_task(a, task: str) -> dict:
     return results
 
 
-def _mean(values) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
-
-
 def format_task(task: str, results: dict) -> str:
     """One table per task; the last column: (ADP - DP) / (NP - DP) of the mean Dice, for the ADP-FL rows."""
     classes = list(next(iter(results.values()))["global_test_dice"])
-    mean = {name: _mean(s["global_test_dice"].values()) for name, s in results.items()}
+    mean = {name: nanmean(s["global_test_dice"].values()) for name, s in results.items()}
     gap = mean["NP-FL"] - mean["DP-FL"] if {"NP-FL", "DP-FL"} <= set(results) else None
     lines = [f"### {task}", "", "| run | " + " | ".join(classes) + " | mean Dice | share of the DP-FL -> NP-FL gap "
              "closed | epsilon (max over sites) | MB uploaded per site and round | training wall time |",

@@ -12,6 +12,12 @@ import numpy as np
 from scipy import ndimage
 
 
+def nanmean(values) -> float:
+    """Mean of the defined (non-NaN) values; NaN if there are none."""
+    finite = [float(v) for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def dice(reference: np.ndarray, prediction: np.ndarray, labels) -> dict:
     """Dice for each label (an int, or a tuple of ints for a region)."""
     out = {}

@@ -16,9 +16,8 @@ import pickle
 import time
 from pathlib import Path
 
-import numpy as np
 
-from .metrics import dice
+from .metrics import dice, nanmean
 from .morph import morph_postprocess
 
 CANDIDATES = ("open", "close", "both")
@@ -32,11 +31,6 @@ def foreground_labels(dataset_json: dict) -> list[int]:
     for v in dataset_json["labels"].values():
         values.update(v if isinstance(v, (list, tuple)) else [v])
     return sorted(int(v) for v in values if int(v) != 0)
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def determine(folder_predictions: str | Path, folder_ref: str | Path, dataset_json: dict, kernel: int = 3,
@@ -68,7 +62,7 @@ def determine(folder_predictions: str | Path, folder_ref: str | Path, dataset_js
         print(f"[morph-postprocessing] {i + 1}/{len(preds)} cases ({time.time() - start:.0f} s)", flush=True)
     chosen, table = {}, {}
     for label in labels:
-        means = {op: _mean(v) for op, v in scores[label].items()}
+        means = {op: nanmean(v) for op, v in scores[label].items()}
         table[str(label)] = means
         best = max(CANDIDATES, key=lambda op: -1 if math.isnan(means[op]) else means[op])
         if not math.isnan(means["none"]) and means[best] > means["none"] + min_improvement:

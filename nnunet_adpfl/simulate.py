@@ -6,7 +6,6 @@ aggregator + N sites running the stock ``nnUNetv2_train`` -> summary table. Resu
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from . import fed_files as ff
 from .aggregator import create_federation, load_federation
 from .demo import CONFIGURATION, evaluate_folder
+from .metrics import nanmean
 from .pipeline import nnunet_command, nnunet_env, run
 from .synthetic import generate_dataset, split_by_site
 
@@ -185,11 +185,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"| {site} | {v['validation_dice']:.3f} | {eps} |")
     wall = "-" if s["wall_time_s"] is None else f"{s['wall_time_s']:.0f} s"
     dice = s["global_test_dice"]
-    finite = [x for x in dice.values() if not math.isnan(x)]
     lines += ["", "| global model on the test set | " + " | ".join(dice) + " | mean |",
               "|---|" + "---|" * (len(dice) + 1),
               "| Dice | " + " | ".join(f"{x:.3f}" for x in dice.values()) +
-              f" | {sum(finite) / len(finite) if finite else float('nan'):.3f} |", "",
+              f" | {nanmean(dice.values()):.3f} |", "",
               f"bytes uploaded (all sites, all rounds): {s['bytes_uploaded'] / 1e6:.1f} MB; "
               f"global models written: {s['bytes_downloaded_per_site'] / 1e6:.1f} MB; per round and site: "
               f"{s['bytes_uploaded'] / max(1, s['rounds'] * len(s['sites'])) / 1e6:.1f} MB up",

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-import numpy as np
-
 from nnunet_adpfl import alignment
 from nnunet_adpfl.demo import CONFIGURATION
+from nnunet_adpfl.evaluation import evaluate_folder, mean_per_label
 from nnunet_adpfl.fed_plan import cap_features
-from nnunet_adpfl.metrics import dice, hd95
+from nnunet_adpfl.metrics import nanmean
 from nnunet_adpfl.pipeline import nnunet_env, run
 from nnunet_adpfl.synthetic import generate_dataset
 
@@ -35,32 +33,9 @@ def _log(msg: str) -> None:
     print(f"[morph-experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _squeeze(seg: np.ndarray, spacing) -> tuple[np.ndarray, tuple]:
-    """Drop singleton axes (2D images are read as 1 x H x W) with their spacing."""
-    keep = [i for i, n in enumerate(seg.shape) if n > 1]
-    return seg.reshape([seg.shape[i] for i in keep]), tuple(float(spacing[i]) for i in keep)
-
-
 def evaluate(dataset: Path, predictions: Path) -> dict:
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-
-    dataset_json = json.loads((dataset / "dataset.json").read_text())
-    labels = {name: tuple(v) if isinstance(v, list) else v for name, v in dataset_json["labels"].items()
-              if name != "background"}
-    refs = sorted((dataset / "labelsTs").glob(f"*{dataset_json['file_ending']}"))
-    reader = determine_reader_writer_from_dataset_json(dataset_json, str(refs[0]), verbose=False)()
-    scores = {metric: {name: [] for name in labels} for metric in ("dice", "hd95")}
-    for ref_file in refs:
-        ref, props = reader.read_seg(str(ref_file))
-        pred, _ = reader.read_seg(str(predictions / ref_file.name))
-        ref, spacing = _squeeze(ref[0], props["spacing"])
-        pred, _ = _squeeze(pred[0], props["spacing"])
-        d, h = dice(ref, pred, list(labels.values())), hd95(ref, pred, list(labels.values()), spacing)
-        for name, label in labels.items():
-            scores["dice"][name].append(d[label])
-            scores["hd95"][name].append(h[label])
-    return {metric: {name: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
-                     for name, v in per.items()} for metric, per in scores.items()}
+    records = evaluate_folder(dataset, predictions, metrics=("dice", "hd95"))
+    return {metric: mean_per_label(records, metric) for metric in ("dice", "hd95")}
 
 
 def run_task(a, task: str) -> dict:
@@ -115,10 +90,9 @@ def format_task(task: str, results: dict) -> str:
     lines = [f"### {task}", "", f"| run | {head} | mean Dice | epsilon | training wall time |",
              "|---" * (2 * len(classes) + 4) + "|"]
     for name, r in results.items():
-        finite = [v for v in r["dice"].values() if not math.isnan(v)]
         lines.append(f"| {name} | " + " | ".join(f"{r['dice'][c]:.3f}" for c in classes) + " | " +
                      " | ".join(f"{r['hd95'][c]:.1f}" for c in classes) +
-                     f" | {np.mean(finite) if finite else float('nan'):.3f} | {r['epsilon']:.2f} | "
+                     f" | {nanmean(r['dice'].values()):.3f} | {r['epsilon']:.2f} | "
                      f"{r['train_wall_time_s']:.0f} s |")
     return "\n".join(lines)
 
