@@ -34,7 +34,7 @@ def _cmd_calibrate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import alignment, demo, fed_cli, fed_experiment, morph_postprocessing, simulate, synthetic
+    from . import alignment, compare, demo, fed_cli, fed_experiment, morph_postprocessing, simulate, synthetic
 
     parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     fed_experiment.add_cli(sub)
     morph_postprocessing.add_cli(sub)
     alignment.add_cli(sub)
+    compare.add_cli(sub)
     return parser
 
 

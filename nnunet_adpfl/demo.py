@@ -12,7 +12,7 @@ from pathlib import Path
 from . import evaluation
 from .evaluation import mean_per_label
 from .metrics import nanmean
-from .pipeline import nnunet_env, run
+from .pipeline import nnunet_env, predict, run
 from .report import REPORT_NAME
 from .synthetic import TASKS, generate_dataset
 
@@ -42,7 +42,6 @@ def run_demo(work_dir: Path, task: str, trainers: list[str], epochs: int, iterat
         dataset = generate_dataset(task, raw, DATASET_ID, num_cases=num_cases, num_sites=1, num_test_cases=4,
                                    seed=seed, scale=scale)
     ending = json.loads((dataset / "dataset.json").read_text())["file_ending"]
-    num_test = len(list((dataset / "imagesTs").glob(f"*_0000{ending}")))
     preprocessed = Path(env["nnUNet_preprocessed"]) / dataset.name
     if not (preprocessed / "nnUNetPlans.json").exists() or not any(preprocessed.glob(f"nnUNetPlans_{config}")):
         _log(f"planning and preprocessing ({config}) with nnUNetv2_plan_and_preprocess")
@@ -67,12 +66,9 @@ def run_demo(work_dir: Path, task: str, trainers: list[str], epochs: int, iterat
             train_time = run(["nnUNetv2_train", str(DATASET_ID), config, "0", "-tr", trainer, "-device", "cpu"],
                              env, logs / f"{trainer}_train.log")
             _log(f"  trained in {train_time:.0f} s")
-        pred = work_dir / "predictions" / trainer
-        if len(list(pred.glob(f"*{ending}"))) < num_test:
-            _log(f"predicting the test set with {trainer}")
-            run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
-                 "-c", config, "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env,
-                logs / f"{trainer}_predict.log")
+        _log(f"predicting the test set with {trainer}")
+        pred = predict(dataset / "imagesTs", work_dir / "predictions" / trainer, DATASET_ID, config, trainer, env,
+                       logs / f"{trainer}_predict.log", ending)
         report_file = fold / REPORT_NAME
         privacy = json.loads(report_file.read_text()) if report_file.exists() else None
         rows.append({"trainer": trainer, "epsilon": privacy["epsilon"] if privacy else None,

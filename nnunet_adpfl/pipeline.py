@@ -68,3 +68,14 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
         tail = "".join(lines)
         raise RuntimeError(f"command failed ({code}): {' '.join(args)}\n--- last output ---\n{tail}")
     return time.time() - start
+
+
+def predict(images: Path, output: Path, dataset_id: int, config: str, trainer: str, env: dict, log_file: Path,
+            file_ending: str) -> Path:
+    """``nnUNetv2_predict`` with fold 0's final checkpoint on CPU, unless every image already has its prediction
+    (an interrupted run continues where it stopped)."""
+    cases = {p.name[:-len(f"_0000{file_ending}")] for p in Path(images).glob(f"*_0000{file_ending}")}
+    if not all((Path(output) / f"{case}{file_ending}").exists() for case in cases):
+        run(["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(dataset_id), "-c", config, "-f", "0",
+             "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--continue_prediction"], env, log_file)
+    return Path(output)

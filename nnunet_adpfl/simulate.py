@@ -16,7 +16,7 @@ from . import fed_files as ff
 from .aggregator import create_federation, load_federation
 from .demo import CONFIGURATION, evaluate_folder
 from .metrics import nanmean
-from .pipeline import nnunet_command, nnunet_env, run
+from .pipeline import nnunet_command, nnunet_env, predict, run
 from .synthetic import generate_dataset, split_by_site
 
 DATASET_ID = 501
@@ -35,8 +35,9 @@ class Layout:
     """Folders of a simulated federation. ``run`` names one training run (its federation folder and the sites'
     results), so several runs can share the data, plan and preprocessing."""
 
-    def __init__(self, work: Path, sites: list[str], run: str = "federation"):
+    def __init__(self, work: Path, sites: list[str], run: str = "federation", dataset_id: int = DATASET_ID):
         self.work = work
+        self.dataset_id = dataset_id
         self.fed = work / run
         self.results = work / f"results_{run}"
         self.keys = work / "coordinator" / "keys"
@@ -54,10 +55,10 @@ class Layout:
 
 
 def _stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int, num_test_cases: int = 4) -> Path:
-    pooled = next(lay.pool.glob(f"Dataset{DATASET_ID:03d}_*"), None)
+    pooled = next(lay.pool.glob(f"Dataset{lay.dataset_id:03d}_*"), None)
     if pooled is None or not (pooled / "sites.json").exists():
         _log(f"writing a synthetic '{task}' dataset split over {len(lay.sites)} sites")
-        pooled = generate_dataset(task, lay.pool, DATASET_ID, num_cases=num_cases, num_sites=len(lay.sites),
+        pooled = generate_dataset(task, lay.pool, lay.dataset_id, num_cases=num_cases, num_sites=len(lay.sites),
                                   num_test_cases=num_test_cases, seed=seed, scale=scale)
     if not all((lay.sites_raw / s / pooled.name / "dataset.json").exists() for s in lay.sites):
         split_by_site(pooled, lay.sites_raw)
@@ -70,11 +71,11 @@ def _stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None
         if not (lay.fed / "fingerprints" / f"{site}.json").exists():
             _log(f"site {site}: sharing its aggregate fingerprint")
             run(_cli("fingerprint", str(lay.fed), "--site", site, "--key-file", str(lay.keys / f"{site}.key"), "-d",
-                     str(DATASET_ID), "-np", "1"), lay.site_env(site), lay.logs / f"fingerprint_{site}.log")
+                     str(lay.dataset_id), "-np", "1"), lay.site_env(site), lay.logs / f"fingerprint_{site}.log")
     if fed_cfg.get("plans_sha256") is None:
         _log("coordinator: planning once for all sites with nnU-Net's planner on the merged fingerprint")
         width = [] if max_features is None else ["--max-features", str(max_features)]
-        run(_cli("plan", str(lay.fed), "--keys-dir", str(lay.keys), "-d", str(DATASET_ID), "--dataset-name",
+        run(_cli("plan", str(lay.fed), "--keys-dir", str(lay.keys), "-d", str(lay.dataset_id), "--dataset-name",
                  pooled.name.split("_", 1)[1], "--work-dir", str(lay.work / "coordinator" / "planner"), *width),
             nnunet_env(lay.work / "coordinator" / "planner"), lay.logs / "plan.log")
     for site in lay.sites:
@@ -83,8 +84,8 @@ def _stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None
         if not marker.exists():
             _log(f"site {site}: installing the federation plan and preprocessing")
             log = lay.logs / f"preprocess_{site}.log"
-            run(_cli("install-plan", str(lay.fed), "-d", str(DATASET_ID)), env, log)
-            run(["nnUNetv2_preprocess", "-d", str(DATASET_ID), "-c", config, "-np", "1"], env, log)
+            run(_cli("install-plan", str(lay.fed), "-d", str(lay.dataset_id)), env, log)
+            run(["nnUNetv2_preprocess", "-d", str(lay.dataset_id), "-c", config, "-np", "1"], env, log)
 
 
 def _site_settings(lay: Layout, site: str, settings: dict) -> Path:
@@ -106,7 +107,7 @@ def start_site(lay: Layout, site: str, trainer: str, config: str, settings: dict
                n_proc_da: str = "1") -> subprocess.Popen:
     """The site's stock training command (the same command restarts it)."""
     env = lay.site_env(site, _site_settings(lay, site, settings), nnUNet_n_proc_DA=n_proc_da)
-    return subprocess.Popen([nnunet_command("nnUNetv2_train"), str(DATASET_ID), config, "0", "-tr", trainer, "-device",
+    return subprocess.Popen([nnunet_command("nnUNetv2_train"), str(lay.dataset_id), config, "0", "-tr", trainer, "-device",
                              "cpu"], stdout=open(lay.logs / f"train_{site}.log", "a"), stderr=subprocess.STDOUT,
                             env=env)
 
@@ -165,16 +166,18 @@ def summarise(lay: Layout, trainer: str, config: str, pooled: Path, wall: float 
         report = fold / "privacy_report.json"
         eps = json.loads(report.read_text())["epsilon"] if report.exists() else None
         per_site[site] = {"validation_dice": val, "epsilon": eps}
-    site = lay.sites[0]
-    pred = lay.results / "predictions" / trainer
-    if not pred.exists():
-        run(["nnUNetv2_predict", "-i", str(pooled / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID), "-c", config,
-             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], lay.site_env(site),
-            lay.logs / "predict.log")
+    pred = predict_test(lay, trainer, config, pooled)
     up, down = _bytes_exchanged(lay.fed)
     return {"trainer": trainer, "mode": cfg["mode"], "rounds": cfg["rounds"], "sites": per_site,
             "global_test_dice": evaluate_folder(pooled, pred), "bytes_uploaded": up, "bytes_downloaded_per_site": down,
             "wall_time_s": wall}
+
+
+def predict_test(lay: Layout, trainer: str, config: str, pooled: Path) -> Path:
+    """The final global model (held by every site; the first site's copy) predicts the pooled test images."""
+    ending = json.loads((pooled / "dataset.json").read_text())["file_ending"]
+    return predict(pooled / "imagesTs", lay.results / "predictions" / trainer, lay.dataset_id, config, trainer,
+                   lay.site_env(lay.sites[0]), lay.logs / "predict.log", ending)
 
 
 def format_summary(s: dict) -> str:

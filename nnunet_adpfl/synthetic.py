@@ -577,14 +577,15 @@ def split_by_site(dataset_folder: str | Path, output_root: str | Path) -> dict[s
         if target.resolve() == source.resolve():
             raise ValueError(f"output_root would overwrite the pooled dataset itself: {target}")
         _reset_dataset_folder(target)
-        for split, case_ids in (("Tr", cases), ("Ts", meta["test"])):
+        for split, case_ids in (("Tr", cases), ("Ts", meta.get("test", []))):
             for case_id in case_ids:
                 for image in sorted((source / f"images{split}").glob(f"{case_id}_????{file_ending}")):
                     _link_or_copy(image, target / f"images{split}" / image.name)
                 label = f"labels{split}/{case_id}{file_ending}"
                 _link_or_copy(source / label, target / label)
         _write_json(target / "dataset.json", {**dataset_json, "numTraining": len(cases)})
-        _write_json(target / "sites.json", {**meta, "sites": {site: cases}, "profiles": {site: meta["profiles"][site]}})
+        profile = {"profiles": {site: meta["profiles"][site]}} if "profiles" in meta else {}
+        _write_json(target / "sites.json", {**meta, "sites": {site: cases}, **profile})
         folders[site] = target
     return folders
 
