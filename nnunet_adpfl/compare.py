@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import fed_files as ff
+from .atomic import write_bytes_atomic
 from .aggregator import create_federation
 from .evaluation import METRICS, evaluate_folder, summarise_cases
 from .pipeline import nnunet_env, predict, run
@@ -96,10 +97,12 @@ def plan_runs(methods: list[str], sites: list[str], epsilons: list[float]) -> li
             runs += [Run(f"{method} eps={eps:g}", method, trainer, kind, epsilon=eps, mode=mode) for eps in epsilons]
         else:
             runs.append(Run(method, method, trainer, kind, mode=mode))
-    names = [r.name for r in runs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise SystemExit(f"error: methods repeat: {duplicates}")
+    seen = {}
+    for r in runs:
+        key = (r.trainer, r.kind, r.site, r.epsilon)
+        if key in seen:
+            raise SystemExit(f"error: methods repeat a run: '{seen[key]}' and '{r.name}' train the same")
+        seen[key] = r.name
     return runs
 
 
@@ -119,6 +122,9 @@ class Comparison:
         if unknown or len(self.sites) < 2:
             raise SystemExit(f"error: --sites must name at least two sites of {self.pooled / 'sites.json'} "
                              f"({', '.join(self.site_cases)}); unknown: {sorted(unknown)}")
+        small = {s: len(self.site_cases[s]) for s in self.sites if len(self.site_cases[s]) < 5}
+        if small:
+            raise SystemExit(f"error: sites {small} have fewer than 5 training cases; nnU-Net's 5-fold split needs 5")
         self.dataset_json = json.loads((self.pooled / "dataset.json").read_text())
         self.ending = self.dataset_json["file_ending"]
         if not any((self.pooled / "labelsTs").glob(f"*{self.ending}")):
@@ -262,7 +268,7 @@ def run_comparison(a) -> Path:
         _log(f"[{i}/{len(runs)}] {r.name}: {r.trainer} ({r.kind}), {a.rounds} epochs/rounds x {a.iterations} steps")
         t = time.time()
         record = execute(c, r)
-        ff.write_json_atomic(record_file, record)
+        write_bytes_atomic(record_file, json.dumps(record, indent=1).encode())  # NaN kept: undefined metrics
         records.append(record)
         dice = {k: round(v["mean"], 3) for k, v in record["summary"]["dice"].items()}
         _log(f"[{i}/{len(runs)}] {r.name}: test Dice {dice} ({time.time() - t:.0f} s; {time.time() - start:.0f} s "

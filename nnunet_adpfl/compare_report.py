@@ -36,6 +36,17 @@ def metrics_provenance(tolerance_mm: float) -> str:
             "structures are penalised instead of dropped.")
 
 
+def _nan_to_null(value):
+    """Strict JSON for other tools: undefined (NaN) metrics become null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_null(v) for v in value]
+    return value
+
+
 def _fmt(stat: dict, digits: int) -> str:
     if math.isnan(stat["mean"]):
         return "n/a"
@@ -220,7 +231,7 @@ def write_report(records: list[dict], c, out: Path) -> Path:
                "delta": a.delta, "nsd_tolerance_mm": a.nsd_tolerance, "mean_dice_over": labels,
                "metrics": metrics_provenance(a.nsd_tolerance),
                "runs": [{k: v for k, v in r.items() if k not in ("cases",)} for r in records]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(_nan_to_null(summary), indent=2, allow_nan=False))
     text = "\n".join([
         f"# nnunet-adpfl compare: {c.pooled.name}", "",
         *([f"Command: `{command}`", ""] if command else []),

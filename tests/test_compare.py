@@ -1,0 +1,104 @@
+"""``nnunet-adpfl compare``: which runs a method list means, input errors, and a tiny end-to-end comparison through
+the stock nnU-Net commands (report, CSV, JSON, plots; a second call reuses every finished run)."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nnunet_adpfl.compare import _floats, _regions, plan_runs
+from nnunet_adpfl.evaluation import METRICS
+
+
+def test_methods_expand_to_runs():
+    runs = plan_runs(["centralized", "local", "npfl", "dpfl", "adpfl", "nnUNetTrainerPSAC",
+                      "nnUNetTrainerADPFLMorph"], ["A", "B"], [1.0, 8.0])
+    got = {r.name: (r.trainer, r.kind, r.site, r.epsilon, r.mode) for r in runs}
+    assert got == {
+        "centralized": ("nnUNetTrainerBaselineBudget", "centralized", None, None, None),
+        "local A": ("nnUNetTrainerBaselineBudget", "local", "A", None, None),
+        "local B": ("nnUNetTrainerBaselineBudget", "local", "B", None, None),
+        "npfl": ("nnUNetTrainerFL", "federated", None, None, "npfl"),
+        "dpfl eps=1": ("nnUNetTrainerDPFL", "federated", None, 1.0, "dpfl"),
+        "dpfl eps=8": ("nnUNetTrainerDPFL", "federated", None, 8.0, "dpfl"),
+        "adpfl eps=1": ("nnUNetTrainerADPFL", "federated", None, 1.0, "adpfl"),
+        "adpfl eps=8": ("nnUNetTrainerADPFL", "federated", None, 8.0, "adpfl"),
+        "nnUNetTrainerPSAC eps=1": ("nnUNetTrainerPSAC", "centralized", None, 1.0, None),
+        "nnUNetTrainerPSAC eps=8": ("nnUNetTrainerPSAC", "centralized", None, 8.0, None),
+        "nnUNetTrainerADPFLMorph eps=1": ("nnUNetTrainerADPFLMorph", "federated", None, 1.0, "adpfl"),
+        "nnUNetTrainerADPFLMorph eps=8": ("nnUNetTrainerADPFLMorph", "federated", None, 8.0, "adpfl"),
+    }
+    assert len({r.slug for r in runs}) == len(runs)
+    # nnU-Net's own trainers are found too (not private, centralised)
+    assert plan_runs(["nnUNetTrainer"], ["A", "B"], [8.0])[0].kind == "centralized"
+
+
+def test_bad_methods_and_arguments_are_clear_errors():
+    with pytest.raises(SystemExit, match="no nnU-Net trainer named 'nnUNetTrainerNope'"):
+        plan_runs(["nnUNetTrainerNope"], ["A", "B"], [8.0])
+    with pytest.raises(SystemExit, match="repeat"):
+        plan_runs(["npfl", "nnUNetTrainerFL"], ["A", "B"], [8.0])
+    with pytest.raises(SystemExit, match="repeat"):
+        plan_runs(["dpfl", "dpfl"], ["A", "B"], [8.0])
+    with pytest.raises(ValueError):
+        _floats("1,-4")
+    with pytest.raises(ValueError):
+        _regions("masses")
+    assert _regions("masses=2,3") == ("masses", (2, 3))
+
+
+def _compare(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "nnunet_adpfl.cli", "compare", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def test_dataset_without_site_map_is_refused(tmp_path):
+    (tmp_path / "Dataset777_X").mkdir()
+    out = _compare("--dataset", "777", "--raw", str(tmp_path), "--work-dir", str(tmp_path / "w"))
+    assert out.returncode != 0 and "sites.json is missing" in out.stderr
+    (tmp_path / "Dataset777_X" / "sites.json").write_text(json.dumps({"sites": {"A": ["a1", "a2"], "B": ["b1"] * 6}}))
+    out = _compare("--dataset", "777", "--raw", str(tmp_path), "--work-dir", str(tmp_path / "w"))
+    assert out.returncode != 0 and "{'A': 2} have fewer than 5 training cases" in out.stderr
+    out = _compare("--dataset", "777", "--raw", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--sites", "B,Z")
+    assert out.returncode != 0 and "unknown: ['Z']" in out.stderr
+
+
+def test_tiny_comparison_end_to_end(tmp_path):
+    """Standard nnU-Net (pooled) vs DP-FL on a 2-site synthetic skin dataset: 1 round x 1 step each."""
+    work = tmp_path / "cmp"
+    args = ["--synthetic", "skin", "--num-cases", "12", "--num-sites", "2", "--num-test-cases", "2",
+            "--work-dir", str(work), "--methods", "centralized,dpfl", "--epsilons", "8", "--rounds", "1",
+            "--iterations", "1", "--regions", "lesion_again=1"]
+    first = _compare(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = work / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert list(runs) == ["centralized", "dpfl eps=8"]
+    assert runs["centralized"]["epsilon_spent"] is None
+    assert 7.0 < runs["dpfl eps=8"]["epsilon_spent"] <= 8.0 * 1.01 and runs["dpfl eps=8"]["delta"] == 1e-5
+    assert runs["dpfl eps=8"]["bytes_uploaded"] > 0 and runs["centralized"]["bytes_uploaded"] is None
+    for r in runs.values():
+        assert set(r["summary"]) == set(METRICS)
+        dice = r["summary"]["dice"]
+        assert dice["lesion"]["n"] == 2 and 0.0 <= dice["lesion"]["mean"] <= 1.0
+        assert dice["lesion_again"] == dice["lesion"]
+        assert len(r["curves"]["train_loss"]) == 1
+    assert len(runs["dpfl eps=8"]["curves"]["epsilon"]) == 1
+    with open(report / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * len(METRICS) * 2  # runs x cases x metrics x (lesion, lesion_again)
+    text = (report / "report.md").read_text()
+    assert "| centralized | " in text and "| dpfl eps=8 | " in text and "(target 8)" in text
+    for png in ("dice_vs_epsilon.png", "training_curves.png", "example_slices.png"):
+        assert (report / png).stat().st_size > 10_000 and f"]({png})" in text
+    # the same shared plan for the pooled (centralised) and the site data
+    central = next((work / "centralized" / "nnUNet_preprocessed").glob("Dataset501_*/nnUNetPlans.json"))
+    site = next((work / "site_A" / "nnUNet_preprocessed").glob("Dataset501_*/nnUNetPlans.json"))
+    assert json.loads(central.read_text())["configurations"] == json.loads(site.read_text())["configurations"]
+
+    again = _compare(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before, kept") == 2
+    assert json.loads((report / "summary.json").read_text())["runs"] == summary["runs"]
