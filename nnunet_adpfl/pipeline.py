@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections import deque
 import subprocess
 import sys
@@ -52,15 +53,21 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_file, "a", buffering=1) if log_file else None  # line-buffered: follow it live
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            for line in proc.stdout:
-                lines.append(line)
-                if log:
-                    log.write(line)
-                if echo:
-                    print(line, end="", flush=True)
+        for line in proc.stdout:
+            lines.append(line)
+            if log:
+                log.write(line)
+            if echo:
+                print(line, end="", flush=True)
+    except BaseException:  # interrupted: stop the command and its workers, not only wait for them
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
     finally:
+        proc.stdout.close()
         if log:
             log.close()
     code = proc.wait()

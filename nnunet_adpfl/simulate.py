@@ -6,7 +6,9 @@ aggregator + N sites running the stock ``nnUNetv2_train`` -> summary table. Resu
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,7 +102,7 @@ def start_aggregator(lay: Layout) -> subprocess.Popen:
     lay.logs.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(_cli("aggregate", str(lay.fed), "--keys-dir", str(lay.keys), "--poll-interval", "1"),
                             stdout=open(lay.logs / "aggregator.log", "a"), stderr=subprocess.STDOUT,
-                            env=nnunet_env(lay.work / "coordinator" / "planner"))
+                            env=nnunet_env(lay.work / "coordinator" / "planner"), start_new_session=True)
 
 
 def start_site(lay: Layout, site: str, trainer: str, config: str, settings: dict,
@@ -109,7 +111,7 @@ def start_site(lay: Layout, site: str, trainer: str, config: str, settings: dict
     env = lay.site_env(site, _site_settings(lay, site, settings), nnUNet_n_proc_DA=n_proc_da)
     return subprocess.Popen([nnunet_command("nnUNetv2_train"), str(lay.dataset_id), config, "0", "-tr", trainer, "-device",
                              "cpu"], stdout=open(lay.logs / f"train_{site}.log", "a"), stderr=subprocess.STDOUT,
-                            env=env)
+                            env=env, start_new_session=True)
 
 
 def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_round: int, iterations: int,
@@ -120,6 +122,19 @@ def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_r
     shutil.copytree(Path(planned_fed) / "plans", lay.fed / "plans")
     cfg["plans_sha256"] = load_federation(planned_fed)["plans_sha256"]
     ff.write_json_atomic(lay.fed / ff.FEDERATION_FILE, cfg)
+
+
+def stop(procs) -> None:
+    """Terminate still-running parties with their process groups (nnU-Net's data-loader workers included)."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        os.killpg(p.pid, signal.SIGTERM)
+    for p in running:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def _train(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) -> float:
@@ -141,9 +156,7 @@ def _train(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) 
                 _log(f"round {closed}/{rounds} closed ({time.time() - start:.0f} s)")
             time.sleep(2)
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
+        stop(procs.values())
     failed = [n for n, p in procs.items() if p.returncode != 0]
     if failed:
         raise RuntimeError(f"{failed} failed; see {logs}")

@@ -12,3 +12,28 @@ def test_env_adds_our_trainers_and_keeps_the_users(tmp_path, monkeypatch):
         assert os.path.isdir(env[key]) and env[key].startswith(str(tmp_path))
     monkeypatch.delenv("nnUNet_extTrainer")
     assert nnunet_env(tmp_path)["nnUNet_extTrainer"] == trainers_path()
+
+
+def test_terminated_command_stops_its_children(tmp_path):
+    """SIGTERM to a running ``nnunet-adpfl`` command stops the nnU-Net command it runs, workers included."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import os, sys; from nnunet_adpfl.cli import _exit_on_sigterm; import signal; "
+              "signal.signal(signal.SIGTERM, _exit_on_sigterm); from nnunet_adpfl.pipeline import run; "
+              f"run(['bash', '-c', 'echo $$ > {pid_file}; sleep 120 & sleep 120'], dict(os.environ))")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert time.time() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    group = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while alive := subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split():
+        assert time.time() < deadline, f"left running: {alive}"
+        time.sleep(0.2)
