@@ -177,6 +177,8 @@ class Comparison:
     def settings(self, r: Run) -> dict:
         a = self.a
         s = {"num_val_iterations_per_epoch": 1, "seed": a.seed, **a.extra_settings}
+        if a.lr is not None:
+            s["initial_lr"] = a.lr
         if r.kind != "federated":
             s.update(num_epochs=a.rounds, num_iterations_per_epoch=a.iterations)
         if r.epsilon is not None:
@@ -319,6 +321,8 @@ def add_cli(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="expected (Poisson) batch of the private runs "
                    "(default: the plan's batch size)")
     p.add_argument("--clip", type=float, default=1.0, help="clip norm C of the private runs")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate of every run (default: nnU-Net's "
+                   "0.01)")
     p.add_argument("--max-features", type=int, default=32, help="network width cap of the shared plan "
                    "(0: nnU-Net's own width)")
     p.add_argument("--configuration", default=None, help="default: 2d for .png datasets, else 3d_fullres")

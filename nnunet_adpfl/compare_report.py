@@ -227,7 +227,7 @@ def write_report(records: list[dict], c, out: Path) -> Path:
     num_test = len(records[0]["cases"]) if records else 0
     command = getattr(a, "command_line", None)
     summary = {"command": command, "dataset": c.pooled.name, "configuration": c.config, "sites": sites, "test_cases": num_test,
-               "rounds_or_epochs": a.rounds, "iterations": a.iterations, "batch_size": a.batch_size, "clip": a.clip,
+               "rounds_or_epochs": a.rounds, "iterations": a.iterations, "initial_lr": a.lr or 0.01, "batch_size": a.batch_size, "clip": a.clip,
                "delta": a.delta, "nsd_tolerance_mm": a.nsd_tolerance, "mean_dice_over": labels,
                "metrics": metrics_provenance(a.nsd_tolerance),
                "runs": [{k: v for k, v in r.items() if k not in ("cases",)} for r in records]}
@@ -238,6 +238,7 @@ def write_report(records: list[dict], c, out: Path) -> Path:
         f"Training cases per site: {', '.join(f'{s} {n}' for s, n in sites.items())} (fold 0 of each: nnU-Net's "
         f"80/20 split); {num_test} held-out test cases. One shared plan ({c.config}, built from the sites' aggregate "
         f"fingerprints). Budget: {a.rounds} epochs (federations: rounds of one epoch) x {a.iterations} steps per site. "
+        f"Learning rate {a.lr or 0.01:g} (nnU-Net's SGD and poly schedule). "
         f"Private runs: Poisson sampling, clip norm {a.clip:g}, delta {a.delta:g}; epsilon spent is the maximum over "
         "sites (each site's own account). Standard nnU-Net (`centralized`, trainer nnUNetTrainerBaselineBudget) "
         "trains on the pooled data of all sites: the non-private baseline. Every model is the final checkpoint.", "",

@@ -55,8 +55,8 @@ SETTINGS: dict[str, Setting] = {
                                         _positive, ">= 1", nullable=True),
     "num_val_iterations_per_epoch": Setting(None, int, "validation batches per epoch; null = nnU-Net's default (50)",
                                             _positive, ">= 1", nullable=True),
-    "initial_lr": Setting(None, (int, float), "SGD learning rate; null = nnU-Net's default (1e-2)", _positive,
-                          "> 0", nullable=True),
+    "initial_lr": Setting(None, (int, float), "SGD learning rate (federated trainers too); null = nnU-Net's "
+                          "default (1e-2)", _positive, "> 0", nullable=True),
     "accountant": Setting("rdp", str, "privacy accountant: 'rdp' or 'prv' (Opacus)",
                           lambda v: v in ("rdp", "prv"), "'rdp' or 'prv'"),
     "gamma": Setting(0.01, (int, float), "Auto-S stability constant: s = C / (n + gamma)", _positive, "> 0"),

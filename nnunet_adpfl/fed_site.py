@@ -100,6 +100,8 @@ class FederatedTrainerMixin:
         self.num_epochs = cfg["rounds"] * cfg["epochs_per_round"]
         if cfg.get("iterations_per_epoch"):
             self.num_iterations_per_epoch = cfg["iterations_per_epoch"]
+        if s["initial_lr"] is not None:
+            self.initial_lr = s["initial_lr"]
         self.save_every = self.epochs_per_round  # nnU-Net's checkpoint_latest at every round end
         self._round_start: dict[str, torch.Tensor] | None = None
 

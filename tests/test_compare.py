@@ -69,7 +69,7 @@ def test_tiny_comparison_end_to_end(tmp_path):
     work = tmp_path / "cmp"
     args = ["--synthetic", "skin", "--num-cases", "12", "--num-sites", "2", "--num-test-cases", "2",
             "--work-dir", str(work), "--methods", "centralized,dpfl", "--epsilons", "8", "--rounds", "1",
-            "--iterations", "1", "--regions", "lesion_again=1"]
+            "--iterations", "1", "--regions", "lesion_again=1", "--lr", "0.02"]
     first = _compare(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = work / "report"
@@ -93,6 +93,8 @@ def test_tiny_comparison_end_to_end(tmp_path):
     assert "| centralized | " in text and "| dpfl eps=8 | " in text and "(target 8)" in text
     for png in ("dice_vs_epsilon.png", "training_curves.png", "example_slices.png"):
         assert (report / png).stat().st_size > 10_000 and f"]({png})" in text
+    for log in (work / "logs" / "centralized" / "train.log", work / "logs" / "dpfl_eps_8" / "train_A.log"):
+        assert "Current learning rate: 0.02" in log.read_text()
     # the same shared plan for the pooled (centralised) and the site data
     central = next((work / "centralized" / "nnUNet_preprocessed").glob("Dataset501_*/nnUNetPlans.json"))
     site = next((work / "site_A" / "nnUNet_preprocessed").glob("Dataset501_*/nnUNetPlans.json"))
