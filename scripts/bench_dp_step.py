@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Time one DP step (nnUNetTrainerDPSGD, per-case gradient engines 'loop'/'vmap') against one standard
-nnUNetTrainer step, on the network, patch size and batch size that nnU-Net plans for the synthetic kidney CT
-dataset.
+"""Time one private step of every DP trainer (nnUNetTrainerDPSGD with the per-case gradient engines 'loop' and
+'vmap'; AutoS, NSGD, PSAC, DPMorph, DPMorphAdaptive, and the federated DPFL and ADPFL with 'loop') against one
+standard nnUNetTrainer step, on the network, patch size and batch size that nnU-Net plans for the synthetic kidney
+CT dataset. The federated trainers run as the one site of a one-site federation folder (round 1).
 
 All variants live in one process, start from identical weights and get the same batches (of exactly the planned
 batch size). Steps are interleaved (round i runs every variant once, in a rotating order); the headline number is
@@ -9,10 +10,10 @@ the median over rounds of (DP time / standard time in the same round). Peak step
 torch.cuda.max_memory_allocated per variant; on CPU each variant runs alone in a child process that reports its
 peak resident memory during the steps above its resident memory after set-up.
 
-Real measurement (run by the lead engineer; takes long on CPU):
+Real measurement (takes long on CPU; --variants, --steps and --scale shorten it):
     python scripts/bench_dp_step.py --output docs/BENCHMARKS.md
 Quick end-to-end check (writes no docs):
-    python scripts/bench_dp_step.py --smoke
+    python scripts/bench_dp_step.py --smoke --variants dpsgd
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import platform
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_adpfl import fed_files as ff
+from nnunet_adpfl.aggregator import Aggregator, create_federation, load_federation, plans_files
 from nnunet_adpfl.config import ENV_VAR
+from nnunet_adpfl.fed_plan import plans_digest
 from nnunet_adpfl.pipeline import nnunet_env, run
 from nnunet_adpfl.synthetic import generate_dataset
 
@@ -47,6 +52,20 @@ NOISE_MULTIPLIER = 1.0  # fixed sigma: no epsilon calibration, no budget stop (c
 MARK_START, MARK_END = "<!-- bench_dp_step:start -->", "<!-- bench_dp_step:end -->"
 MEMORY_TAG = "BENCH_MEMORY "
 STANDARD = "standard"
+SITE = "site1"  # the one site of the federated variants' federation
+# variant -> (trainer, per-case gradient engine, federation mode)
+VARIANTS = {
+    STANDARD: ("nnUNetTrainer", None, None),
+    "dpsgd": ("nnUNetTrainerDPSGD", "loop", None),
+    "dpsgd-vmap": ("nnUNetTrainerDPSGD", "vmap", None),
+    "autos": ("nnUNetTrainerAutoS", "loop", None),
+    "nsgd": ("nnUNetTrainerNSGD", "loop", None),
+    "psac": ("nnUNetTrainerPSAC", "loop", None),
+    "dpmorph": ("nnUNetTrainerDPMorph", "loop", None),
+    "dpmorph-adaptive": ("nnUNetTrainerDPMorphAdaptive", "loop", None),
+    "dpfl": ("nnUNetTrainerDPFL", "loop", "dpfl"),
+    "adpfl": ("nnUNetTrainerADPFL", "loop", "adpfl"),
+}
 # (dataset scale, training cases, warm-up steps, timed steps)
 PROFILES = {"full": (1.0, 24, 3, 10), "smoke": (0.5, 8, 2, 2)}
 
@@ -57,8 +76,15 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def profile(args) -> tuple:
+    """(scale, cases, warm-up, steps) of the chosen profile, with --scale applied."""
+    scale, num_cases, warmup, steps = PROFILES["smoke" if args.smoke else "full"]
+    return (scale if args.scale is None else args.scale), num_cases, warmup, steps
+
+
 def dataset_root(args) -> Path:
-    return Path(args.work_dir).resolve() / ("smoke" if args.smoke else "full")
+    name = "smoke" if args.smoke else "full"
+    return Path(args.work_dir).resolve() / (name if args.scale is None else f"{name}_scale{args.scale:g}")
 
 
 def prepare_dataset(root: Path, scale: float, num_cases: int, create: bool = True) -> dict:
@@ -87,27 +113,55 @@ def prepare_dataset(root: Path, scale: float, num_cases: int, create: bool = Tru
     return env
 
 
-def use_env(env: dict, root: Path) -> None:
+def use_env(env: dict) -> None:
     """nnU-Net paths for in-process trainers, single-threaded data loading, no torch.compile."""
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
         os.environ[key] = env[key]
     os.environ["nnUNet_n_proc_DA"] = "0"
     os.environ["nnUNet_compile"] = "f"
-    for engine in ("loop", "vmap"):
+
+
+def settings_path(root: Path, variant: str) -> Path:
+    return root / "settings" / f"{variant}.json"
+
+
+def prepare_federation(root: Path, env: dict, variant: str, mode: str) -> dict:
+    """A fresh one-site federation for ``variant`` with the benchmark's plan and the round-0 global model; returns
+    the site's settings."""
+    fed, keys = root / "federations" / variant, root / "federation_keys" / variant
+    for folder in (fed, keys):
+        shutil.rmtree(folder, ignore_errors=True)
+    create_federation(fed, keys, [SITE], rounds=1, epochs_per_round=1, mode=mode, configuration=CONFIGURATION)
+    preprocessed = next(Path(env["nnUNet_preprocessed"]).glob(f"Dataset{DATASET_ID:03d}_*"))
+    plans = ff.read_json(preprocessed / "nnUNetPlans.json")
+    plans_file, dataset_file = plans_files(fed)
+    ff.write_json_atomic(plans_file, plans)
+    ff.write_json_atomic(dataset_file, ff.read_json(preprocessed / "dataset.json"))
+    cfg = load_federation(fed)
+    ff.write_json_atomic(fed / ff.FEDERATION_FILE, {**cfg, "plans_sha256": plans_digest(plans)})
+    Aggregator(fed, keys, log=lambda msg: None).ensure_initial_model()
+    return {"federation_dir": str(fed), "site_id": SITE, "site_key_file": str(keys / f"{SITE}.key")}
+
+
+def prepare_variants(root: Path, env: dict, variants: list[str]) -> None:
+    """One settings file per private variant (fixed noise multiplier, engine; federated: a fresh federation)."""
+    for variant in variants[1:]:
+        _, engine, mode = VARIANTS[variant]
         settings = {"target_epsilon": None, "noise_multiplier": NOISE_MULTIPLIER, "per_sample_engine": engine}
-        (root / f"dp_settings_{engine}.json").write_text(json.dumps(settings, indent=2))
+        if mode is not None:
+            settings.update(prepare_federation(root, env, variant, mode))
+        settings_path(root, variant).parent.mkdir(parents=True, exist_ok=True)
+        settings_path(root, variant).write_text(json.dumps(settings, indent=2))
 
 
 def build_trainer(variant: str, root: Path, device: torch.device, quiet_log: Path):
-    """nnUNetTrainer ('standard') or nnUNetTrainerDPSGD ('dp-<engine>'), started (network, loss, loaders,
-    privacy state). nnU-Net's own console output goes to ``quiet_log``."""
+    """The variant's trainer, started (network, loss, loaders, privacy state; federated: round 1 begun).
+    nnU-Net's own console output goes to ``quiet_log``."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    if variant == STANDARD:
-        name = "nnUNetTrainer"
-    else:
-        name = "nnUNetTrainerDPSGD"
-        os.environ[ENV_VAR] = str(root / f"dp_settings_{variant.removeprefix('dp-')}.json")
+    name = VARIANTS[variant][0]
+    if variant != STANDARD:
+        os.environ[ENV_VAR] = str(settings_path(root, variant))
     with open(quiet_log, "a") as f, contextlib.redirect_stdout(f):
         trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, FOLD, name, "nnUNetPlans", device=device)
         trainer.on_train_start()
@@ -163,12 +217,40 @@ def _release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap to the OS so it is not counted as baseline
 
 
+def peak_rss_mib(work) -> tuple[float, str]:
+    """Runs ``work()``; returns its peak resident memory above the resident memory before it (MiB) and the method."""
+    _release_free_memory()
+    exact = _reset_peak_rss()
+    base_kib = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    work()
+    peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    method = ("peak RSS (VmHWM, reset after set-up) minus RSS after set-up" if exact
+              else "ru_maxrss increase over set-up (lower bound: set-up peak may hide the step peak)")
+    return (peak_kib - base_kib) / 1024, method
+
+
+def report_memory(label: str, peak_mib: float, method: str) -> None:
+    """Child process: the line ``run_memory_child`` reads."""
+    print(MEMORY_TAG + json.dumps({"variant": label, "peak_mib": peak_mib, "method": method}), flush=True)
+
+
+def run_memory_child(cmd: list[str], label: str) -> tuple[float, str]:
+    """Runs a memory child process; returns its (peak MiB, method)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEMORY_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory child for {label} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len(MEMORY_TAG):])
+    return result["peak_mib"], result["method"]
+
+
 def measure_memory_child(args) -> None:
     """Child process (CPU): one variant alone; print its peak RSS during steps above its RSS after set-up."""
     root = dataset_root(args)
-    scale, num_cases, _, _ = PROFILES["smoke" if args.smoke else "full"]
+    scale, num_cases, _, _ = profile(args)
     env = prepare_dataset(root, scale, num_cases, create=False)
-    use_env(env, root)
+    use_env(env)
     device = torch.device(args.device)
     trainer = build_trainer(args.measure_memory_of, root, device, root / "trainers.log")
     inputs = torch.load(root / "bench_inputs.pt", weights_only=False)
@@ -176,17 +258,9 @@ def measure_memory_child(args) -> None:
     batches = inputs["batches"]
     trainer.train_step(clone_batch(batches[0]))  # warm-up: allocates optimizer state (momentum buffers)
     step_batches = [clone_batch(batches[(i + 1) % len(batches)]) for i in range(args.memory_steps)]
-    _release_free_memory()
-    exact = _reset_peak_rss()
-    base_kib = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for batch in step_batches:
-        trainer.train_step(batch)
-    peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    method = ("peak RSS (VmHWM, reset after set-up) minus RSS after set-up" if exact
-              else "ru_maxrss increase over set-up (lower bound: set-up peak may hide the step peak)")
+    peak_mib, method = peak_rss_mib(lambda: [trainer.train_step(batch) for batch in step_batches])
     shut_down(trainer)
-    print(MEMORY_TAG + json.dumps({"variant": args.measure_memory_of, "peak_mib": (peak_kib - base_kib) / 1024,
-                                   "method": method}), flush=True)
+    report_memory(args.measure_memory_of, peak_mib, method)
 
 
 def memory_cpu(args, variants: list[str]) -> tuple[dict, str]:
@@ -197,13 +271,8 @@ def memory_cpu(args, variants: list[str]) -> tuple[dict, str]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory-of", variant, "--work-dir",
                args.work_dir, "--device", "cpu", "--memory-steps", str(args.memory_steps)]
         cmd += ["--smoke"] if args.smoke else []
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEMORY_TAG)]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"memory child for {variant} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                               f"{proc.stderr[-3000:]}")
-        result = json.loads(lines[-1][len(MEMORY_TAG):])
-        peaks[variant], method = result["peak_mib"], result["method"]
+        cmd += ["--scale", str(args.scale)] if args.scale is not None else []
+        peaks[variant], method = run_memory_child(cmd, variant)
         log(f"memory {variant}: {peaks[variant]:.0f} MiB ({time.perf_counter() - start:.0f} s in child process)")
     return peaks, method
 
@@ -239,13 +308,38 @@ def machine_description(device: torch.device) -> str:
     return text
 
 
-def summarise(times: dict[str, list[float]], peaks: dict[str, float] | None) -> list[dict]:
+def step_setup(trainer) -> str:
+    """What the variant's step does, read from the started trainer."""
+    if not hasattr(trainer, "privacy"):
+        return "nnU-Net's batched step" + (" (AMP)" if trainer.device.type == "cuda" else "")
+    pv, s = trainer.privacy, trainer.dp_settings
+    rule = trainer.rule.describe()
+    parts = [" ".join([rule.pop("rule")] + [f"{k}={v}" for k, v in rule.items()]) + " clipping"]
+    morph = trainer.plans_manager.plans.get("dp_morph")
+    if morph is not None:
+        ops = sorted(set(morph["operations"]) - {"none"})
+        parts.append(f"morph {'/'.join(ops)}, kernel {morph['kernel']}")
+    if hasattr(trainer, "client"):
+        parts.append(f"site of a {len(trainer.client.cfg['sites'])}-site federation, round 1")
+    if pv.get("masks") is not None:
+        kept = sum(int(m.sum()) for m in pv["masks"])
+        total = sum(m.numel() for m in pv["masks"])
+        parts.append(f"step mask {s['adpfl_step_sparsity']} ({kept / total:.1%} of {total:,} coordinates)")
+    if hasattr(trainer, "_schedule"):  # ADP-FL
+        parts.append(f"adaptive clip {'on' if 'clip_tracker' in pv else 'off'}, "
+                     f"noise schedule {s['adpfl_noise_schedule'] if s['noise_multiplier'] is None else 'constant'}")
+    return "; ".join(parts)
+
+
+def summarise(times: dict[str, list[float]], peaks: dict[str, float] | None,
+              setups: dict[str, str] | None = None) -> list[dict]:
     """Per variant: median and IQR of s/step, median of per-round ratios to standard, memory and its ratio."""
     rows = []
     for variant, ts in times.items():
         ts_arr = np.array(ts)
         q1, q3 = np.percentile(ts_arr, [25, 75])
-        row = {"variant": variant, "median_s": float(np.median(ts_arr)), "iqr_s": float(q3 - q1)}
+        row = {"variant": variant, "median_s": float(np.median(ts_arr)), "iqr_s": float(q3 - q1),
+               "setup": (setups or {}).get(variant, "")}
         if variant != STANDARD:
             row["ratio"] = float(np.median(ts_arr / np.array(times[STANDARD])))
         if peaks is not None:
@@ -257,24 +351,28 @@ def summarise(times: dict[str, list[float]], peaks: dict[str, float] | None) -> 
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| variant | median s/step | IQR s/step | median ratio vs standard | peak step memory (MiB) | "
-             "memory ratio vs standard |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| variant | trainer | engine | median s/step | IQR s/step | median ratio vs standard | "
+             "peak step memory (MiB) | memory ratio vs standard | step set-up |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
+        trainer, engine, _ = VARIANTS[r["variant"]]
         ref = "reference" if r["variant"] == STANDARD else "n/a"
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else ref
         mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "not measured"
         mem_ratio = f"{r['mem_ratio']:.2f}" if "mem_ratio" in r else (ref if "peak_mib" in r else "not measured")
-        lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['iqr_s']:.3f} | {ratio} | {mem} | {mem_ratio} |")
+        lines.append(f"| {r['variant']} | {trainer} | {engine or '-'} | {r['median_s']:.3f} | {r['iqr_s']:.3f} | "
+                     f"{ratio} | {mem} | {mem_ratio} | {r['setup']} |")
     return "\n".join(lines)
 
 
-def update_section(path: Path, section: str) -> None:
+def update_section(path: Path, section: str, marks: tuple[str, str] = (MARK_START, MARK_END)) -> None:
     """Replace the text between the markers in ``path`` (create the file, or append the section, if needed)."""
-    block = f"{MARK_START}\n{section.strip()}\n{MARK_END}"
+    mark_start, mark_end = marks
+    block = f"{mark_start}\n{section.strip()}\n{mark_end}"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
+    start, end = text.find(mark_start), text.find(mark_end)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):]
+        text = text[:start] + block + text[end + len(mark_end):]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,10 +391,13 @@ def docs_section(info: dict, table: str) -> str:
         f"- Network: {info['arch']}, {info['num_params']:,} parameters; patch size {info['patch_size']}; "
         f"batch size {info['batch_size']} (as planned; every variant gets the same {NUM_BATCHES} batches, cycled)",
         f"- Steps: {info['steps']} timed per variant after {info['warmup']} warm-up, interleaved in rotating order; "
-        "ratio = median over rounds of (DP time / standard time of the same round)",
-        f"- DP: nnUNetTrainerDPSGD (flat clipping, noise multiplier {NOISE_MULTIPLIER}, engines as named); "
-        "standard: nnUNetTrainer"
-        + (" (AMP + GradScaler on CUDA, DP steps are fp32)" if info["device"] == "cuda" else ""),
+        "ratio = median over rounds of (variant time / standard time of the same round)",
+        f"- Private variants: one `train_step` of the named trainer with noise multiplier {NOISE_MULTIPLIER} (fixed: "
+        "no epsilon calibration), clip norm C = 1.0, the settings' defaults otherwise"
+        + ("; DP steps are fp32, the standard step uses AMP + GradScaler" if info["device"] == "cuda" else ""),
+        "- Federated variants (dpfl, adpfl): the trainer as the one site of a fresh federation folder "
+        "(`create_federation`, the benchmark's plan, round-0 global model from `Aggregator.ensure_initial_model`); "
+        "the timed steps are local steps of round 1, no upload or aggregation",
         f"- Memory: {info['memory_method']}",
         "",
         table,
@@ -305,14 +406,20 @@ def docs_section(info: dict, table: str) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+def selected_variants(text: str) -> list[str]:
+    """The standard reference first, then the chosen private variants in VARIANTS order."""
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if not chosen or unknown:
+        raise SystemExit(f"--variants: expected a comma-separated subset of {', '.join(VARIANTS)}, got {text!r}")
+    return [STANDARD] + [v for v in VARIANTS if v in chosen and v != STANDARD]
+
+
 def benchmark(args) -> None:
-    profile = PROFILES["smoke" if args.smoke else "full"]
-    scale, num_cases = profile[0], profile[1]
-    warmup = profile[2] if args.warmup is None else args.warmup
-    steps = profile[3] if args.steps is None else args.steps
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if not engines or any(e not in ("loop", "vmap") for e in engines):
-        raise SystemExit(f"--engines: expected a comma-separated subset of loop,vmap, got {args.engines!r}")
+    scale, num_cases, warmup, steps = profile(args)
+    warmup = warmup if args.warmup is None else args.warmup
+    steps = steps if args.steps is None else args.steps
+    variants = selected_variants(args.variants)
     if steps < 1 or warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     device = torch.device(args.device)
@@ -325,19 +432,19 @@ def benchmark(args) -> None:
     setup_start = time.perf_counter()
     root = dataset_root(args)
     env = prepare_dataset(root, scale, num_cases)
-    use_env(env, root)
+    use_env(env)
+    prepare_variants(root, env, variants)
     torch.manual_seed(0)
     np.random.seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training
 
-    variants = [STANDARD] + [f"dp-{e}" for e in engines]
     trainers = {}
     for variant in variants:
         start = time.perf_counter()
         trainers[variant] = build_trainer(variant, root, device, root / "trainers.log")
-        extra = f", engine {trainers[variant].privacy['engine']}" if variant != STANDARD else ""
-        log(f"built {variant} ({type(trainers[variant]).__name__}{extra}) in {time.perf_counter() - start:.1f} s")
+        log(f"built {variant} ({type(trainers[variant]).__name__}: {step_setup(trainers[variant])}) in "
+            f"{time.perf_counter() - start:.1f} s")
     std = trainers[STANDARD]
     state = {k: v.detach().clone() for k, v in std.network.state_dict().items()}
     for variant in variants[1:]:
@@ -384,10 +491,11 @@ def benchmark(args) -> None:
         else:
             peaks, method = memory_cpu(args, variants)
     info["memory_method"] = method
+    setups = {v: step_setup(t) for v, t in trainers.items()}
     for trainer in trainers.values():
         shut_down(trainer)
 
-    table = markdown_table(summarise(times, peaks))
+    table = markdown_table(summarise(times, peaks, setups))
     print()
     print(table)
     print()
@@ -407,8 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None,
                         help=f"untimed warm-up rounds (default: {PROFILES['full'][2]}, smoke {PROFILES['smoke'][2]})")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: %(default)s)")
-    parser.add_argument("--engines", default="loop,vmap",
-                        help="comma-separated per-case gradient engines to benchmark (default: %(default)s)")
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != STANDARD),
+                        help="comma-separated private variants to time against the standard step "
+                             "(default: all: %(default)s)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help=f"synthetic dataset scale, which sets the planned patch and network (default: "
+                             f"{PROFILES['full'][0]}, smoke {PROFILES['smoke'][0]}); its own folder in --work-dir")
     parser.add_argument("--output", default=None,
                         help="Markdown file whose bench_dp_step section is created/replaced, e.g. docs/BENCHMARKS.md "
                              "(default: print only)")

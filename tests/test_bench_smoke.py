@@ -1,5 +1,7 @@
-"""scripts/bench_dp_step.py: report helpers (fast) and the --smoke mode end to end (slow, about 2 minutes)."""
+"""scripts/bench_dp_step.py and scripts/bench_aggregator.py: report helpers (fast), the aggregator benchmark on a tiny
+network (seconds), and the --smoke modes end to end with memory (slow; the DP step one takes minutes)."""
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_dp_step.py"
+AGGREGATOR_SCRIPT = SCRIPT.with_name("bench_aggregator.py")
 
 
 def _load_script():
@@ -30,21 +33,85 @@ def test_section_replaced_between_markers_only(tmp_path):
 
 def test_summary_uses_per_round_ratios():
     bench = _load_script()
-    times = {"standard": [1.0, 2.0, 4.0], "dp-loop": [2.0, 3.0, 12.0]}  # per-round ratios 2, 1.5, 3
-    rows = bench.summarise(times, {"standard": 100.0, "dp-loop": 150.0})
-    dp = next(r for r in rows if r["variant"] == "dp-loop")
+    times = {"standard": [1.0, 2.0, 4.0], "dpsgd": [2.0, 3.0, 12.0]}  # per-round ratios 2, 1.5, 3
+    rows = bench.summarise(times, {"standard": 100.0, "dpsgd": 150.0}, {"dpsgd": "flat clipping"})
+    dp = next(r for r in rows if r["variant"] == "dpsgd")
     assert dp["ratio"] == pytest.approx(2.0)
     assert dp["median_s"] == pytest.approx(3.0) and dp["mem_ratio"] == pytest.approx(1.5)
     table = bench.markdown_table(rows)
-    assert "| dp-loop | 3.000 |" in table and "| standard | 2.000 |" in table
+    assert "| dpsgd | nnUNetTrainerDPSGD | loop | 3.000 |" in table
+    assert "| standard | nnUNetTrainer | - | 2.000 |" in table
+    assert table.splitlines()[-1].endswith("| flat clipping |")
+
+
+def test_variant_selection_covers_every_dp_trainer():
+    bench = _load_script()
+    trainers = {t for t, _, _ in bench.VARIANTS.values()}
+    assert trainers >= {"nnUNetTrainerDPSGD", "nnUNetTrainerAutoS", "nnUNetTrainerNSGD", "nnUNetTrainerPSAC",
+                        "nnUNetTrainerDPMorph", "nnUNetTrainerDPMorphAdaptive", "nnUNetTrainerDPFL",
+                        "nnUNetTrainerADPFL"}
+    assert bench.selected_variants("adpfl, dpsgd") == ["standard", "dpsgd", "adpfl"]
+    assert bench.selected_variants(bench.build_parser().parse_args([]).variants) == list(bench.VARIANTS)
+    with pytest.raises(SystemExit):
+        bench.selected_variants("dpsgd,nope")
+
+
+def test_sections_of_both_scripts_coexist(tmp_path):
+    bench = _load_script()
+    doc = tmp_path / "BENCHMARKS.md"
+    marks = ("<!-- bench_aggregator:start -->", "<!-- bench_aggregator:end -->")
+    bench.update_section(doc, "dp step")
+    bench.update_section(doc, "aggregator 1", marks)
+    bench.update_section(doc, "aggregator 2", marks)
+    text = doc.read_text()
+    assert "dp step" in text and "aggregator 2" in text and "aggregator 1" not in text
+
+
+def _aggregator_rows(stdout: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in stdout.splitlines() if re.match(r"\| (dense|sparse) \|", line)]
+    return {cells[0].strip(): [c.strip() for c in cells] for cells in rows}
+
+
+def _run_aggregator(tmp_path, *extra):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    proc = subprocess.run([sys.executable, str(AGGREGATOR_SCRIPT), "--smoke", "--tmp-dir", str(scratch), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not any(scratch.iterdir()), "temporary federations left behind"
+    return proc.stdout
+
+
+def test_aggregator_bench_sparse_uploads_shrink_by_the_density_factor(tmp_path):
+    rows = _aggregator_rows(_run_aggregator(tmp_path, "--skip-memory", "--density", "0.1"))
+    dense_bytes = int(rows["dense"][2].replace(",", ""))
+    sparse_bytes = int(rows["sparse"][2].replace(",", ""))
+    # tiny network: 351,329 float32 = 1.4 MB dense; top-10% as int64 index + float32 value: 1 / (3 * 0.1) smaller,
+    # less the per-tensor header entries and the manifest
+    assert dense_bytes > 4 * 351_329
+    assert 2.8 < dense_bytes / sparse_bytes < 1 / 0.3
+    assert float(rows["sparse"][3]) == pytest.approx(dense_bytes / sparse_bytes, abs=0.01)
+    assert float(rows["dense"][4]) > 0 and float(rows["sparse"][4]) > 0 and float(rows["sparse"][6]) > 0
+    assert rows["sparse"][7] == "not measured"
+
+
+@pytest.mark.slow
+def test_aggregator_bench_smoke_with_memory_and_docs(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    rows = _aggregator_rows(_run_aggregator(tmp_path, "--output", str(out)))
+    assert float(rows["dense"][7]) > 0 and float(rows["sparse"][8]) > 0
+    text = out.read_text()
+    assert "<!-- bench_aggregator:start -->" in text and "| sparse | 0.1 |" in text and "Command:" in text
 
 
 @pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--work-dir", str(tmp_path / "work"),
-                           "--engines", "loop", "--output", str(out)], capture_output=True, text=True, timeout=900)
+                           "--variants", "dpsgd,adpfl", "--output", str(out)], capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| dp-loop |" in proc.stdout and "batch size" in proc.stdout
+    assert "| dpsgd |" in proc.stdout and "| adpfl | nnUNetTrainerADPFL | loop |" in proc.stdout
+    assert "batch size" in proc.stdout and "step mask" in proc.stdout
     text = out.read_text()
-    assert "<!-- bench_dp_step:start -->" in text and "| dp-loop |" in text
+    assert "<!-- bench_dp_step:start -->" in text and "| adpfl |" in text
