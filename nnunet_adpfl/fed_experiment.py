@@ -61,6 +61,8 @@ def run_task(a, task: str) -> dict:
         if not (lay.fed / ff.FEDERATION_FILE).exists():
             new_run(lay, plan_lay.fed, MODE_OF_TRAINER[trainer], a.rounds, 1, a.iterations, config, a.seed)
         settings = {"num_val_iterations_per_epoch": 1, "seed": a.seed} if extra is None else {**private, **extra}
+        if a.lr is not None:
+            settings["initial_lr"] = a.lr
         _log(f"{task}: {name} ({trainer}, {a.rounds} rounds x {a.iterations} steps)")
         wall = None if ff.global_paths(lay.fed, a.rounds)[1].exists() else _train(lay, trainer, config, settings,
                                                                                    a.rounds)
@@ -105,6 +107,7 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="expected (Poisson) batch size of the private runs")
     p.add_argument("--clip", type=float, default=1.0, help="clip norm C (initial C with adaptive clipping)")
     p.add_argument("--max-features", type=int, default=32, help="network width cap of the shared plan")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate of every run (default nnU-Net's 0.01)")
     p.add_argument("--num-cases", type=int, default=90, help="training cases over all sites")
     p.add_argument("--num-test-cases", type=int, default=10)
     p.add_argument("--scale", type=float, default=0.25)
