@@ -267,7 +267,8 @@ def run_comparison(a) -> Path:
             records.append(json.loads(record_file.read_text()))
             _log(f"[{i}/{len(runs)}] {r.name}: done before, kept")
             continue
-        _log(f"[{i}/{len(runs)}] {r.name}: {r.trainer} ({r.kind}), {a.rounds} epochs/rounds x {a.iterations} steps")
+        _log(f"[{i}/{len(runs)}] {r.name}: {r.trainer} ({r.kind}), {a.rounds} epochs/rounds x {a.iterations} steps "
+             f"(logs: {c.work / 'logs' / r.slug})")
         t = time.time()
         record = execute(c, r)
         write_bytes_atomic(record_file, json.dumps(record, indent=1).encode())  # NaN kept: undefined metrics
