@@ -285,6 +285,7 @@ def test_topk_decode_rejects_malformed_encodings():
     bad(lambda e: e.update({"w1::idx": torch.cat([e["w1::idx"][:-1], torch.tensor([600])])}), "out of range")
     bad(lambda e: e.update({"w1::idx": torch.cat([e["w1::idx"][:-1], torch.tensor([-1])])}), "out of range")
     bad(lambda e: e.update({"w1::idx": torch.cat([e["w1::idx"][:-1], e["w1::idx"][:1]])}), "duplicate")
+    bad(lambda e: e.update({"w1::idx": e["w1::idx"].flip(0)}), "strictly increasing")
     bad(lambda e: e.update({"w1::val": e["w1::val"][:-1]}), "indices but")
     bad(lambda e: e.update({"w1::val": e["w1::val"].double()}), "dtype")
     bad(lambda e: e.update({"w1::idx": e["w1::idx"].to(torch.int32)}), "int64")
