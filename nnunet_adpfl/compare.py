@@ -202,16 +202,25 @@ def _curves(fold: Path) -> dict:
     return {name: [float(v) for v in logging[key]] for key, name in keys.items() if logging.get(key)}
 
 
-def _train_single(c: Comparison, r: Run, env: dict, results: Path, logs: Path) -> float | None:
+def _timed(wall_file: Path, train) -> None:
+    """Run ``train()``, adding its wall time (interrupted attempts included) to ``wall_file``."""
+    start = time.time()
+    try:
+        train()
+    finally:
+        before = json.loads(wall_file.read_text()) if wall_file.exists() else 0.0
+        wall_file.parent.mkdir(parents=True, exist_ok=True)
+        wall_file.write_text(json.dumps(before + time.time() - start))
+
+
+def _train_single(c: Comparison, r: Run, env: dict, results: Path, logs: Path) -> None:
     """One ``nnUNetv2_train`` (centralised or local), continued from its checkpoint after an interruption."""
-    if (_fold(results, c, r.trainer) / "checkpoint_final.pth").exists():
-        return None
     settings = logs / "settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps(c.settings(r), indent=2))
     env = {**env, "nnUNet_results": str(results), "nnUNet_adpfl_config": str(settings), "nnUNet_n_proc_DA": "1"}
-    return run(["nnUNetv2_train", str(c.a.dataset), c.config, "0", "-tr", r.trainer, "-device", "cpu", "--c"], env,
-               logs / "train.log")
+    run(["nnUNetv2_train", str(c.a.dataset), c.config, "0", "-tr", r.trainer, "-device", "cpu", "--c"], env,
+        logs / "train.log")
 
 
 def execute(c: Comparison, r: Run) -> dict:
@@ -226,16 +235,14 @@ def execute(c: Comparison, r: Run) -> dict:
         if not (lay.fed / ff.FEDERATION_FILE).exists():
             new_run(lay, c.plan.fed, r.mode, c.a.rounds, 1, c.a.iterations, c.config, c.a.seed)
         if not ff.global_paths(lay.fed, c.a.rounds)[1].exists():
-            wall_file.parent.mkdir(parents=True, exist_ok=True)
-            wall_file.write_text(json.dumps(_train(lay, r.trainer, c.config, c.settings(r), c.a.rounds)))
+            _timed(wall_file, lambda: _train(lay, r.trainer, c.config, c.settings(r), c.a.rounds))
         folds = {site: _fold(results / site, c, r.trainer) for site in c.sites}
         env = lay.site_env(c.sites[0])
         up, down = _bytes_exchanged(lay.fed)
     else:
         env = c.centralized_env() if r.kind == "centralized" else c.plan.site_env(r.site)
-        wall = _train_single(c, r, env, results, logs)
-        if wall is not None:
-            wall_file.write_text(json.dumps(wall))
+        if not (_fold(results, c, r.trainer) / "checkpoint_final.pth").exists():
+            _timed(wall_file, lambda: _train_single(c, r, env, results, logs))
         folds = {r.site or "pooled": _fold(results, c, r.trainer)}
         env = {**env, "nnUNet_results": str(results)}
     pred = predict(c.pooled / "imagesTs", c.work / "predictions" / r.slug, c.a.dataset, c.config, r.trainer, env,

@@ -77,6 +77,8 @@ SETTINGS: dict[str, Setting] = {
                              lambda v: bool(v), "a path", nullable=True),
     "round_wait_timeout_s": Setting(86400.0, (int, float), "federated trainers: how long a site waits for a "
                                     "round's global model before stopping with an error", _positive, "> 0"),
+    "num_threads": Setting(None, int, "federated trainers: CPU threads torch may use; null = nnU-Net's choice (all "
+                           "cores). Set it when several sites share one machine", _positive, ">= 1", nullable=True),
     "seed": Setting(None, int, "deterministic mode for tests: reseeds data sampling and augmentation at every "
                     "federated round from (seed, site, round); use with nnUNet_n_proc_DA=0", _non_negative, ">= 0",
                     nullable=True),

@@ -102,6 +102,9 @@ class FederatedTrainerMixin:
             self.num_iterations_per_epoch = cfg["iterations_per_epoch"]
         if s["initial_lr"] is not None:
             self.initial_lr = s["initial_lr"]
+        if s["num_threads"] is not None:  # nnU-Net's CPU default is every core, for each site process
+            torch.set_num_threads(s["num_threads"])
+            self.print_to_log_file(f"torch CPU threads: {torch.get_num_threads()}")
         self.save_every = self.epochs_per_round  # nnU-Net's checkpoint_latest at every round end
         self._round_start: dict[str, torch.Tensor] | None = None
 

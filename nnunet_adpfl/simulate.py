@@ -93,7 +93,8 @@ def _stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None
 def _site_settings(lay: Layout, site: str, settings: dict) -> Path:
     path = lay.logs / "settings" / f"{site}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"federation_dir": str(lay.fed), "site_id": site,
+    threads = max(1, (os.cpu_count() or 1) // len(lay.sites))  # the sites share this machine's cores
+    path.write_text(json.dumps({"federation_dir": str(lay.fed), "site_id": site, "num_threads": threads,
                                 "site_key_file": str(lay.keys / f"{site}.key"), **settings}, indent=2))
     return path
 

@@ -2,6 +2,7 @@
 the stock nnU-Net commands (report, CSV, JSON, plots; a second call reuses every finished run)."""
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -95,6 +96,8 @@ def test_tiny_comparison_end_to_end(tmp_path):
         assert (report / png).stat().st_size > 10_000 and f"]({png})" in text
     for log in (work / "logs" / "centralized" / "train.log", work / "logs" / "dpfl_eps_8" / "train_A.log"):
         assert "Current learning rate: 0.02" in log.read_text()
+    # the two simulated sites share the machine's cores
+    assert f"torch CPU threads: {max(1, os.cpu_count() // 2)}" in (work / "logs" / "dpfl_eps_8" / "train_A.log").read_text()
     # the same shared plan for the pooled (centralised) and the site data
     central = next((work / "centralized" / "nnUNet_preprocessed").glob("Dataset501_*/nnUNetPlans.json"))
     site = next((work / "site_A" / "nnUNet_preprocessed").glob("Dataset501_*/nnUNetPlans.json"))
