@@ -267,7 +267,7 @@ def run_comparison(a) -> Path:
     _log(f"{len(runs)} runs on {c.pooled.name} ({c.config}; sites {', '.join(c.sites)}): "
          + ", ".join(r.name for r in runs))
     c.stage_plan()
-    records = []
+    records, failures = [], []
     for i, r in enumerate(runs, 1):
         record_file = c.runs_dir / f"{r.slug}.json"
         if record_file.exists():
@@ -277,15 +277,33 @@ def run_comparison(a) -> Path:
         _log(f"[{i}/{len(runs)}] {r.name}: {r.trainer} ({r.kind}), {a.rounds} epochs/rounds x {a.iterations} steps "
              f"(logs: {c.work / 'logs' / r.slug})")
         t = time.time()
-        record = execute(c, r)
+        try:
+            record = execute(c, r)
+        except RuntimeError as e:  # a command failed (e.g. a diverged model): report it, go on with the others
+            reason = _failure_reason(str(e))
+            failures.append({"name": r.name, "trainer": r.trainer, "reason": reason,
+                             "logs": str(c.work / "logs" / r.slug)})
+            _log(f"[{i}/{len(runs)}] {r.name}: FAILED ({reason}); logs: {c.work / 'logs' / r.slug}. Going on; the "
+                 "next invocation retries it")
+            continue
         write_bytes_atomic(record_file, json.dumps(record, indent=1).encode())  # NaN kept: undefined metrics
         records.append(record)
         dice = {k: round(v["mean"], 3) for k, v in record["summary"]["dice"].items()}
         _log(f"[{i}/{len(runs)}] {r.name}: test Dice {dice} ({time.time() - t:.0f} s; {time.time() - start:.0f} s "
              "so far)")
-    report = write_report(records, c, Path(a.output) if a.output else c.work / "report")
+    report = write_report(records, c, Path(a.output) if a.output else c.work / "report", failures)
     _log(f"report: {report / 'report.md'} ({time.time() - start:.0f} s)")
-    return report
+    if failures:
+        _log(f"{len(failures)} of {len(runs)} runs failed: {', '.join(f['name'] for f in failures)} (listed in the "
+             "report)")
+    return report, failures
+
+
+def _failure_reason(message: str) -> str:
+    """The informative line of a failed command's message: its last exception line, else its first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error: " in line or "Exception: " in line]
+    return (errors[-1] if errors else lines[0] if lines else "unknown error")[:300]
 
 
 def _floats(text: str) -> list[float]:
@@ -351,5 +369,5 @@ def _cmd(a) -> int:
     a.extra_settings = json.loads(Path(a.settings).read_text()) if a.settings else {}
     if shutil.which("nnUNetv2_train") is None and not (Path(sys.executable).parent / "nnUNetv2_train").exists():
         raise SystemExit("error: nnUNetv2_train not found; install nnunetv2 in this environment")
-    run_comparison(a)
-    return 0
+    _, failures = run_comparison(a)
+    return 1 if failures else 0

@@ -213,8 +213,19 @@ def plot_examples(records: list[dict], dataset_folder: Path, path: Path) -> str:
     return case
 
 
-def write_report(records: list[dict], c, out: Path) -> Path:
-    """``c``: the Comparison (dataset, sites, settings)."""
+def failures_section(failures: list[dict]) -> list[str]:
+    if not failures:
+        return []
+    lines = ["## Runs that failed", "",
+             "Not in the tables and plots above; rerunning the same command retries them (finished runs are kept).", "",
+             "| run | trainer | error | logs |", "|---|---|---|---|"]
+    lines += [f"| {f['name']} | {f['trainer']} | {f['reason'].replace('|', '/')} | `{f['logs']}` |" for f in failures]
+    return [*lines, ""]
+
+
+def write_report(records: list[dict], c, out: Path, failures: list[dict] = ()) -> Path:
+    """``c``: the Comparison (dataset, sites, settings); ``failures``: runs that did not finish (name, trainer,
+    reason, logs)."""
     out.mkdir(parents=True, exist_ok=True)
     a = c.a
     labels = list(dataset_labels(c.dataset_json))
@@ -230,7 +241,8 @@ def write_report(records: list[dict], c, out: Path) -> Path:
                "rounds_or_epochs": a.rounds, "iterations": a.iterations, "initial_lr": a.lr or 0.01, "batch_size": a.batch_size, "clip": a.clip,
                "delta": a.delta, "nsd_tolerance_mm": a.nsd_tolerance, "mean_dice_over": labels,
                "metrics": metrics_provenance(a.nsd_tolerance),
-               "runs": [{k: v for k, v in r.items() if k not in ("cases",)} for r in records]}
+               "runs": [{k: v for k, v in r.items() if k not in ("cases",)} for r in records],
+               "failed_runs": list(failures)}
     (out / "summary.json").write_text(json.dumps(_nan_to_null(summary), indent=2, allow_nan=False))
     text = "\n".join([
         f"# nnunet-adpfl compare: {c.pooled.name}", "",
@@ -244,6 +256,7 @@ def write_report(records: list[dict], c, out: Path) -> Path:
         "trains on the pooled data of all sites: the non-private baseline. Every model is the final checkpoint.", "",
         f"Mean Dice: over {', '.join(labels)}.", "",
         tables(records, labels, all_labels, a.metrics, len(c.sites), c.pooled.name), "",
+        *failures_section(failures),
         "## Plots", "",
         "![Dice vs epsilon](dice_vs_epsilon.png)", "",
         "![Training curves](training_curves.png)", "",

@@ -150,7 +150,7 @@ def _train(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) 
         while any(p.poll() is None for p in procs.values()):
             failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
             if failed:
-                raise RuntimeError(f"{failed} failed; see {logs}")
+                raise RuntimeError(_failure_message(failed, logs))
             closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())
             if closed > reported:
                 reported = closed
@@ -160,8 +160,18 @@ def _train(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) 
         stop(procs.values())
     failed = [n for n, p in procs.items() if p.returncode != 0]
     if failed:
-        raise RuntimeError(f"{failed} failed; see {logs}")
+        raise RuntimeError(_failure_message(failed, logs))
     return time.time() - start
+
+
+def _failure_message(failed: list[str], logs: Path) -> str:
+    """Which parties failed, with the last line of each one's log (usually the exception)."""
+    lines = [f"{failed} failed; see {logs}"]
+    for name in failed:
+        log = logs / ("aggregator.log" if name == "aggregator" else f"train_{name}.log")
+        last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+        lines.append(f"{name}: {last[-1].strip() if last else '(no output)'}")
+    return "\n".join(lines)
 
 
 def _bytes_exchanged(fed: Path) -> tuple[int, int]:

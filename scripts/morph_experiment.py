@@ -57,6 +57,8 @@ def run_task(a, task: str) -> dict:
         plans_file.write_text(json.dumps(cap_features(json.loads(plans_file.read_text()), a.max_features), indent=2))
     common = {"target_epsilon": a.epsilon, "expected_batch_size": a.batch_size, "num_epochs": a.epochs,
               "num_iterations_per_epoch": a.iterations, "num_val_iterations_per_epoch": 1, "log_alignment": True}
+    if a.lr is not None:
+        common["initial_lr"] = a.lr
     for name in a.runs:
         if name in results:
             continue
@@ -106,6 +108,7 @@ def main() -> int:
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: nnU-Net's 0.01)")
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--batch-size", type=int, default=8, help="expected (Poisson) batch size")
     p.add_argument("--max-features", type=int, default=32)
