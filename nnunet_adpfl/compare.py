@@ -320,7 +320,17 @@ def _regions(text: str) -> tuple[str, tuple[int, ...]]:
     return name, tuple(int(v) for v in labels.split(","))
 
 
+def _cmd_table(a) -> int:
+    from .compare_report import task_table
+
+    print(task_table(a.reports))
+    return 0
+
+
 def add_cli(sub) -> None:
+    p = sub.add_parser("compare-table", help="method x dataset table of mean Dice from several compare reports")
+    p.add_argument("reports", nargs="+", type=Path, help="report folders (<work-dir>/report) of 'nnunet-adpfl compare'")
+    p.set_defaults(func=_cmd_table)
     p = sub.add_parser("compare", help="standard nnU-Net vs local, NP-FL, DP-FL, ADP-FL (and trainers by name): "
                                        "train, predict a held-out test set, report with metrics and plots",
                        description=__doc__)

@@ -267,3 +267,29 @@ def write_report(records: list[dict], c, out: Path, failures: list[dict] = ()) -
         "## Metrics", "", metrics_provenance(a.nsd_tolerance), ""])
     (out / "report.md").write_text(text)
     return out
+
+
+def task_table(report_dirs: list[Path]) -> str:
+    """Mean Dice of every run (rows) on every compared dataset (columns), from the report folders' summary.json:
+    the seed paper's method x task table."""
+    tasks, rows = [], {}
+    for folder in report_dirs:
+        file = Path(folder) / "summary.json"
+        if not file.exists():
+            raise SystemExit(f"error: {file} not found; give report folders of 'nnunet-adpfl compare'")
+        summary = json.loads(file.read_text())
+        task = summary["dataset"]
+        tasks.append(task)
+        for r in summary["runs"]:
+            dice = r["summary"]["dice"]
+            rows.setdefault(r["name"], {})[task] = nanmean(
+                math.nan if dice[n]["mean"] is None else dice[n]["mean"] for n in summary["mean_dice_over"])
+        for f in summary.get("failed_runs", []):
+            rows.setdefault(f["name"], {})[task] = None
+    lines = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for name, values in rows.items():
+        cells = ["-" if t not in values else "failed" if values[t] is None else f"{values[t]:.3f}" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(["Mean Dice over each dataset's labels (test cases; '-': not run, 'failed': see that report).",
+                      "", *lines])
+

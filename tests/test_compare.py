@@ -121,3 +121,23 @@ def test_tiny_comparison_end_to_end(tmp_path):
     assert failed["name"] == "nnUNetTrainerDPSGD eps=8" and "gamma" in failed["reason"]
     assert "## Runs that failed" in (report / "report.md").read_text()
     assert len(list((work / "runs").glob("*.json"))) == 2
+
+
+def test_task_table_lists_methods_by_dataset(tmp_path):
+    from nnunet_adpfl.compare_report import task_table
+
+    def report(name, runs, failed=()):
+        folder = tmp_path / name
+        folder.mkdir()
+        summary = {"dataset": name, "mean_dice_over": ["a", "b"], "failed_runs": [{"name": f} for f in failed],
+                   "runs": [{"name": n, "summary": {"dice": {"a": {"mean": a}, "b": {"mean": b}}}} for n, a, b in runs]}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return folder
+
+    skin = report("Skin", [("npfl", 0.9, 0.7), ("dpfl eps=8", 0.5, None)])
+    kidney = report("Kidney", [("npfl", 0.2, 0.4)], failed=["dpfl eps=8"])
+    lines = task_table([skin, kidney]).splitlines()
+    assert lines[2:] == ["| method | Skin | Kidney |", "|---|---|---|", "| npfl | 0.800 | 0.300 |",
+                         "| dpfl eps=8 | 0.500 | failed |"]
+    with pytest.raises(SystemExit, match="summary.json not found"):
+        task_table([tmp_path / "nowhere"])
