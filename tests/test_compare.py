@@ -141,3 +141,12 @@ def test_task_table_lists_methods_by_dataset(tmp_path):
                          "| dpfl eps=8 | 0.500 | failed |"]
     with pytest.raises(SystemExit, match="summary.json not found"):
         task_table([tmp_path / "nowhere"])
+
+
+def test_failure_reason_names_the_error_and_explains_divergence():
+    from nnunet_adpfl.compare import _failure_reason
+
+    tail = "command failed (1): nnUNetv2_predict\n--- last output ---\nTraceback (most recent call last):\n  File x\n"
+    assert _failure_reason(tail + "ValueError: bad spacing\n") == "ValueError: bad spacing"
+    assert "the model diverged" in _failure_reason(tail + "RuntimeError: Encountered inf in predicted array.")
+    assert _failure_reason("['B'] failed; see /logs\nB: (no output)") == "['B'] failed; see /logs"
