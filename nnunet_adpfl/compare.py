@@ -281,7 +281,8 @@ def run_comparison(a) -> Path:
             record = execute(c, r)
         except RuntimeError as e:  # a command failed (e.g. a diverged model): report it, go on with the others
             reason = _failure_reason(str(e))
-            failures.append({"name": r.name, "trainer": r.trainer, "reason": reason,
+            failures.append({"name": r.name, "method": r.method, "trainer": r.trainer, "epsilon": r.epsilon,
+                             "reason": reason,
                              "logs": str(c.work / "logs" / r.slug)})
             _log(f"[{i}/{len(runs)}] {r.name}: FAILED ({reason}); logs: {c.work / 'logs' / r.slug}. Going on; the "
                  "next invocation retries it")

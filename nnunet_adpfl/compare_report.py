@@ -113,9 +113,14 @@ def _plt():
     return plt
 
 
-def plot_dice_vs_epsilon(records: list[dict], labels: list[str], path: Path) -> None:
+def plot_dice_vs_epsilon(records: list[dict], labels: list[str], path: Path, failures: list[dict] = ()) -> None:
+    """Failed private runs are drawn as crosses on the x axis."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    failed = [f["epsilon"] for f in failures if f.get("epsilon") is not None]
+    if failed:
+        ax.plot(failed, [0.0] * len(failed), "x", color="black", ms=9, clip_on=False,
+                label="failed run (see the report)")
     private = {}
     for r in records:
         if r["epsilon"] is not None:
@@ -130,10 +135,11 @@ def plot_dice_vs_epsilon(records: list[dict], labels: list[str], path: Path) -> 
     for i, (method, values) in enumerate(public.items()):
         name = method if len(values) == 1 else f"{method} (mean of {len(values)} sites)"
         ax.axhline(nanmean(values), ls="--", color=f"C{len(private) + i}", label=f"{name} (not private)")
-    if private:
+    if private or failed:
         ax.set_xscale("log")
-        ticks = sorted({r["epsilon"] for r in records if r["epsilon"] is not None})
+        ticks = sorted({r["epsilon"] for r in records if r["epsilon"] is not None} | set(failed))
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel("epsilon (target; delta as in the table)")
     ax.set_ylabel("mean Dice over the test cases")
     ax.set_ylim(0, 1)
@@ -230,7 +236,7 @@ def write_report(records: list[dict], c, out: Path, failures: list[dict] = ()) -
     a = c.a
     labels = list(dataset_labels(c.dataset_json))
     all_labels = list(records[0]["summary"]["dice"]) if records else labels
-    plot_dice_vs_epsilon(records, labels, out / "dice_vs_epsilon.png")
+    plot_dice_vs_epsilon(records, labels, out / "dice_vs_epsilon.png", failures)
     plot_training_curves(records, out / "training_curves.png")
     case = plot_examples(records, c.pooled, out / "example_slices.png")
     write_csv(records, out / "per_case.csv")
