@@ -303,8 +303,9 @@ def run_comparison(a) -> Path:
 def _failure_reason(message: str) -> str:
     """The informative line of a failed command's message: its last exception line, else its first line."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    errors = [line for line in lines if "Error: " in line or "Exception: " in line]
-    reason = (errors[-1] if errors else lines[0] if lines else "unknown error")[:300]
+    first = [line.removeprefix("first error: ") for line in lines if line.startswith("first error: ")]
+    errors = first or [line for line in lines if "Error: " in line or "Exception: " in line][-1:]
+    reason = (errors[0] if errors else lines[0] if lines else "unknown error")[:300]
     if "Encountered inf" in reason or "Encountered nan" in reason.lower():
         reason += (" [the model diverged: its logits overflowed; at this epsilon and data size the noise is too "
                    "large for the learning rate: lower --lr, or raise --batch-size, the number of cases or epsilon]")

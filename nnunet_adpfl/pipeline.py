@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 from collections import deque
@@ -44,12 +45,16 @@ def nnunet_command(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+
+
 def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bool = False) -> float:
     """Run a command; its output goes to ``log_file`` (and the console if ``echo``). Raises with the log's
     tail on failure. Returns the wall time in seconds."""
     start = time.time()
     args = [nnunet_command(args[0]), *args[1:]]
     lines: deque[str] = deque(maxlen=40)  # the tail, for the error message
+    first_error = None  # the first exception line: the cause, when teardown errors follow it
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_file, "a", buffering=1) if log_file else None  # line-buffered: follow it live
@@ -58,6 +63,8 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
     try:
         for line in proc.stdout:
             lines.append(line)
+            if first_error is None and _EXCEPTION_LINE.match(line):
+                first_error = line.strip()
             if log:
                 log.write(line)
             if echo:
@@ -73,7 +80,8 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
     code = proc.wait()
     if code != 0:
         tail = "".join(lines)
-        raise RuntimeError(f"command failed ({code}): {' '.join(args)}\n--- last output ---\n{tail}")
+        cause = f"first error: {first_error}\n" if first_error else ""
+        raise RuntimeError(f"command failed ({code}): {' '.join(args)}\n{cause}--- last output ---\n{tail}")
     return time.time() - start
 
 

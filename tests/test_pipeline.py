@@ -1,7 +1,10 @@
 import os
+import sys
+
+import pytest
 
 from nnunet_adpfl.cli import trainers_path
-from nnunet_adpfl.pipeline import nnunet_env
+from nnunet_adpfl.pipeline import nnunet_env, run
 
 
 def test_env_adds_our_trainers_and_keeps_the_users(tmp_path, monkeypatch):
@@ -37,3 +40,16 @@ def test_terminated_command_stops_its_children(tmp_path):
     while alive := subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split():
         assert time.time() < deadline, f"left running: {alive}"
         time.sleep(0.2)
+
+
+def test_failed_command_names_its_first_error(tmp_path):
+    """The cause, not the teardown noise after it: nnU-Net's predictor raises, then its worker manager does."""
+    script = ("import sys\nprint('ok')\nprint('RuntimeError: Encountered inf in predicted array')\n"
+              "for _ in range(60): print('noise')\nprint(\"KeyError: '7f0d'\")\nsys.exit(1)\n")
+    with pytest.raises(RuntimeError) as failed:
+        run([sys.executable, "-c", script], dict(os.environ), tmp_path / "log.txt")
+    message = str(failed.value)
+    assert "first error: RuntimeError: Encountered inf in predicted array" in message
+    assert message.rstrip().endswith("KeyError: '7f0d'")  # the tail is still there
+    from nnunet_adpfl.compare import _failure_reason
+    assert _failure_reason(message).startswith("RuntimeError: Encountered inf")
