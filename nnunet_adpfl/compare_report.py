@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -219,13 +220,14 @@ def plot_examples(records: list[dict], dataset_folder: Path, path: Path) -> str:
     return case
 
 
-def failures_section(failures: list[dict]) -> list[str]:
+def failures_section(failures: list[dict], out: Path) -> list[str]:
+    """``out``: the report folder; log folders are given relative to it."""
     if not failures:
         return []
     lines = ["## Runs that failed", "",
              "Not in the tables and plots above; rerunning the same command retries them (finished runs are kept).", "",
              "| run | trainer | error | logs |", "|---|---|---|---|"]
-    lines += [f"| {f['name']} | {f['trainer']} | {f['reason'].replace('|', '/')} | `{f['logs']}` |" for f in failures]
+    lines += [f"| {f['name']} | {f['trainer']} | {f['reason'].replace('|', '/')} | `{os.path.relpath(f['logs'], out)}` |" for f in failures]
     return [*lines, ""]
 
 
@@ -262,7 +264,7 @@ def write_report(records: list[dict], c, out: Path, failures: list[dict] = ()) -
         "trains on the pooled data of all sites: the non-private baseline. Every model is the final checkpoint.", "",
         f"Mean Dice: over {', '.join(labels)}.", "",
         tables(records, labels, all_labels, a.metrics, len(c.sites), c.pooled.name), "",
-        *failures_section(failures),
+        *failures_section(failures, out),
         "## Plots", "",
         "![Dice vs epsilon](dice_vs_epsilon.png)", "",
         "![Training curves](training_curves.png)", "",
