@@ -157,17 +157,21 @@ def plot_training_curves(records: list[dict], path: Path) -> None:
     panels = [("train_loss", "training loss"), ("pseudo_dice", "pseudo Dice (nnU-Net's online validation)"),
               ("epsilon", "epsilon spent")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    palette = plt.get_cmap("tab10" if len(records) <= 10 else "tab20")  # one colour per run
     for ax, (key, title) in zip(axes, panels):
         for i, r in enumerate(records):
             values = r["curves"].get(key)
             if values:
-                ax.plot(range(1, len(values) + 1), values, ".-", color=f"C{i % 10}", label=r["name"])
+                ax.plot(range(1, len(values) + 1), values, ".-", color=palette(i % palette.N), label=r["name"])
         ax.set_title(title)
         ax.set_xlabel("epoch (= round for the federations)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    columns = min(6, max(1, len(names)))
+    rows = math.ceil(len(names) / columns)
+    fig.legend(handles, names, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))  # the legend below the panels, clear of the curves
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
