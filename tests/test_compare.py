@@ -103,21 +103,17 @@ def test_tiny_comparison_end_to_end(tmp_path):
     site = next((work / "site_A" / "nnUNet_preprocessed").glob("Dataset501_*/nnUNetPlans.json"))
     assert json.loads(central.read_text())["configurations"] == json.loads(site.read_text())["configurations"]
 
-    again = _compare(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done before, kept") == 2
-    assert json.loads((report / "summary.json").read_text())["runs"] == summary["runs"]
-
-    # a run that fails is reported, the others stay in the report, the exit status says so, and it is retried
+    # a second call reuses the finished runs; a run that fails (here: an invalid setting) is reported, the others
+    # stay in the report, the exit status says so, and it is not stored (the next call retries it)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gamma": -1}))
-    failing = [*args[:args.index("--methods")], "--methods", "centralized,dpfl,nnUNetTrainerDPSGD",
-               *args[args.index("--epsilons"):], "--settings", str(bad)]
-    out = _compare(*failing)
-    assert out.returncode == 1 and "nnUNetTrainerDPSGD eps=8: FAILED" in out.stdout, out.stdout[-3000:]
-    summary = json.loads((report / "summary.json").read_text())
-    assert [r["name"] for r in summary["runs"]] == ["centralized", "dpfl eps=8"]
-    [failed] = summary["failed_runs"]
+    again = _compare(*[*args[:args.index("--methods")], "--methods", "centralized,dpfl,nnUNetTrainerDPSGD",
+                       *args[args.index("--epsilons"):], "--settings", str(bad)])
+    assert again.returncode == 1 and "nnUNetTrainerDPSGD eps=8: FAILED" in again.stdout, again.stdout[-3000:]
+    assert again.stdout.count("done before, kept") == 2
+    rerun = json.loads((report / "summary.json").read_text())
+    assert rerun["runs"] == summary["runs"]
+    [failed] = rerun["failed_runs"]
     assert failed["name"] == "nnUNetTrainerDPSGD eps=8" and "gamma" in failed["reason"]
     assert "## Runs that failed" in (report / "report.md").read_text()
     assert len(list((work / "runs").glob("*.json"))) == 2
