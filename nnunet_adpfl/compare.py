@@ -23,10 +23,11 @@ from . import fed_files as ff
 from .atomic import write_bytes_atomic
 from .aggregator import create_federation
 from .evaluation import METRICS, evaluate_folder, summarise_cases
-from .pipeline import nnunet_env, predict, run
+from .pipeline import EXCEPTION_LINE, nnunet_env, predict, run
 from .report import REPORT_NAME
-from .simulate import Layout, _bytes_exchanged, _cli, _stage_plan, _train, new_run
-from .synthetic import TASKS, generate_dataset, split_by_site
+from .simulate import (Layout, _bytes_exchanged, _stage_plan, _train, install_plan_and_preprocess, new_run,
+                       split_sites)
+from .synthetic import TASKS, generate_dataset
 
 ALIASES = {"centralized": "nnUNetTrainerBaselineBudget", "local": "nnUNetTrainerBaselineBudget",
            "npfl": "nnUNetTrainerFL", "dpfl": "nnUNetTrainerDPFL", "adpfl": "nnUNetTrainerADPFL"}
@@ -155,8 +156,7 @@ class Comparison:
     def stage_plan(self) -> None:
         """Split the pooled training cases by site, plan once for all sites, preprocess every site."""
         lay = self.plan
-        if not all((lay.sites_raw / s / self.pooled.name / "dataset.json").exists() for s in self.sites):
-            split_by_site(self.pooled, lay.sites_raw)
+        split_sites(lay, self.pooled)
         lay.logs.mkdir(parents=True, exist_ok=True)
         if not (lay.fed / ff.FEDERATION_FILE).exists():
             create_federation(lay.fed, lay.keys, self.sites, self.a.rounds, 1, "npfl",
@@ -169,9 +169,7 @@ class Comparison:
         env = nnunet_env(root, nnUNet_raw=str(self.pooled.parent))
         if not (Path(env["nnUNet_preprocessed"]) / self.pooled.name / f"nnUNetPlans_{self.config}").exists():
             _log("pooled data: installing the shared plan and preprocessing")
-            log = root / "preprocess.log"
-            run(_cli("install-plan", str(self.plan.fed), "-d", str(self.a.dataset)), env, log)
-            run(["nnUNetv2_preprocess", "-d", str(self.a.dataset), "-c", self.config, "-np", "1"], env, log)
+            install_plan_and_preprocess(self.plan.fed, self.a.dataset, self.config, env, root / "preprocess.log")
         return env
 
     def settings(self, r: Run) -> dict:
@@ -258,7 +256,7 @@ def execute(c: Comparison, r: Run) -> dict:
             "curves": _curves(next(iter(folds.values()))), "predictions": str(pred)}
 
 
-def run_comparison(a) -> Path:
+def run_comparison(a) -> tuple[Path, list[dict]]:
     from .compare_report import write_report
 
     start = time.time()
@@ -301,10 +299,11 @@ def run_comparison(a) -> Path:
 
 
 def _failure_reason(message: str) -> str:
-    """The informative line of a failed command's message: its last exception line, else its first line."""
+    """The informative line of a failed command's message: the first error ``pipeline.run`` names, else its last
+    exception line, else its first line."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     first = [line.removeprefix("first error: ") for line in lines if line.startswith("first error: ")]
-    errors = first or [line for line in lines if "Error: " in line or "Exception: " in line][-1:]
+    errors = first or [line for line in lines if EXCEPTION_LINE.search(line)][-1:]
     reason = (errors[0] if errors else lines[0] if lines else "unknown error")[:300]
     if "Encountered inf" in reason or "Encountered nan" in reason.lower():
         reason += (" [the model diverged: its logits overflowed; at this epsilon and data size the noise is too "

@@ -45,7 +45,21 @@ def nnunet_command(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*)?(Error|Exception): ")  # a Python exception's last line
+
+
+def stop(procs) -> None:
+    """Terminate still-running commands started with ``start_new_session=True``, with their process groups
+    (nnU-Net's data-loader workers included); SIGKILL after 30 s."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        os.killpg(p.pid, signal.SIGTERM)
+    for p in running:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bool = False) -> float:
@@ -63,15 +77,14 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
     try:
         for line in proc.stdout:
             lines.append(line)
-            if first_error is None and _EXCEPTION_LINE.match(line):
+            if first_error is None and EXCEPTION_LINE.match(line):
                 first_error = line.strip()
             if log:
                 log.write(line)
             if echo:
                 print(line, end="", flush=True)
     except BaseException:  # interrupted: stop the command and its workers, not only wait for them
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
+        stop([proc])
         raise
     finally:
         proc.stdout.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from . import fed_files as ff
 from .aggregator import create_federation, load_federation
 from .demo import CONFIGURATION, evaluate_folder
 from .metrics import nanmean
-from .pipeline import nnunet_command, nnunet_env, predict, run
+from .pipeline import nnunet_command, nnunet_env, predict, run, stop
 from .synthetic import generate_dataset, split_by_site
 
 DATASET_ID = 501
@@ -62,9 +61,20 @@ def _stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int,
         _log(f"writing a synthetic '{task}' dataset split over {len(lay.sites)} sites")
         pooled = generate_dataset(task, lay.pool, lay.dataset_id, num_cases=num_cases, num_sites=len(lay.sites),
                                   num_test_cases=num_test_cases, seed=seed, scale=scale)
+    split_sites(lay, pooled)
+    return pooled
+
+
+def split_sites(lay: Layout, pooled: Path) -> None:
+    """Each site's raw dataset (its training cases and the test set) from the pooled one, unless already there."""
     if not all((lay.sites_raw / s / pooled.name / "dataset.json").exists() for s in lay.sites):
         split_by_site(pooled, lay.sites_raw)
-    return pooled
+
+
+def install_plan_and_preprocess(fed: Path, dataset_id: int, config: str, env: dict, log: Path) -> None:
+    """The federation's plan into ``env``'s nnUNet_preprocessed, then nnU-Net's preprocessing with it."""
+    run(_cli("install-plan", str(fed), "-d", str(dataset_id)), env, log)
+    run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", config, "-np", "1"], env, log)
 
 
 def _stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None = None) -> None:
@@ -85,9 +95,7 @@ def _stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None
         marker = Path(env["nnUNet_preprocessed"]) / pooled.name / f"nnUNetPlans_{config}"
         if not marker.exists():
             _log(f"site {site}: installing the federation plan and preprocessing")
-            log = lay.logs / f"preprocess_{site}.log"
-            run(_cli("install-plan", str(lay.fed), "-d", str(lay.dataset_id)), env, log)
-            run(["nnUNetv2_preprocess", "-d", str(lay.dataset_id), "-c", config, "-np", "1"], env, log)
+            install_plan_and_preprocess(lay.fed, lay.dataset_id, config, env, lay.logs / f"preprocess_{site}.log")
 
 
 def _site_settings(lay: Layout, site: str, settings: dict) -> Path:
@@ -123,19 +131,6 @@ def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_r
     shutil.copytree(Path(planned_fed) / "plans", lay.fed / "plans")
     cfg["plans_sha256"] = load_federation(planned_fed)["plans_sha256"]
     ff.write_json_atomic(lay.fed / ff.FEDERATION_FILE, cfg)
-
-
-def stop(procs) -> None:
-    """Terminate still-running parties with their process groups (nnU-Net's data-loader workers included)."""
-    running = [p for p in procs if p.poll() is None]
-    for p in running:
-        os.killpg(p.pid, signal.SIGTERM)
-    for p in running:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def _train(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) -> float:
