@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import signal
 import sys
 
@@ -68,8 +69,26 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds, so running commands stop their child processes
 
 
-def main(argv: list[str] | None = None) -> int:
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM unwinds this process. Forked children (nnU-Net's in-process multiprocessing pools) get the
+    default action back: a Python handler can miss a SIGTERM that arrives just before a blocking lock wait, and
+    then ``Pool.terminate()`` waits for that worker forever."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_default_sigterm)
+        _fork_hook_registered = True
+
+
+_fork_hook_registered = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    install_sigterm_handler()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

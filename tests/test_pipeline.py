@@ -25,8 +25,8 @@ def test_terminated_command_stops_its_children(tmp_path):
     import time
 
     pid_file = tmp_path / "child.pid"
-    script = ("import os, sys; from nnunet_adpfl.cli import _exit_on_sigterm; import signal; "
-              "signal.signal(signal.SIGTERM, _exit_on_sigterm); from nnunet_adpfl.pipeline import run; "
+    script = ("import os, sys; from nnunet_adpfl.cli import install_sigterm_handler; "
+              "install_sigterm_handler(); from nnunet_adpfl.pipeline import run; "
               f"run(['bash', '-c', 'echo $$ > {pid_file}; sleep 120 & sleep 120'], dict(os.environ))")
     parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
@@ -40,6 +40,33 @@ def test_terminated_command_stops_its_children(tmp_path):
     while alive := subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split():
         assert time.time() < deadline, f"left running: {alive}"
         time.sleep(0.2)
+
+
+def _report_sigterm_action(queue) -> None:
+    import signal
+    queue.put(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+
+
+def test_forked_workers_get_the_default_sigterm_action():
+    """nnU-Net's pools fork the CLI process. With our unwinding handler inherited, Pool.terminate() hung
+    forever on a worker that missed its SIGTERM (seen in ``nnunet-adpfl fingerprint``)."""
+    import multiprocessing
+    import signal
+
+    from nnunet_adpfl.cli import _exit_on_sigterm, install_sigterm_handler
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        install_sigterm_handler()
+        assert signal.getsignal(signal.SIGTERM) is _exit_on_sigterm
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        worker = ctx.Process(target=_report_sigterm_action, args=(queue,))
+        worker.start()
+        assert queue.get(timeout=30) is True
+        worker.join(timeout=30)
+        assert signal.getsignal(signal.SIGTERM) is _exit_on_sigterm  # the parent keeps its handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_failed_command_names_its_first_error(tmp_path):
