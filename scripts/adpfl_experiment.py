@@ -5,9 +5,11 @@ tasks, 3 sites, epsilon 8, the same rounds for every run (nnunet_adpfl.fed_exper
 """
 import argparse
 
+from nnunet_adpfl.cli import install_sigterm_handler
 from nnunet_adpfl.fed_experiment import RUNS, add_arguments, run_all
 
 if __name__ == "__main__":
+    install_sigterm_handler()  # a scheduler's SIGTERM stops the running federation too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, tasks=("skin", "kidney", "brain"), runs=tuple(RUNS))
     parser.set_defaults(work_dir="work_dirs/adpfl_experiment")

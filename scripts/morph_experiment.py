@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from nnunet_adpfl import alignment
+from nnunet_adpfl.cli import install_sigterm_handler
 from nnunet_adpfl.demo import CONFIGURATION
 from nnunet_adpfl.evaluation import evaluate_folder, mean_per_label
 from nnunet_adpfl.fed_plan import cap_features
@@ -100,6 +101,7 @@ def format_task(task: str, results: dict) -> str:
 
 
 def main() -> int:
+    install_sigterm_handler()  # a scheduler's SIGTERM stops the running training too
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="work_dirs/morph_experiment")
     p.add_argument("--output", default=None, help="markdown file for the tables (printed anyway)")

@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,18 +18,17 @@ def test_env_adds_our_trainers_and_keeps_the_users(tmp_path, monkeypatch):
     assert nnunet_env(tmp_path)["nnUNet_extTrainer"] == trainers_path()
 
 
-def test_terminated_command_stops_its_children(tmp_path):
-    """SIGTERM to a running ``nnunet-adpfl`` command stops the nnU-Net command it runs, workers included."""
+def _terminate_and_check_children_stop(tmp_path, script: str, argv: tuple = ()) -> None:
+    """Run ``script`` (Python) whose first nnU-Net command hangs, SIGTERM it, and check that it exits through our
+    handler and that the command's whole process group is gone."""
     import signal
     import subprocess
-    import sys
     import time
 
     pid_file = tmp_path / "child.pid"
-    script = ("import os, sys; from nnunet_adpfl.cli import install_sigterm_handler; "
-              "install_sigterm_handler(); from nnunet_adpfl.pipeline import run; "
-              f"run(['bash', '-c', 'echo $$ > {pid_file}; sleep 120 & sleep 120'], dict(os.environ))")
-    parent = subprocess.Popen([sys.executable, "-c", script])
+    hang = ("import os, nnunet_adpfl.pipeline as pipeline; _run = pipeline.run; pipeline.run = lambda args, env, "
+            f"*a, **k: _run(['bash', '-c', 'echo $$ > {pid_file}; sleep 120 & sleep 120'], dict(os.environ))\n")
+    parent = subprocess.Popen([sys.executable, "-c", hang + script, *argv], cwd=tmp_path)
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text().strip()):
         assert time.time() < deadline and parent.poll() is None
@@ -40,6 +40,24 @@ def test_terminated_command_stops_its_children(tmp_path):
     while alive := subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split():
         assert time.time() < deadline, f"left running: {alive}"
         time.sleep(0.2)
+
+
+def test_terminated_command_stops_its_children(tmp_path):
+    """SIGTERM to a running ``nnunet-adpfl`` command stops the nnU-Net command it runs, workers included."""
+    _terminate_and_check_children_stop(tmp_path, "from nnunet_adpfl.cli import install_sigterm_handler\n"
+                                                 "install_sigterm_handler(); pipeline.run(['x'], {})")
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("morph_experiment.py", ("--tasks", "skin", "--num-cases", "4", "--num-test-cases", "1")),
+    ("adpfl_experiment.py", ("--tasks", "skin", "--num-cases", "6", "--num-test-cases", "1")),
+])
+def test_terminated_experiment_script_stops_its_training(tmp_path, script, argv):
+    """A scheduler's SIGTERM to an experiment script must not leave its nnU-Net training running as an orphan."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    _terminate_and_check_children_stop(
+        tmp_path, f"import runpy; runpy.run_path({str(path)!r}, run_name='__main__')",
+        ("--work-dir", str(tmp_path / "work"), *argv))
 
 
 def _report_sigterm_action(queue) -> None:
