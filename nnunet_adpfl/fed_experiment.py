@@ -29,6 +29,9 @@ RUNS = {  # name -> (trainer, settings beyond the common private ones; None: not
     "ADP-FL (defaults)": (ADPFL, {}),
     "ADP-FL (all mechanisms)": (ADPFL, ALL_MECHANISMS),
     **{f"ADP-FL (all) - {name}": (ADPFL, {**ALL_MECHANISMS, **off}) for name, off in WITHOUT.items()},
+    **{f"ADP-FL: {name} only": (ADPFL, {**ALL_MECHANISMS, **{k: v for other, off in WITHOUT.items() if other != name
+                                                              for k, v in off.items()}})
+       for name in WITHOUT},
 }
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
 

@@ -25,3 +25,12 @@ def test_ablations_switch_off_one_mechanism_each():
         trainer, settings = RUNS[f"ADP-FL (all) - {name}"]
         changed = {k for k in settings if settings[k] != ALL_MECHANISMS.get(k)}
         assert changed == set(off), name
+
+
+def test_single_mechanism_runs_switch_on_exactly_one():
+    for name, off in WITHOUT.items():
+        trainer, settings = RUNS[f"ADP-FL: {name} only"]
+        on = {k for k in settings if k in off and settings[k] == ALL_MECHANISMS[k]}
+        assert on == set(off), name
+        others = {k for other, o in WITHOUT.items() if other != name for k in o}
+        assert all(settings[k] != ALL_MECHANISMS[k] for k in others), name
