@@ -34,6 +34,8 @@ RUNS = {  # name -> (trainer, settings beyond the common private ones; None: not
        for name in WITHOUT},
 }
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
+# a model that diverged: a row of the table, not the end of the experiment
+DIVERGED = "Encountered inf in predicted array"
 
 
 def _log(msg: str) -> None:
@@ -67,25 +69,35 @@ def run_task(a, task: str) -> dict:
         if a.lr is not None:
             settings["initial_lr"] = a.lr
         _log(f"{task}: {name} ({trainer}, {a.rounds} rounds x {a.iterations} steps)")
-        wall = None if ff.global_paths(lay.fed, a.rounds)[1].exists() else _train(lay, trainer, config, settings,
-                                                                                   a.rounds)
-        summary = summarise(lay, trainer, config, pooled, wall)
+        try:
+            wall = None if ff.global_paths(lay.fed, a.rounds)[1].exists() else _train(lay, trainer, config,
+                                                                                       settings, a.rounds)
+            summary = summarise(lay, trainer, config, pooled, wall)
+        except RuntimeError as e:
+            if DIVERGED not in str(e):
+                raise
+            summary = {"diverged": f"{DIVERGED} (nnU-Net's prediction); logs in {lay.logs}"}
         summary["settings"] = settings
         results[name] = summary
         results_file.write_text(json.dumps(results, indent=2))
-        _log(f"{task}: {name}: test Dice {summary['global_test_dice']}")
+        _log(f"{task}: {name}: " + (f"DIVERGED, {summary['diverged']}" if "diverged" in summary else
+                                    f"test Dice {summary['global_test_dice']}"))
     return results
 
 
 def format_task(task: str, results: dict) -> str:
     """One table per task; the last column: (ADP - DP) / (NP - DP) of the mean Dice, for the ADP-FL rows."""
-    classes = list(next(iter(results.values()))["global_test_dice"])
-    mean = {name: nanmean(s["global_test_dice"].values()) for name, s in results.items()}
+    trained = {name: s for name, s in results.items() if "diverged" not in s}
+    classes = list(next(iter(trained.values()))["global_test_dice"])
+    mean = {name: nanmean(s["global_test_dice"].values()) for name, s in trained.items()}
     gap = mean["NP-FL"] - mean["DP-FL"] if {"NP-FL", "DP-FL"} <= set(results) else None
     lines = [f"### {task}", "", "| run | " + " | ".join(classes) + " | mean Dice | share of the DP-FL -> NP-FL gap "
              "closed | epsilon (max over sites) | MB uploaded per site and round | training wall time |",
              "|---" * (len(classes) + 6) + "|"]
     for name, s in results.items():
+        if "diverged" in s:
+            lines.append(f"| {name} | " + " | ".join(["diverged"] * (len(classes) + 1)) + " | - | - | - | - |")
+            continue
         eps = [v["epsilon"] for v in s["sites"].values() if v["epsilon"] is not None]
         closed = "-" if gap is None or not name.startswith("ADP-FL") else (
             "n/a (no gap)" if gap <= 0 else f"{100 * (mean[name] - mean['DP-FL']) / gap:.0f}%")

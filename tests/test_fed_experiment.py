@@ -20,6 +20,16 @@ def test_table_reports_the_gap_closed_and_handles_nan_classes():
     assert "- (not private)" in row["NP-FL"] and "| 0.400 | - | 7.90 | 1.00 |" in row["DP-FL"]
 
 
+def test_a_diverged_run_is_a_row_not_a_gap():
+    results = {"ADP-FL (all mechanisms)": {"diverged": "inf", "settings": {}},
+               "NP-FL": result({"kidney": 0.9}, None, 1.0), "DP-FL": result({"kidney": 0.5}, 7.9, 1.0),
+               "ADP-FL (defaults)": result({"kidney": 0.7}, 7.9, 1.0)}
+    lines = format_task("kidney", results).splitlines()
+    row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert row["ADP-FL (all mechanisms)"] == "| ADP-FL (all mechanisms) | diverged | diverged | - | - | - | - |"
+    assert "| 0.700 | 50% |" in row["ADP-FL (defaults)"]
+
+
 def test_ablations_switch_off_one_mechanism_each():
     for name, off in WITHOUT.items():
         trainer, settings = RUNS[f"ADP-FL (all) - {name}"]
