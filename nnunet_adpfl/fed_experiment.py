@@ -72,6 +72,8 @@ def run_task(a, task: str) -> dict:
         try:
             wall = None if ff.global_paths(lay.fed, a.rounds)[1].exists() else _train(lay, trainer, config,
                                                                                        settings, a.rounds)
+            if any(DIVERGED in log.read_text(errors="replace") for log in lay.logs.glob("train_*.log")):
+                raise RuntimeError(DIVERGED)  # resumed after the sites' final validation failed on it
             summary = summarise(lay, trainer, config, pooled, wall)
         except RuntimeError as e:
             if DIVERGED not in str(e):

@@ -1,6 +1,8 @@
 """The federated comparison's table: per-class Dice, the share of the DP-FL -> NP-FL gap closed, bytes."""
 import math
 
+import pytest
+
 from nnunet_adpfl.fed_experiment import ALL_MECHANISMS, RUNS, WITHOUT, format_task
 
 
@@ -44,3 +46,43 @@ def test_single_mechanism_runs_switch_on_exactly_one():
         assert on == set(off), name
         others = {k for other, o in WITHOUT.items() if other != name for k in o}
         assert all(settings[k] != ALL_MECHANISMS[k] for k in others), name
+
+
+def test_a_run_that_diverged_is_recorded_also_when_resumed(tmp_path, monkeypatch):
+    """The sites' final validation fails on a diverged model after the last global model is written; the
+    experiment records the row and goes on, and a resumed experiment does the same instead of crashing."""
+    import argparse
+
+    from nnunet_adpfl import fed_experiment as fe
+    from nnunet_adpfl import fed_files as ff
+
+    parser = argparse.ArgumentParser()
+    fe.add_arguments(parser)
+    a = parser.parse_args(["--work-dir", str(tmp_path), "--runs", "ADP-FL (all mechanisms)", "NP-FL", "--rounds", "1"])
+    for name in ("_stage_data", "_stage_plan", "create_federation"):
+        monkeypatch.setattr(fe, name, lambda *args, **kw: tmp_path)
+    monkeypatch.setattr(fe, "new_run", lambda *args: None)
+    trained = []
+
+    def train(lay, trainer, *args):
+        trained.append(trainer)
+        lay.logs.mkdir(parents=True, exist_ok=True)
+        if trainer == fe.ADPFL:  # the global model is written, then the sites' validation fails
+            ff.global_paths(lay.fed, 1)[1].parent.mkdir(parents=True)
+            ff.global_paths(lay.fed, 1)[1].write_text("{}")
+            (lay.logs / "train_A.log").write_text(f"RuntimeError: {fe.DIVERGED}. Aborting...\n")
+            raise RuntimeError(f"['A'] failed; see {lay.logs}\nA: RuntimeError: {fe.DIVERGED}. Aborting...")
+        return 1.0
+
+    monkeypatch.setattr(fe, "_train", train)
+    monkeypatch.setattr(fe, "summarise", lambda *args: {"global_test_dice": {"kidney": 0.8}})
+    results = fe.run_task(a, "kidney")
+    assert "diverged" in results["ADP-FL (all mechanisms)"] and results["NP-FL"]["global_test_dice"]
+    (tmp_path / "kidney" / "results.json").unlink()  # resume without the record: training is not repeated
+    assert "diverged" in fe.run_task(a, "kidney")["ADP-FL (all mechanisms)"]
+    assert trained == [fe.ADPFL, "nnUNetTrainerFL", "nnUNetTrainerFL"]
+
+    monkeypatch.setattr(fe, "_train", lambda *args: (_ for _ in ()).throw(RuntimeError("['B'] failed: disk full")))
+    (tmp_path / "kidney" / "results.json").unlink()
+    with pytest.raises(RuntimeError, match="disk full"):  # other failures still stop the experiment
+        fe.run_task(parser.parse_args(["--work-dir", str(tmp_path / "other"), "--runs", "DP-FL"]), "kidney")
