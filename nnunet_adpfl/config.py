@@ -88,7 +88,7 @@ SETTINGS: dict[str, Setting] = {
                                     "'constant', 'linear', 'exponential' or 'step'"),
     "adpfl_schedule_end_ratio": Setting(0.5, (int, float), "ADP-FL: last-round / first-round noise multiplier "
                                         "(linear, exponential)", _positive, "> 0"),
-    "adpfl_adaptive_clip": Setting(False, bool, "ADP-FL: track a quantile of per-case gradient norms with the "
+    "adpfl_adaptive_clip": Setting(True, bool, "ADP-FL: track a quantile of per-case gradient norms with the "
                                    "private geometric update (Andrew et al.)"),
     "adpfl_clip_quantile": Setting(0.5, (int, float), "ADP-FL: target quantile of the adaptive clip norm",
                                    lambda v: 0 < v < 1, "in (0, 1)"),
@@ -97,7 +97,7 @@ SETTINGS: dict[str, Setting] = {
     "adpfl_count_noise": Setting(None, (int, float), "ADP-FL: noise multiplier of the unclipped count; null = "
                                  "max(B/20, the value that inflates gradient noise by at most 10%)", _positive,
                                  "> 0", nullable=True),
-    "adpfl_step_sparsity": Setting("topk_prev_global", str, "ADP-FL: coordinates the private step updates: "
+    "adpfl_step_sparsity": Setting("none", str, "ADP-FL: coordinates the private step updates: "
                                    "topk_prev_global (largest entries of the previous released global update), "
                                    "random (seeded per round) or none",
                                    lambda v: v in ("topk_prev_global", "random", "none"),

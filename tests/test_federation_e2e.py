@@ -136,7 +136,8 @@ def test_site_with_other_plans_is_refused(planned, tmp_path):
 
 
 ADPFL = {**DETERMINISTIC, "adpfl_noise_schedule": "exponential", "adpfl_adaptive_clip": True,  # every mechanism
-         "adpfl_step_density": 0.3, "adpfl_upload_density": 0.05, "adpfl_error_feedback": True}
+         "adpfl_step_sparsity": "topk_prev_global", "adpfl_step_density": 0.3, "adpfl_upload_density": 0.05,
+         "adpfl_error_feedback": True}
 
 
 @pytest.fixture(scope="module")
