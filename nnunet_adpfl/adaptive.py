@@ -254,6 +254,8 @@ class QuantileClipTracker:
     learning_rate: float = 0.2   # eta
     steps: int = 0               # updates done
     last_fraction: float | None = None   # last noisy unclipped fraction b (a private release; may be logged)
+    max_clip: float | None = None  # public upper bound of C: without it, exploding gradients raise C, so the
+    # noise (std sigma * C), so the weights, in a loop (seen: C 1 -> 1e8 and a diverged model in 300 steps)
 
     def __post_init__(self):
         for name in ("clip", "sigma_count", "expected_batch_size", "learning_rate"):
@@ -261,6 +263,8 @@ class QuantileClipTracker:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if not (isinstance(self.target_quantile, (int, float)) and 0 < self.target_quantile < 1):
             raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile!r}")
+        if self.max_clip is not None and not (_finite_positive(self.max_clip) and self.max_clip >= self.clip):
+            raise ValueError(f"max_clip must be a finite number >= clip, got {self.max_clip!r}")
         if not _is_int(self.steps) or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
 
@@ -277,6 +281,8 @@ class QuantileClipTracker:
         noisy = float(centred.cpu() + self.sigma_count * noise.cpu())
         fraction = noisy / self.expected_batch_size + 0.5
         self.clip = float(self.clip * math.exp(-self.learning_rate * (fraction - self.target_quantile)))
+        if self.max_clip is not None:  # post-processing of the noisy release with a public constant
+            self.clip = min(self.clip, self.max_clip)
         self.last_fraction = fraction
         self.steps += 1
         return self.clip

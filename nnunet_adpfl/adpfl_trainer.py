@@ -83,7 +83,9 @@ class FederatedADPTrainer(FederatedDPTrainer):
                 clip=s["max_grad_norm"], expected_batch_size=pv["expected_batch_size"],
                 sigma_count=s["adpfl_count_noise"] or default_sigma_count(pv["expected_batch_size"],
                                                                            max(self._schedule)),
-                target_quantile=s["adpfl_clip_quantile"], learning_rate=s["adpfl_clip_lr"])
+                target_quantile=s["adpfl_clip_quantile"], learning_rate=s["adpfl_clip_lr"],
+                max_clip=None if s["adpfl_clip_max_ratio"] is None
+                else s["adpfl_clip_max_ratio"] * s["max_grad_norm"])
 
     # ---- the private step -----------------------------------------------------------------------
     def _clip_norm(self) -> float:
@@ -186,6 +188,7 @@ class FederatedADPTrainer(FederatedDPTrainer):
             "adaptive_clipping": None if tracker is None else {
                 "target_quantile": tracker.target_quantile, "learning_rate": tracker.learning_rate,
                 "count_noise_multiplier": tracker.sigma_count, "current_clip": tracker.clip,
+                "max_clip": tracker.max_clip,
                 "gradient_noise_multiplier_now": tracker.gradient_noise_multiplier(pv["noise_multiplier"]),
                 "accounting": "per step one Gaussian mechanism with the round's noise multiplier: gradient and "
                               "count noise split so their combination equals it (Andrew et al. 2021, Thm 1)"},

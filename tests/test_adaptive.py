@@ -189,3 +189,16 @@ def test_tracker_state_dict_round_trip():
     assert restored.update(norms, torch.Generator().manual_seed(9)) == tracker.update(
         norms, torch.Generator().manual_seed(9))
     assert restored.gradient_noise_multiplier(1.0) == split_noise(1.0, tracker.sigma_count)
+
+
+def test_max_clip_bounds_the_tracked_clip_norm():
+    """Norms far above C push C up every step; the public bound stops the runaway that diverged kidney runs."""
+    def run(max_clip):
+        tracker = QuantileClipTracker(clip=1.0, sigma_count=0.4, expected_batch_size=8, max_clip=max_clip)
+        noise = torch.Generator().manual_seed(0)
+        return [tracker.update(torch.full((8,), 1e6), noise) for _ in range(200)]
+    assert max(run(None)) > 100.0  # unbounded, it follows the exploding norms
+    bounded = run(1.5)
+    assert max(bounded) == 1.5 and bounded[-1] == 1.5
+    with pytest.raises(ValueError, match="max_clip"):
+        QuantileClipTracker(clip=1.0, sigma_count=1.0, expected_batch_size=8, max_clip=0.5)

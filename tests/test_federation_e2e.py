@@ -197,7 +197,8 @@ def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned, adpfl_re
         assert 0.98 * 8 <= report["epsilon"] <= 8  # the calibrated schedule spends the whole budget
         sigmas = report["adpfl"]["noise_schedule"]["noise_multiplier_per_round"]
         assert len(sigmas) == ROUNDS and sigmas[0] > sigmas[-1]  # decaying noise
-        assert report["adpfl"]["adaptive_clipping"]["current_clip"] > 0
+        assert 0 < report["adpfl"]["adaptive_clipping"]["current_clip"] <= report["max_grad_norm"]
+        assert report["adpfl"]["adaptive_clipping"]["max_clip"] == report["max_grad_norm"]  # default ratio 1
         for r in range(1, ROUNDS + 1):
             manifest = ff.read_json(ff.update_paths(lay.fed, r, site)[1])
             assert manifest["encoding"] == "topk"
