@@ -95,7 +95,8 @@ SETTINGS: dict[str, Setting] = {
     "adpfl_clip_lr": Setting(0.2, (int, float), "ADP-FL: learning rate of the geometric clip update", _positive,
                              "> 0"),
     "adpfl_clip_max_ratio": Setting(1.0, (int, float), "ADP-FL: upper bound of the adaptive clip norm as a multiple "
-                                    "of max_grad_norm (1 = never above its start value; null = unbounded, which can diverge)",
+                                    "of max_grad_norm (1 = never above its start value; null = unbounded, which "
+                                    "can diverge)",
                                     lambda v: v >= 1, ">= 1", nullable=True),
     "adpfl_count_noise": Setting(None, (int, float), "ADP-FL: noise multiplier of the unclipped count; null = "
                                  "max(B/20, the value that inflates gradient noise by at most 10%)", _positive,
