@@ -23,7 +23,7 @@ from . import fed_files as ff
 from .atomic import write_bytes_atomic
 from .aggregator import create_federation
 from .evaluation import METRICS, evaluate_folder, summarise_cases
-from .pipeline import EXCEPTION_LINE, nnunet_env, predict, run
+from .pipeline import DIVERGED, EXCEPTION_LINE, nnunet_env, predict, run
 from .report import REPORT_NAME
 from .simulate import (Layout, _bytes_exchanged, _stage_plan, _train, install_plan_and_preprocess, new_run,
                        split_sites)
@@ -305,7 +305,7 @@ def _failure_reason(message: str) -> str:
     first = [line.removeprefix("first error: ") for line in lines if line.startswith("first error: ")]
     errors = first or [line for line in lines if EXCEPTION_LINE.search(line)][-1:]
     reason = (errors[0] if errors else lines[0] if lines else "unknown error")[:300]
-    if "Encountered inf" in reason or "Encountered nan" in reason.lower():
+    if DIVERGED in reason:
         reason += (" [the model diverged: its logits overflowed; at this epsilon and data size the noise is too "
                    "large for the learning rate: lower --lr, or raise --batch-size, the number of cases or epsilon]")
     return reason

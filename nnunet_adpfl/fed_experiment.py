@@ -15,6 +15,7 @@ from . import fed_files as ff
 from .aggregator import create_federation
 from .demo import CONFIGURATION
 from .metrics import nanmean
+from .pipeline import DIVERGED
 from .simulate import MODE_OF_TRAINER, Layout, _stage_data, _stage_plan, _train, new_run, summarise
 
 ADPFL = "nnUNetTrainerADPFL"
@@ -23,19 +24,17 @@ ALL_MECHANISMS = {"adpfl_noise_schedule": "exponential", "adpfl_schedule_end_rat
                   "adpfl_upload_density": 0.1, "adpfl_error_feedback": True}
 WITHOUT = {"dynamic noise": {"adpfl_noise_schedule": "constant"}, "adaptive clipping": {"adpfl_adaptive_clip": False},
            "step sparsification": {"adpfl_step_sparsity": "none"}, "upload sparsification": {"adpfl_upload_density": None}}
+ALL_OFF = {k: v for off in WITHOUT.values() for k, v in off.items()}
 RUNS = {  # name -> (trainer, settings beyond the common private ones; None: not private)
     "NP-FL": ("nnUNetTrainerFL", None),
     "DP-FL": ("nnUNetTrainerDPFL", {}),
     "ADP-FL (defaults)": (ADPFL, {}),
     "ADP-FL (all mechanisms)": (ADPFL, ALL_MECHANISMS),
     **{f"ADP-FL (all) - {name}": (ADPFL, {**ALL_MECHANISMS, **off}) for name, off in WITHOUT.items()},
-    **{f"ADP-FL: {name} only": (ADPFL, {**ALL_MECHANISMS, **{k: v for other, off in WITHOUT.items() if other != name
-                                                              for k, v in off.items()}})
-       for name in WITHOUT},
+    **{f"ADP-FL: {name} only": (ADPFL, {**ALL_MECHANISMS, **ALL_OFF, **{k: ALL_MECHANISMS[k] for k in off}})
+       for name, off in WITHOUT.items()},
 }
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
-# a model that diverged: a row of the table, not the end of the experiment
-DIVERGED = "Encountered inf in predicted array"
 
 
 def _log(msg: str) -> None:
@@ -72,12 +71,14 @@ def run_task(a, task: str) -> dict:
         try:
             wall = None if ff.global_paths(lay.fed, a.rounds)[1].exists() else _train(lay, trainer, config,
                                                                                        settings, a.rounds)
-            if any(DIVERGED in log.read_text(errors="replace") for log in lay.logs.glob("train_*.log")):
+            logs = lay.logs.glob("train_*.log")
+            if wall is None and any(DIVERGED in log.read_text(errors="replace") for log in logs):
                 raise RuntimeError(DIVERGED)  # resumed after the sites' final validation failed on it
             summary = summarise(lay, trainer, config, pooled, wall)
         except RuntimeError as e:
             if DIVERGED not in str(e):
                 raise
+            # a model that diverged: a row of the table, not the end of the experiment
             summary = {"diverged": f"{DIVERGED} (nnU-Net's prediction); logs in {lay.logs}"}
         summary["settings"] = settings
         results[name] = summary

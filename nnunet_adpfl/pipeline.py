@@ -46,6 +46,7 @@ def nnunet_command(name: str) -> str:
 
 
 EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*)?(Error|Exception): ")  # a Python exception's last line
+DIVERGED = "Encountered inf in predicted array"  # nnU-Net's predictor, on a model whose logits overflowed
 
 
 def stop(procs) -> None:
