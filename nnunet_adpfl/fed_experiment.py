@@ -93,7 +93,7 @@ def format_task(task: str, results: dict) -> str:
     trained = {name: s for name, s in results.items() if "diverged" not in s}
     classes = list(next(iter(trained.values()))["global_test_dice"])
     mean = {name: nanmean(s["global_test_dice"].values()) for name, s in trained.items()}
-    gap = mean["NP-FL"] - mean["DP-FL"] if {"NP-FL", "DP-FL"} <= set(results) else None
+    gap = mean["NP-FL"] - mean["DP-FL"] if {"NP-FL", "DP-FL"} <= set(mean) else None  # diverged: no gap
     lines = [f"### {task}", "", "| run | " + " | ".join(classes) + " | mean Dice | share of the DP-FL -> NP-FL gap "
              "closed | epsilon (max over sites) | MB uploaded per site and round | training wall time |",
              "|---" * (len(classes) + 6) + "|"]

@@ -30,6 +30,8 @@ def test_a_diverged_run_is_a_row_not_a_gap():
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
     assert row["ADP-FL (all mechanisms)"] == "| ADP-FL (all mechanisms) | diverged | diverged | - | - | - | - |"
     assert "| 0.700 | 50% |" in row["ADP-FL (defaults)"]
+    results["DP-FL"] = {"diverged": "inf", "settings": {}}  # no baseline, no gap (was a KeyError)
+    assert "| 0.700 | - |" in format_task("kidney", results)
 
 
 def test_ablations_switch_off_one_mechanism_each():
