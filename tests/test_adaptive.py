@@ -202,3 +202,17 @@ def test_max_clip_bounds_the_tracked_clip_norm():
     assert max(bounded) == 1.5 and bounded[-1] == 1.5
     with pytest.raises(ValueError, match="max_clip"):
         QuantileClipTracker(clip=1.0, sigma_count=1.0, expected_batch_size=8, max_clip=0.5)
+
+
+@pytest.mark.parametrize("max_clip", [1.1, 50.0])  # the bound reached / not reached
+def test_bounded_tracker_uses_only_the_noisy_count(max_clip):
+    """With the bound (the trainer's default), C still depends on the batch only through the noisy count."""
+    tracker = QuantileClipTracker(clip=1.0, sigma_count=0.4, expected_batch_size=6, learning_rate=2.0,
+                                  max_clip=max_clip)
+    batches = [torch.tensor([1.02, 1.05, 1.07, 1.09, 40.0, 1e3]),   # none unclipped: C wants to grow
+               torch.tensor([3.0, 1.5, 1.01, 9.0, 2.0, 1.3]),
+               torch.tensor([1.3, 1.5, 1.01, 9.0, 2.0, 3.0])]
+    new = [QuantileClipTracker.from_state_dict(tracker.state_dict()).update(b, torch.Generator().manual_seed(5))
+           for b in batches]
+    assert new[0] == new[1] == new[2]
+    assert (new[0] == max_clip) == (max_clip == 1.1)
