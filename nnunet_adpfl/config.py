@@ -167,7 +167,8 @@ def _validate(key: str, value: Any) -> Any:
 
 
 def _kind_name(kinds: tuple) -> str:
-    return " or ".join("a number" if k in (int, float) and float in kinds else k.__name__ for k in kinds)
+    names = ("a number" if k in (int, float) and float in kinds else k.__name__ for k in kinds)
+    return " or ".join(dict.fromkeys(names))  # (int, float) is one kind: "a number"
 
 
 def load_settings(path: str | None = None, overrides: dict | None = None) -> dict:
