@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prepare the Python environment for nnunet-adpfl (idempotent; fast when already done).
-# Venv: $NNUNET_ADPFL_VENV (default ~/.cache/nnunet-adpfl/venv). Prints progress to stderr.
+# Venv: $NNUNET_ADPFL_VENV (default ~/.cache/nnunet-adpfl/venv).
+# Stdout carries exactly one line, the venv path (callers capture it); everything else goes to stderr.
 set -euo pipefail
+exec 3>&1 1>&2
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${NNUNET_ADPFL_VENV:-$HOME/.cache/nnunet-adpfl/venv}"
 python="${PYTHON:-python3}"
@@ -28,5 +30,5 @@ if ! torch_ok; then
   say "ERROR: 'import torchvision' (with its compiled ops) fails in $venv; reinstall a matching torch/torchvision pair"
   exit 1
 fi
-"$venv/bin/python" -c "import torch, torchvision, nnunetv2, opacus; print('[setup] torch', torch.__version__, '| torchvision', torchvision.__version__, '| nnunetv2 ok | opacus', opacus.__version__)" >&2
-echo "$venv"
+"$venv/bin/python" -c "import torch, torchvision, nnunetv2, opacus; print('[setup] torch', torch.__version__, '| torchvision', torchvision.__version__, '| nnunetv2 ok | opacus', opacus.__version__)"
+echo "$venv" >&3
