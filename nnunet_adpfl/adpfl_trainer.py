@@ -182,7 +182,7 @@ class FederatedADPTrainer(FederatedDPTrainer):
     def _report_extra(self) -> dict:
         s, pv = self.dp_settings, self.privacy
         tracker = pv.get("clip_tracker")
-        return {"adpfl": {
+        return {**super()._report_extra(), "adpfl": {
             "noise_schedule": {"kind": s["adpfl_noise_schedule"] if s["noise_multiplier"] is None else "constant",
                                "end_ratio": s["adpfl_schedule_end_ratio"], "noise_multiplier_per_round": self._schedule},
             "adaptive_clipping": None if tracker is None else {

@@ -10,6 +10,7 @@ import torch
 
 from . import fed_files as ff
 from .fed_strategy import FedAvg
+from .initial_weights import describe_file, load_weights_file
 
 MODES = ("npfl", "dpfl", "adpfl")
 
@@ -22,9 +23,11 @@ def _positive_int(name: str, value) -> int:
 
 def create_federation(fed: Path, keys_dir: Path, sites: list[str], rounds: int, epochs_per_round: int,
                       mode: str, iterations_per_epoch: int | None = None, configuration: str = "3d_fullres",
-                      quorum: int | None = None, round_timeout_s: float | None = None, seed: int = 0) -> dict:
+                      quorum: int | None = None, round_timeout_s: float | None = None, seed: int = 0,
+                      initial_weights: str | Path | None = None) -> dict:
     """Write federation.json into the shared folder and one key per site into ``keys_dir`` (keep it off the
-    shared folder: the aggregator needs all keys, each site only its own)."""
+    shared folder: the aggregator needs all keys, each site only its own). ``initial_weights``: public weights
+    (an nnU-Net checkpoint or .safetensors, trained with the federation's plan) that become the round-0 model."""
     fed, keys_dir = Path(fed), Path(keys_dir)
     if (fed / ff.FEDERATION_FILE).exists():
         raise FileExistsError(f"{fed / ff.FEDERATION_FILE} exists already; use a new folder")
@@ -46,6 +49,7 @@ def create_federation(fed: Path, keys_dir: Path, sites: list[str], rounds: int, 
                                                                                          iterations_per_epoch),
         "mode": mode, "configuration": configuration, "quorum": quorum, "round_timeout_s": round_timeout_s,
         "seed": seed, "strategy": FedAvg.name, "plans_sha256": None,
+        "initial_weights": None if initial_weights is None else describe_file(initial_weights),
     }
     keys_dir.mkdir(parents=True, exist_ok=True)
     for site in sites:
@@ -119,8 +123,12 @@ class Aggregator:
             raise FileNotFoundError(f"{plans_file} missing: create the federation plan first ('nnunet-adpfl plan')")
         plans, dataset_json = ff.read_json(plans_file), ff.read_json(dataset_file)
         tensors = build_initial_model(plans, dataset_json, self.cfg["configuration"], self.cfg.get("seed", 0))
-        self._write_global(0, tensors, {"sites": [], "num_cases": 0})
-        self.log(f"round 0: initial model written ({sum(v.numel() for v in tensors.values()):,} parameters)")
+        source = self.cfg.get("initial_weights")
+        if source is not None:
+            tensors = load_weights_file(source, tensors)
+        self._write_global(0, tensors, {"sites": [], "num_cases": 0, "initial_weights": source})
+        self.log(f"round 0: initial model written ({sum(v.numel() for v in tensors.values()):,} parameters, "
+                 f"{'from ' + source['file'] if source else 'random initialisation'})")
 
     def _write_global(self, r: int, tensors: dict, info: dict) -> dict:
         tensor_path, manifest_path = ff.global_paths(self.fed, r)

@@ -57,6 +57,21 @@ SETTINGS: dict[str, Setting] = {
                                             _positive, ">= 1", nullable=True),
     "initial_lr": Setting(None, (int, float), "SGD learning rate (federated trainers too); null = nnU-Net's "
                           "default (1e-2)", _positive, "> 0", nullable=True),
+    "dp_trainable": Setting("all", str, "parameters the private step trains (fewer = less noise in total): 'all', "
+                            "'decoder' (encoder frozen), 'norm_bias' (normalisation affine parameters and biases) or "
+                            "'head' (segmentation layers); frozen ones get no noise and are not uploaded. Use with "
+                            "public pretrained weights (-pretrained_weights)",
+                            lambda v: v in ("all", "decoder", "norm_bias", "head"),
+                            "'all', 'decoder', 'norm_bias' or 'head'"),
+    "augmentation_multiplicity": Setting(1, int, "K: an included case contributes the mean gradient of K "
+                                         "independently augmented patches of it, clipped once (still one case: "
+                                         "sensitivity unchanged)", _positive, ">= 1"),
+    "momentum": Setting(0.9, (int, float), "SGD (Nesterov) momentum of the DP trainers; nnU-Net's 0.99 averages "
+                        "noise over ~100 steps and lets stale noisy directions dominate", lambda v: 0 <= v < 1,
+                        "in [0, 1)"),
+    "ema_decay": Setting(None, (int, float), "DP trainers (single site): exponential moving average of the trained "
+                         "weights, the released final model (free post-processing); null = off", lambda v: 0 < v < 1,
+                         "in (0, 1)", nullable=True),
     "accountant": Setting("rdp", str, "privacy accountant: 'rdp' or 'prv' (Opacus)",
                           lambda v: v in ("rdp", "prv"), "'rdp' or 'prv'"),
     "gamma": Setting(0.01, (int, float), "Auto-S stability constant: s = C / (n + gamma)", _positive, "> 0"),

@@ -10,6 +10,7 @@ What it changes against ``nnUNetTrainer`` and why (DESIGN.md section 1):
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -20,17 +21,22 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from safetensors import safe_open
+from safetensors.torch import save as st_save
 from torch import nn
 
 from . import report
 from .accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_within_budget
-from .atomic import write_json_atomic
+from .atomic import write_bytes_atomic, write_json_atomic
+from .ema import WeightEMA
+from .initial_weights import initial_weights_record, pretrained_origin
 from .clipping import make_rule
 from .config import SettingsError, apply_run_length, load_settings
 from .losses import PerCaseLoss
 from .noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
 from .per_case_grads import PerCaseGradients, resolve_engine, trainable_params_reached_by_loss
 from .sampling import PoissonDataLoader, batch_to_device
+from .trainable import count_parameters, select_trainable
 
 def make_dp_safe(network: nn.Module) -> nn.Module:
     """Turn off in-place activations (they break per-case gradient hooks) and refuse batch statistics."""
@@ -53,6 +59,7 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
 class nnUNetTrainerDP(nnUNetTrainer):
     """Base class of the DP trainers; subclasses choose the clipping rule."""
     clipping_rule = "flat"
+    supports_ema = True  # federated trainers: no (a site's weights are replaced by the global model every round)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -65,6 +72,10 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.rule = make_rule(self.clipping_rule, self.dp_settings)
         self.accountant = PrivacyAccountant(self.dp_settings["accountant"], self.dp_settings["delta"])
         self.privacy = None  # -> _setup_privacy
+        if self.dp_settings["ema_decay"] is not None and not self.supports_ema:
+            raise SettingsError(f"ema_decay is for single-site trainers, not {type(self).__name__}")
+        self.ema: WeightEMA | None = None
+        self._restored_ema: dict | None = None
         self._ensure_log_keys()
 
     # ---- nnU-Net defaults that break DP -------------------------------------------------------------
@@ -102,7 +113,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.num_training_cases = len(dataset_tr.identifiers)
         dl_tr = PoissonDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
-                                  transforms=tr_transforms, sample_rate=self._sample_rate())
+                                  transforms=tr_transforms, sample_rate=self._sample_rate(),
+                                  multiplicity=self.dp_settings["augmentation_multiplicity"])
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
                                   transforms=val_transforms)
@@ -138,9 +150,23 @@ class nnUNetTrainerDP(nnUNetTrainer):
         return calibrate_noise_multiplier(s["target_epsilon"], s["delta"], sample_rate, self._planned_steps(),
                                           s["accountant"])
 
+    def configure_optimizers(self):
+        """nnU-Net's SGD and poly schedule with the settings' momentum (nnU-Net: 0.99)."""
+        optimizer, scheduler = super().configure_optimizers()
+        for group in optimizer.param_groups:
+            group["momentum"] = self.dp_settings["momentum"]
+            group["nesterov"] = self.dp_settings["momentum"] > 0
+        return optimizer, scheduler
+
     def on_train_start(self):
         super().on_train_start()
+        self.initial_weights = initial_weights_record(self.network, self.output_folder, self.current_epoch == 0,
+                                                      self._initial_weights_origin())
         self._setup_privacy()
+
+    def _initial_weights_origin(self) -> dict:
+        """Where the starting weights came from (federated trainers: the federation's round-0 model)."""
+        return pretrained_origin()
 
     def _example_batch(self):
         """Data-free input/target with the training shapes (used to find the parameters the loss reaches)."""
@@ -157,10 +183,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         s = self.dp_settings
         q = self._sample_rate()
         sigma = self._noise_multiplier(q)
-        params = trainable_params_reached_by_loss(self.network, self.loss.per_case, *self._example_batch())
-        for name, p in self.network.named_parameters():
-            if name not in params:
-                p.requires_grad_(False)
+        params = self._private_params()
         engine = resolve_engine(s["per_sample_engine"])
         remaining = max(0, self._planned_steps() - self.accountant.steps)
         allowed = self._budget_steps(q, sigma, remaining)
@@ -168,18 +191,40 @@ class nnUNetTrainerDP(nnUNetTrainer):
             "sample_rate": q, "noise_multiplier": sigma, "expected_batch_size": self._expected_batch_size(),
             "params": params, "steps_left": allowed, "engine": engine,
             "per_case": PerCaseGradients(self.network, self.loss.per_case, params, engine,
-                                         s["max_physical_batch_size"]),
+                                         s["max_physical_batch_size"], s["augmentation_multiplicity"]),
+            "parameters": {"dp_trainable": s["dp_trainable"], "trainable": count_parameters(params.values()),
+                           "total": count_parameters(self.network.parameters())},
             "generator": make_noise_generator(self.device, s["noise_seed"]),
             "alignment": [],
         }
+        if s["ema_decay"] is not None:
+            self.ema = WeightEMA(params, s["ema_decay"])
+            if self._restored_ema is not None:
+                self.ema.load_state_dict(self._restored_ema)
         n_frozen = sum(1 for p in self.network.parameters() if not p.requires_grad)
+        counts = self.privacy["parameters"]
         self.print_to_log_file(
             f"DP: rule {self.rule.describe()}, C={s['max_grad_norm']}, sigma={sigma:.4f}, q={q:.4g} "
-            f"(expected batch {self._expected_batch_size()} of {self.num_training_cases} cases, Poisson), "
+            f"(expected batch {self._expected_batch_size()} of {self.num_training_cases} cases, Poisson, "
+            f"{s['augmentation_multiplicity']} augmented patch(es) per case), "
             f"{self._planned_steps()} planned steps, {allowed} within budget, accountant {s['accountant']}, "
-            f"engine {engine}, {len(params)} parameter tensors ({n_frozen} unreached by the loss, frozen)")
+            f"engine {engine}; trainable ({s['dp_trainable']}): {counts['trainable']:,} of {counts['total']:,} "
+            f"parameters in {len(params)} tensors ({n_frozen} tensors frozen); noise std per coordinate "
+            f"{sigma * s['max_grad_norm'] / self._expected_batch_size():.3g} (sigma*C/B); momentum {s['momentum']}; "
+            f"initial weights: {self.initial_weights['source']}")
         if s["noise_seed"] is not None:
             self.print_to_log_file("WARNING: noise_seed is set: the noise is predictable, no privacy guarantee.")
+
+    def _private_params(self) -> dict[str, nn.Parameter]:
+        """The parameters the private step trains (dp_trainable, and reached by the loss); all others frozen.
+        Decided from the architecture and a data-free example, never from private data."""
+        chosen = select_trainable(self.network, self.dp_settings["dp_trainable"])
+        for name, p in self.network.named_parameters():
+            p.requires_grad_(name in chosen)
+        params = trainable_params_reached_by_loss(self.network, self.loss.per_case, *self._example_batch())
+        for name, p in self.network.named_parameters():
+            p.requires_grad_(name in params)
+        return params
 
     def _budget_steps(self, sample_rate: float, sigma: float, remaining: int) -> int:
         """How many of the remaining planned steps fit the budget."""
@@ -198,6 +243,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         for p, g in zip(pv["params"].values(), noisy):
             p.grad = g
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(pv["params"])
         self.accountant.step(pv["noise_multiplier"], pv["sample_rate"])
         pv["steps_left"] -= 1
         self._after_step(sums)
@@ -284,19 +331,39 @@ class nnUNetTrainerDP(nnUNetTrainer):
             report.plot_privacy_progress(self.logger.local_logger.my_fantastic_logging, self.output_folder)
 
     def on_train_end(self):
+        if self.ema is not None:  # the released model is the average of the noisy iterates (post-processing)
+            self.ema.copy_to(self.privacy["params"])
+            self.print_to_log_file(f"final model = EMA of the weights (decay {self.ema.decay})")
         super().on_train_end()
         self.write_privacy_report(final=True)
 
+    @staticmethod
+    def _ema_path(checkpoint: str) -> str:
+        return os.path.splitext(checkpoint)[0] + "_ema.safetensors"
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.ema is not None and self.local_rank == 0:
+            write_bytes_atomic(self._ema_path(filename), st_save(self.ema.state_dict()))
+        super().save_checkpoint(filename)
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
+        path = self._ema_path(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) else None
+        if self.dp_settings["ema_decay"] is not None and path is not None and os.path.isfile(path):
+            with safe_open(path, "pt") as f:
+                self._restored_ema = {k: f.get_tensor(k) for k in f.keys()}
         self._ensure_log_keys()
         states = [st for st in self.logger.get_value("privacy_accountant", step=None) if isinstance(st, dict)]
         if states:
             self.accountant = PrivacyAccountant.from_state_dict(states[-1])
 
     def _report_extra(self) -> dict:
-        """Mechanism-specific report fields (ADP-FL)."""
-        return {}
+        """Mechanism-specific report fields (ADP-FL add theirs)."""
+        s = self.dp_settings
+        return {"initial_weights": self.initial_weights, "trainable_parameters": self.privacy["parameters"],
+                "augmentation_multiplicity": s["augmentation_multiplicity"], "momentum": s["momentum"],
+                "released_model": "weights" if s["ema_decay"] is None else f"EMA of the weights (decay "
+                                                                             f"{s['ema_decay']}), post-processing"}
 
     def write_privacy_report(self, final: bool) -> dict:
         if self.local_rank != 0 or self.privacy is None:

@@ -25,7 +25,7 @@ def fingerprint_path(fed: Path, site: str) -> Path:
 def cmd_init(a) -> int:
     cfg = create_federation(Path(a.federation_dir), Path(a.keys_dir), [s for s in a.sites.split(",") if s], a.rounds,
                             a.epochs_per_round, a.mode, a.iterations_per_epoch, a.configuration, a.quorum,
-                            a.round_timeout, a.seed)
+                            a.round_timeout, a.seed, a.initial_weights)
     print(f"federation {cfg['id']} created in {a.federation_dir}: sites {cfg['sites']}, {cfg['rounds']} rounds x "
           f"{cfg['epochs_per_round']} epochs, mode {cfg['mode']}")
     print(f"site keys written to {a.keys_dir}: give each site ONLY its own <site>.key (out of band); the "
@@ -131,6 +131,9 @@ def add_cli(sub) -> None:
     q.add_argument("--round-timeout", type=float, default=None, help="seconds before a round may close with a quorum")
     q.add_argument("--keys-dir", required=True, help="where to write the site keys (NOT the shared folder)")
     q.add_argument("--seed", type=int, default=0, help="seed of the initial model")
+    q.add_argument("--initial-weights", default=None, help="public weights for round 0 (nnU-Net checkpoint_final.pth "
+                   "or .safetensors trained with the federation's plan, e.g. by 'nnunet-adpfl pretrain-public'); "
+                   "default: nnU-Net's random initialisation")
     q.set_defaults(func=cmd_init)
 
     p = sub.add_parser("fingerprint", help="at a site: share the aggregate fingerprint of dataset -d")

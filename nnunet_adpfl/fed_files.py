@@ -168,14 +168,7 @@ def read_verified_tensors(tensor_path: Path, manifest: dict, spec: dict[str, tup
     except (SafetensorError, Exception) as e:  # malformed header or payload
         raise Rejected(f"not a valid safetensors file: {e}") from None
     if spec is not None:
-        got = tensor_spec(tensors)
-        if set(got) != set(spec):
-            missing, extra = sorted(set(spec) - set(got)), sorted(set(got) - set(spec))
-            raise Rejected(f"wrong tensor names: missing {missing[:5]}, unexpected {extra[:5]}")
-        bad = [k for k in spec if tuple(got[k][0]) != tuple(spec[k][0]) or got[k][1] != spec[k][1]]
-        if bad:
-            k = bad[0]
-            raise Rejected(f"wrong shape/dtype for {k}: {got[k]} instead of {spec[k]} ({len(bad)} tensors)")
+        _checked(tensors, spec)
     nonfinite = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
         raise Rejected(f"NaN/Inf in {nonfinite[:3]}")
@@ -207,28 +200,55 @@ def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dic
         raise Rejected(f"num_cases must be a positive integer, got {cases!r}")
     if manifest.get("file") != tensor_path.name:
         raise Rejected(f"manifest names file {manifest.get('file')!r}, expected {tensor_path.name!r}")
-    if manifest.get("encoding") == "topk":
-        return manifest, _decode_topk(read_verified_tensors(tensor_path, manifest, None), spec)
-    if manifest.get("encoding") is not None:
+    subset = manifest.get("subset", False)
+    if subset not in (True, False):
+        raise Rejected(f"subset must be true or false, got {subset!r}")
+    if manifest.get("encoding") not in (None, "topk"):
         raise Rejected(f"unknown encoding {manifest.get('encoding')!r}")
-    return manifest, read_verified_tensors(tensor_path, manifest, spec)
+    stored = read_verified_tensors(tensor_path, manifest, None)
+    if manifest.get("encoding") == "topk":
+        sent = {k.rsplit("::", 1)[0] for k in stored}
+        return manifest, _decode_topk(stored, {k: v for k, v in spec.items() if k in sent} if subset else spec, spec)
+    return manifest, _zero_filled(_checked(stored, {k: v for k, v in spec.items() if k in stored} if subset else spec),
+                                  spec)
 
 
-def _decode_topk(encoded: dict, spec: dict[str, tuple]) -> dict:
-    """Dense update from a top-k (indices + values) encoding, checked against the model; non-float tensors
-    (never encoded) are zero."""
+def _checked(tensors: dict, spec: dict[str, tuple]) -> dict:
+    """``tensors`` must have exactly the names, shapes and dtypes of ``spec``."""
+    got = tensor_spec(tensors)
+    if set(got) != set(spec):
+        missing, extra = sorted(set(spec) - set(got)), sorted(set(got) - set(spec))
+        raise Rejected(f"wrong tensor names: missing {missing[:5]}, unexpected {extra[:5]}")
+    bad = [k for k in spec if tuple(got[k][0]) != tuple(spec[k][0]) or got[k][1] != spec[k][1]]
+    if bad:
+        k = bad[0]
+        raise Rejected(f"wrong shape/dtype for {k}: {got[k]} instead of {spec[k]} ({len(bad)} tensors)")
+    return tensors
+
+
+_DTYPES = {"torch.int64": torch.int64, "torch.int32": torch.int32, "torch.bool": torch.bool}
+
+
+def _zero_filled(tensors: dict, spec: dict[str, tuple]) -> dict:
+    """A dense update over the whole model: tensors not sent (frozen or never encoded) are zero."""
+    out = dict(tensors)
+    for k, (shape, dtype) in spec.items():
+        if k not in out:
+            out[k] = torch.zeros(shape, dtype=getattr(torch, dtype.removeprefix("torch."), None)
+                                 if "float" in dtype else _DTYPES.get(dtype, torch.int64))
+    return out
+
+
+def _decode_topk(encoded: dict, sent: dict[str, tuple], spec: dict[str, tuple]) -> dict:
+    """Dense update from a top-k (indices + values) encoding of the tensors ``sent``, checked against the model;
+    the others (non-float, or frozen ones of a subset update) are zero."""
     from .sparsify import topk_decode
 
-    floats = {k: v for k, v in spec.items() if "float" in v[1]}
     try:
-        dense = topk_decode(encoded, floats)
+        dense = topk_decode(encoded, {k: v for k, v in sent.items() if "float" in v[1]})
     except ValueError as e:
         raise Rejected(f"bad top-k encoding: {e}") from None
-    dtypes = {"torch.int64": torch.int64, "torch.int32": torch.int32, "torch.bool": torch.bool}
-    for k, (shape, dtype) in spec.items():
-        if k not in dense:
-            dense[k] = torch.zeros(shape, dtype=dtypes.get(dtype, torch.int64))
-    return dense
+    return _zero_filled(dense, spec)
 
 
 def read_global(fed: Path, r: int, federation_id: str, site: str, key: bytes,

@@ -202,8 +202,11 @@ class FederatedTrainerMixin:
                 else torch.zeros_like(v) for k, v in self._state().items()}
 
     def _upload(self, r: int) -> None:
-        tensors, encoding = self._upload_tensors(r, self._local_delta())
-        manifest = self.client.upload(r, tensors, self._num_cases(), {**self._privacy_manifest(), **encoding})
+        delta = self._local_delta()
+        tensors, encoding = self._upload_tensors(r, delta)
+        subset = {"subset": True} if len(delta) < len(self._round_start) else {}  # absent tensors: zero update
+        manifest = self.client.upload(r, tensors, self._num_cases(),
+                                      {**self._privacy_manifest(), **encoding, **subset})
         self.print_to_log_file(f"federation: uploaded round {r} update ({manifest['bytes'] / 1e6:.1f} MB)")
 
     def _upload_tensors(self, r: int, delta: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -2,10 +2,13 @@
 aggregator. Each DP site's account covers every update it ever uploads."""
 from __future__ import annotations
 
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from . import fed_files as ff
 from .dp_trainer import nnUNetTrainerDP
 from .fed_site import FederatedTrainerMixin, round_seed
+from .initial_weights import PUBLIC_REQUIREMENT
 
 
 class FederatedNPTrainer(FederatedTrainerMixin, nnUNetTrainer):
@@ -14,10 +17,25 @@ class FederatedNPTrainer(FederatedTrainerMixin, nnUNetTrainer):
 
 class FederatedDPTrainer(FederatedTrainerMixin, nnUNetTrainerDP):
     federation_mode = "dpfl"
+    supports_ema = False
 
     def _privacy_manifest(self) -> dict:
         return {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
                 "privacy_accountant": self.accountant.state_dict()}
+
+    def _initial_weights_origin(self) -> dict:
+        cfg = self.client.cfg
+        manifest = ff.read_json(ff.global_paths(self.client.fed, 0)[1])
+        public = cfg.get("initial_weights")
+        return {"source": "the federation's round-0 global model", "round0_sha256": manifest["sha256"],
+                "federation_initial_weights": public or f"random initialisation (aggregator, seed {cfg.get('seed')})",
+                **({"requirement": PUBLIC_REQUIREMENT} if public else {})}
+
+    def _local_delta(self) -> dict[str, torch.Tensor]:
+        """Only the privately trained tensors: frozen ones (dp_trainable) did not change and are not uploaded."""
+        params = self.privacy["params"] if self.privacy is not None else self._private_params()
+        delta = super()._local_delta()
+        return {k: v for k, v in delta.items() if k in params}
 
     def _start_round(self, r: int) -> None:
         super()._start_round(r)

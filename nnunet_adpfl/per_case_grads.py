@@ -5,6 +5,9 @@ Two engines, same result (tests compare both with an independent per-case loop):
 - ``vmap``: ``torch.func.vmap(grad(functional_call(..., tie_weights=False)))`` over chunks of cases.
 ``tie_weights=False`` matters: with the default, functorch tensors stay in the model and nnU-Net's
 final validation crashes afterwards.
+
+Augmentation multiplicity K: the batch holds K consecutive patches per case; a case's gradient is the gradient of
+the mean of its K patch losses (= the mean of the K patch gradients), so it is still one case's contribution.
 """
 from __future__ import annotations
 
@@ -24,6 +27,11 @@ def slice_target(target: Target, start: int, stop: int) -> Target:
     return target[start:stop]
 
 
+def group_cases(x: torch.Tensor, multiplicity: int) -> torch.Tensor:
+    """(m * K, ...) -> (m, K, ...): the K patches of each case side by side."""
+    return x.reshape(x.shape[0] // multiplicity, multiplicity, *x.shape[1:])
+
+
 def resolve_engine(engine: str) -> str:
     """'auto' -> 'loop': measured faster and leaner than 'vmap' (docs/BENCHMARKS.md; on GPU not yet measured,
     run scripts/bench_dp_step.py --device cuda to choose there)."""
@@ -38,37 +46,45 @@ class PerCaseGradients:
     """Yields (grads, losses) chunks: grads[k] has shape (m, *params[k].shape), losses shape (m,)."""
 
     def __init__(self, model: nn.Module, per_case_loss: PerCaseLossFn, params: dict[str, nn.Parameter],
-                 engine: str = "loop", chunk_size: int = 8):
+                 engine: str = "loop", chunk_size: int = 8, multiplicity: int = 1):
+        if multiplicity < 1:
+            raise ValueError(f"augmentation multiplicity must be >= 1, got {multiplicity}")
         self.model = model
         self.per_case_loss = per_case_loss
         self.names = list(params)
         self.params = list(params.values())
         self.engine = engine
         self.chunk_size = chunk_size
+        self.multiplicity = multiplicity
         if engine == "vmap":
             self._vmapped = vmap(grad_and_value(self._case_loss), in_dims=(None, 0, 0), randomness="different")
 
     def chunks(self, data: torch.Tensor, target: Target) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        step = 1 if self.engine == "loop" else self.chunk_size
+        """Per-case gradients and losses, ``chunk_size`` cases (loop: one case) at a time."""
+        k = self.multiplicity
+        if data.shape[0] % k:
+            raise ValueError(f"batch of {data.shape[0]} patches is not {k} patches per case")
+        step = k if self.engine == "loop" else self.chunk_size * k
         for start in range(0, data.shape[0], step):
             stop = min(start + step, data.shape[0])
             x, y = data[start:stop], slice_target(target, start, stop)
             yield self._loop_case(x, y) if self.engine == "loop" else self._vmap_chunk(x, y)
 
     def _loop_case(self, x: torch.Tensor, y: Target):
-        loss = self.per_case_loss(self.model(x), y)[0]
+        loss = self.per_case_loss(self.model(x), y).mean()  # the case's K patches (K = 1: that patch's loss)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
         return [g.unsqueeze(0) for g in grads], loss.detach().unsqueeze(0)
 
     def _case_loss(self, params: dict, x: torch.Tensor, y: Target) -> torch.Tensor:
-        y1 = [t.unsqueeze(0) for t in y] if isinstance(y, (list, tuple)) else y.unsqueeze(0)
-        out = functional_call(self.model, params, (x.unsqueeze(0),), tie_weights=False)
-        return self.per_case_loss(out, y1)[0]
+        out = functional_call(self.model, params, (x,), tie_weights=False)
+        return self.per_case_loss(out, y).mean()
 
     def _vmap_chunk(self, x: torch.Tensor, y: Target):
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
-        grads, losses = self._vmapped(params, x, y)
+        k = self.multiplicity
+        y = [group_cases(t, k) for t in y] if isinstance(y, (list, tuple)) else group_cases(y, k)
+        grads, losses = self._vmapped(params, group_cases(x, k), y)
         return [grads[n] for n in self.names], losses.detach()
 
 

@@ -21,15 +21,19 @@ def poisson_mask(num_cases: int, sample_rate: float, rng=np.random) -> np.ndarra
 class PoissonDataLoader(nnUNetDataLoader):
     """nnU-Net training loader with Poisson-sampled, variable-size batches (possibly empty).
 
-    An empty draw yields ``{'data': None, 'target': None, 'keys': []}``.
+    ``multiplicity`` K: an included case gives K consecutive patches, each with its own crop, foreground coin and
+    augmentation (all that case's own randomness). An empty draw yields ``{'data': None, 'target': None, 'keys': []}``.
     """
 
-    def __init__(self, *args, sample_rate: float, **kwargs):
+    def __init__(self, *args, sample_rate: float, multiplicity: int = 1, **kwargs):
         kwargs["probabilistic_oversampling"] = True
         super().__init__(*args, **kwargs)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if multiplicity < 1:
+            raise ValueError(f"multiplicity must be >= 1, got {multiplicity}")
         self.sample_rate = sample_rate
+        self.multiplicity = multiplicity
         self._draw: list = []
 
     def get_indices(self):
@@ -37,7 +41,7 @@ class PoissonDataLoader(nnUNetDataLoader):
 
     def generate_train_batch(self):
         included = poisson_mask(len(self.indices), self.sample_rate)
-        self._draw = [k for k, inc in zip(self.indices, included) if inc]
+        self._draw = [k for k, inc in zip(self.indices, included) if inc for _ in range(self.multiplicity)]
         if not self._draw:
             return {"data": None, "target": None, "keys": []}
         self.batch_size = len(self._draw)

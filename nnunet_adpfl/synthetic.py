@@ -28,6 +28,7 @@ TASKS = ("skin", "kidney", "brain")
 _SITE_WEIGHTS = (1.0, 1.3, 0.8)  # relative site sizes, cycled when there are more than three sites
 _MIN_CASES_PER_SITE = 2
 _STREAM_TRAIN, _STREAM_TEST, _STREAM_SITES = 0, 1, 2  # independent random streams per seed
+_STREAM_PUBLIC, _STREAM_PUBLIC_SITES, _STREAM_PUBLIC_TEST = 3, 4, 5  # the public cohort: other cases, other scanners
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 _Grid = tuple[np.ndarray, ...]  # broadcastable coordinate arrays, one per axis
@@ -516,38 +517,43 @@ def _dataset_json(spec: _TaskSpec, name: str, task: str, num_training: int, seed
 
 def generate_dataset(task: str, output_root: str | Path, dataset_id: int = 501, num_cases: int = 24,
                      num_sites: int = 3, num_test_cases: int = 6, seed: int = 0, scale: float = 1.0,
-                     dataset_name: str | None = None) -> Path:
+                     dataset_name: str | None = None, public: bool = False) -> Path:
     """Write output_root/DatasetXXX_<Name>/ in nnU-Net raw format and return that folder.
 
     Training cases are named ``<site>_<index>`` and spread unevenly over sites A, B, ...; test cases
     ``test_<index>`` cycle through the sites' acquisition profiles. ``sites.json`` records the split.
+    ``public``: the task's public cohort for the same seed instead (default name <Name>Public): cases from
+    random streams disjoint from the private cohort's and its test set's, acquired with their own site profiles
+    (a scanner shift), for pretraining the weights that private training starts from.
     """
     spec = _validate(task, dataset_id, num_cases, num_sites, num_test_cases, seed, scale, dataset_name)
-    name = dataset_name or spec.name
+    name = dataset_name or (spec.name + "Public" if public else spec.name)
     folder = Path(output_root) / f"Dataset{dataset_id:03d}_{name}"
     _reset_dataset_folder(folder)
     site_names = list(string.ascii_uppercase[:num_sites])
-    profiles = _site_profiles(spec.site_ranges, np.random.default_rng([seed, _STREAM_SITES]), num_sites)
+    stream_train, stream_test, stream_sites = (_STREAM_PUBLIC, _STREAM_PUBLIC_TEST, _STREAM_PUBLIC_SITES) if public \
+        else (_STREAM_TRAIN, _STREAM_TEST, _STREAM_SITES)
+    profiles = _site_profiles(spec.site_ranges, np.random.default_rng([seed, stream_sites]), num_sites)
 
     sites: dict[str, list[str]] = {site: [] for site in site_names}
     site_of_case = np.repeat(np.arange(num_sites), _site_sizes(num_cases, num_sites))
     for index, site_index in enumerate(site_of_case):
         case_id = f"{site_names[site_index]}_{index:04d}"
-        case = spec.make_case(np.random.default_rng([seed, _STREAM_TRAIN, index]), profiles[site_index], scale)
+        case = spec.make_case(np.random.default_rng([seed, stream_train, index]), profiles[site_index], scale)
         _write_case(case, case_id, folder, "Tr", spec.file_ending)
         sites[site_names[site_index]].append(case_id)
 
     test_sites = {}
     for index in range(num_test_cases):
         case_id, site_index = f"test_{index:04d}", index % num_sites
-        case = spec.make_case(np.random.default_rng([seed, _STREAM_TEST, index]), profiles[site_index], scale)
+        case = spec.make_case(np.random.default_rng([seed, stream_test, index]), profiles[site_index], scale)
         _write_case(case, case_id, folder, "Ts", spec.file_ending)
         test_sites[case_id] = site_names[site_index]
 
     _write_json(folder / "dataset.json", _dataset_json(spec, name, task, num_cases, seed))
     _write_json(folder / "sites.json", {
         "sites": sites, "test": list(test_sites), "test_sites": test_sites, "task": task, "seed": seed,
-        "profiles": dict(zip(site_names, profiles)),
+        "profiles": dict(zip(site_names, profiles)), "cohort": "public" if public else "private",
     })
     return folder
 
@@ -628,7 +634,7 @@ def _run_make_dataset(args: argparse.Namespace) -> int:
         return 2
     try:
         folder = generate_dataset(args.task, args.output_root, args.dataset_id, args.num_cases, args.num_sites,
-                                  args.num_test_cases, args.seed, args.scale, args.dataset_name)
+                                  args.num_test_cases, args.seed, args.scale, args.dataset_name, args.public)
         split = split_by_site(folder, args.split_sites) if args.split_sites else {}
     except ValueError as error:
         print(f"make-dataset: error: {error}", file=sys.stderr)
@@ -655,6 +661,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the spatial size")
     parser.add_argument("--dataset-name", default=None, help="default: SynthSkin / SynthKidney / SynthBrain")
+    parser.add_argument("--public", action="store_true", help="the task's public cohort (disjoint cases, another "
+                        "scanner) for pretraining, instead of the private multi-site one")
     parser.add_argument("--split-sites", metavar="OUTPUT_ROOT", default=None,
                         help="also write one dataset per site to OUTPUT_ROOT/<site>/DatasetXXX_<Name>/")
     parser.set_defaults(func=_run_make_dataset)

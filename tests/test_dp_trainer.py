@@ -172,3 +172,72 @@ def test_baseline_trainer_takes_run_length_from_settings(nnunet_paths, tmp_path,
     t = make_trainer("nnUNetTrainerBaselineBudget", settings={**SHORT, "initial_lr": 0.005}, tmp_path=tmp_path,
                      monkeypatch=monkeypatch)
     assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.initial_lr) == (2, 3, 1, 0.005)
+
+
+def test_dp_trainable_decoder_freezes_the_encoder_and_reports_counts(nnunet_paths, tmp_path, monkeypatch):
+    t = make_trainer(settings={**SHORT, "dp_trainable": "decoder"}, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    t.on_train_start()
+    try:
+        trained = {n for n, p in t.network.named_parameters() if p.requires_grad}
+        assert trained == set(t.privacy["params"]) and trained
+        assert all(n.startswith("decoder.") for n in trained)
+        before = {n: p.detach().clone() for n, p in t.network.named_parameters()}
+        t.train_step(next(b for b in iter(lambda: next(t.dataloader_train), None) if b["keys"]))
+        for n, p in t.network.named_parameters():
+            assert torch.equal(before[n], p.detach()) == (n not in trained), n  # frozen: no noise, no change
+        counts = t.write_privacy_report(final=False)["trainable_parameters"]
+        assert counts["dp_trainable"] == "decoder"
+        assert counts["trainable"] == sum(p.numel() for n, p in t.network.named_parameters() if n in trained)
+        assert 0 < counts["trainable"] < counts["total"]
+    finally:
+        t.on_train_end()
+
+
+def test_multiplicity_gives_k_consecutive_patches_per_included_case(nnunet_paths, tmp_path, monkeypatch):
+    t = make_trainer(settings={**SHORT, "augmentation_multiplicity": 3}, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    t.on_train_start()
+    try:
+        batch = next(b for b in iter(lambda: next(t.dataloader_train), None) if b["keys"])
+        keys = list(batch["keys"])
+        cases = keys[::3]
+        assert keys == [k for k in cases for _ in range(3)] and len(set(cases)) == len(cases)
+        assert batch["data"].shape[0] == len(keys)
+        assert not torch.equal(batch["data"][0], batch["data"][1])  # each patch its own crop / augmentation
+        out = t.train_step(batch)
+        assert np.isfinite(out["loss"])
+    finally:
+        t.on_train_end()
+
+
+def test_momentum_setting_reaches_the_optimizer(nnunet_paths, tmp_path, monkeypatch):
+    t = make_trainer(settings={**SHORT, "momentum": 0.5}, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    t.initialize()
+    assert {g["momentum"] for g in t.optimizer.param_groups} == {0.5}
+    t0 = make_trainer(settings=SHORT, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    t0.initialize()
+    assert {g["momentum"] for g in t0.optimizer.param_groups} == {0.9}  # DP default, not nnU-Net's 0.99
+
+
+def test_ema_is_the_released_model_and_survives_a_checkpoint(nnunet_paths, tmp_path, monkeypatch):
+    settings = {**SHORT, "ema_decay": 0.5}
+    t = make_trainer(settings=settings, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    t.on_train_start()
+    params = t.privacy["params"]
+    start = {n: p.detach().clone() for n, p in params.items()}
+    iterates = []
+    for _ in range(2):
+        t.train_step(next(b for b in iter(lambda: next(t.dataloader_train), None) if b["keys"]))
+        iterates.append({n: p.detach().clone() for n, p in params.items()})
+    name = next(iter(params))
+    expected = 0.25 * start[name] + 0.25 * iterates[0][name] + 0.5 * iterates[1][name]
+    torch.testing.assert_close(t.ema.shadow[name], expected)
+    path = str(tmp_path / "ckpt.pth")
+    t.save_checkpoint(path)
+    t2 = make_trainer(settings=settings, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    t2.load_checkpoint(path)
+    t2.on_train_start()
+    torch.testing.assert_close(t2.ema.shadow[name], expected)
+    t2.on_train_end()
+    t.on_train_end()
+    torch.testing.assert_close(dict(t.network.named_parameters())[name].detach(), expected)
+    assert "EMA" in t.write_privacy_report(final=True)["released_model"]

@@ -263,3 +263,16 @@ def test_module_entry_point(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Dataset501_SynthBrain" in result.stdout
+
+
+def test_public_cohort_is_disjoint_and_shifted(tmp_path):
+    kwargs = dict(num_cases=4, num_sites=1, num_test_cases=2, scale=0.5, seed=3)
+    private = generate_dataset("skin", tmp_path / "private", **kwargs)
+    public = generate_dataset("skin", tmp_path / "public", dataset_id=502, public=True, **kwargs)
+    assert public.name == "Dataset502_SynthSkinPublic"
+    assert load_meta(public)[1]["cohort"] == "public" and load_meta(private)[1]["cohort"] == "private"
+    assert load_meta(public)[1]["profiles"] != load_meta(private)[1]["profiles"]  # another scanner
+    priv, pub = all_arrays(private), all_arrays(public)
+    assert not any(a.shape == b.shape and np.array_equal(a, b) for a in priv for b in pub)  # no shared case
+    again = all_arrays(generate_dataset("skin", tmp_path / "again", dataset_id=502, public=True, **kwargs))
+    assert all(np.array_equal(a, b) for a, b in zip(pub, again))
