@@ -14,8 +14,10 @@ from pathlib import Path
 from . import fed_files as ff
 from .aggregator import create_federation
 from .demo import CONFIGURATION
+from .demo import evaluate_folder
 from .metrics import nanmean
-from .pipeline import DIVERGED
+from .pipeline import DIVERGED, predict
+from .pretrain import TRAINER as PUBLIC_TRAINER, pretrain_public
 from .simulate import MODE_OF_TRAINER, Layout, _stage_data, _stage_plan, _train, new_run, summarise
 
 ADPFL = "nnUNetTrainerADPFL"
@@ -34,6 +36,9 @@ RUNS = {  # name -> (trainer, settings beyond the common private ones; None: not
     **{f"ADP-FL: {name} only": (ADPFL, {**ALL_MECHANISMS, **ALL_OFF, **{k: ALL_MECHANISMS[k] for k in off}})
        for name, off in WITHOUT.items()},
 }
+FROM_PUBLIC = " from public weights"  # suffix: the run's round-0 model is the public model
+RUNS.update({name + FROM_PUBLIC: run for name, run in list(RUNS.items())})
+PUBLIC_ONLY = "public weights only (no private training)"
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
 
 
@@ -55,18 +60,29 @@ def run_task(a, task: str) -> dict:
                           iterations_per_epoch=a.iterations, configuration=config, seed=a.seed)
     _stage_plan(plan_lay, pooled, config, a.max_features)
     private = {"target_epsilon": a.epsilon, "delta": a.delta, "expected_batch_size": a.batch_size,
-               "max_grad_norm": a.clip, "num_val_iterations_per_epoch": 1, "seed": a.seed}
-    for name in a.runs:
+               "max_grad_norm": a.clip, "num_val_iterations_per_epoch": 1, "seed": a.seed,
+               **json.loads(a.private_settings or "{}")}
+    public = None
+    if any(name.endswith(FROM_PUBLIC) for name in a.runs):
+        public = pretrain_public(plan_lay.fed, task, work / "public", a.public_cases, a.scale, a.seed,
+                                 a.public_epochs, a.iterations, a.lr)
+        if PUBLIC_ONLY not in results:
+            results[PUBLIC_ONLY] = _evaluate_public(work, public, config, pooled)
+            results_file.write_text(json.dumps(results, indent=2))
+    for run_name in a.runs:
+        name = run_name + (f" [{a.label}]" if a.label else "")
         if name in results:
             continue
-        trainer, extra = RUNS[name]
+        trainer, extra = RUNS[run_name]
         slug = "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
         lay = Layout(work, sites, slug)
         if not (lay.fed / ff.FEDERATION_FILE).exists():
-            new_run(lay, plan_lay.fed, MODE_OF_TRAINER[trainer], a.rounds, 1, a.iterations, config, a.seed)
+            new_run(lay, plan_lay.fed, MODE_OF_TRAINER[trainer], a.rounds, 1, a.iterations, config, a.seed,
+                    public if run_name.endswith(FROM_PUBLIC) else None)
         settings = {"num_val_iterations_per_epoch": 1, "seed": a.seed} if extra is None else {**private, **extra}
-        if a.lr is not None:
-            settings["initial_lr"] = a.lr
+        lr = a.lr if extra is None or a.private_lr is None else a.private_lr
+        if lr is not None:
+            settings["initial_lr"] = lr
         _log(f"{task}: {name} ({trainer}, {a.rounds} rounds x {a.iterations} steps)")
         try:
             wall = None if ff.global_paths(lay.fed, a.rounds)[1].exists() else _train(lay, trainer, config,
@@ -88,26 +104,50 @@ def run_task(a, task: str) -> dict:
     return results
 
 
+def _evaluate_public(work: Path, checkpoint: Path, config: str, pooled: Path) -> dict:
+    """The public model alone on the test set: what private training starts from."""
+    from .pipeline import nnunet_env
+
+    env = nnunet_env(work / "public")
+    dataset_id = int(checkpoint.parents[2].name[len("Dataset"):].split("_")[0])
+    ending = json.loads((pooled / "dataset.json").read_text())["file_ending"]
+    out = predict(pooled / "imagesTs", work / "public" / "predictions", dataset_id, config, PUBLIC_TRAINER, env,
+                  work / "public" / "logs" / "predict.log", ending, fold="all")
+    return {"trainer": PUBLIC_TRAINER, "mode": "public", "rounds": 0, "sites": {}, "bytes_uploaded": 0,
+            "global_test_dice": evaluate_folder(pooled, out), "wall_time_s": None, "checkpoint": str(checkpoint)}
+
+
+def _reference(name: str, base: str, mean: dict) -> str | None:
+    """The row a private run is compared with: ``base`` (NP-FL / DP-FL) with the same start (public or not)."""
+    ref = base + (FROM_PUBLIC if FROM_PUBLIC in name else "")
+    return ref if ref in mean else None
+
+
 def format_task(task: str, results: dict) -> str:
-    """One table per task; the last column: (ADP - DP) / (NP - DP) of the mean Dice, for the ADP-FL rows."""
+    """One table per task. 'kept': the private run's mean Dice over NP-FL's from the same start; 'gap closed':
+    (ADP - DP) / (NP - DP) of the mean Dice, for the ADP-FL rows."""
     trained = {name: s for name, s in results.items() if "diverged" not in s}
     classes = list(next(iter(trained.values()))["global_test_dice"])
     mean = {name: nanmean(s["global_test_dice"].values()) for name, s in trained.items()}
-    gap = mean["NP-FL"] - mean["DP-FL"] if {"NP-FL", "DP-FL"} <= set(mean) else None  # diverged: no gap
-    lines = [f"### {task}", "", "| run | " + " | ".join(classes) + " | mean Dice | share of the DP-FL -> NP-FL gap "
-             "closed | epsilon (max over sites) | MB uploaded per site and round | training wall time |",
-             "|---" * (len(classes) + 6) + "|"]
+    lines = [f"### {task}", "", "| run | " + " | ".join(classes) + " | mean Dice | share of NP-FL's mean Dice kept | "
+             "share of the DP-FL -> NP-FL gap closed | epsilon (max over sites) | MB uploaded per site and round | "
+             "training wall time |", "|---" * (len(classes) + 7) + "|"]
     for name, s in results.items():
         if "diverged" in s:
-            lines.append(f"| {name} | " + " | ".join(["diverged"] * (len(classes) + 1)) + " | - | - | - | - |")
+            lines.append(f"| {name} | " + " | ".join(["diverged"] * (len(classes) + 1)) + " | - | - | - | - | - |")
             continue
         eps = [v["epsilon"] for v in s["sites"].values() if v["epsilon"] is not None]
-        closed = "-" if gap is None or not name.startswith("ADP-FL") else (
-            "n/a (no gap)" if gap <= 0 else f"{100 * (mean[name] - mean['DP-FL']) / gap:.0f}%")
+        np_ref, dp_ref = _reference(name, "NP-FL", mean), _reference(name, "DP-FL", mean)
+        kept = f"{100 * mean[name] / mean[np_ref]:.0f}%" if eps and np_ref and mean[np_ref] > 0 else "-"
+        closed = "-"
+        if name.startswith("ADP-FL") and np_ref and dp_ref:
+            gap = mean[np_ref] - mean[dp_ref]
+            closed = "n/a (no gap)" if gap <= 0 else f"{100 * (mean[name] - mean[dp_ref]) / gap:.0f}%"
         wall = "-" if s["wall_time_s"] is None else f"{s['wall_time_s']:.0f} s"
+        mb = f"{s['bytes_uploaded'] / (s['rounds'] * len(s['sites'])) / 1e6:.2f}" if s["rounds"] else "-"
         lines.append(f"| {name} | " + " | ".join(f"{s['global_test_dice'][c]:.3f}" for c in classes) +
-                     f" | {mean[name]:.3f} | {closed} | {f'{max(eps):.2f}' if eps else '- (not private)'} | "
-                     f"{s['bytes_uploaded'] / (s['rounds'] * len(s['sites'])) / 1e6:.2f} | {wall} |")
+                     f" | {mean[name]:.3f} | {kept} | {closed} | {f'{max(eps):.2f}' if eps else '- (not private)'} | "
+                     f"{mb} | {wall} |")
     return "\n".join(lines)
 
 
@@ -126,6 +166,14 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="clip norm C (initial C with adaptive clipping)")
     p.add_argument("--max-features", type=int, default=32, help="network width cap of the shared plan")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate of every run (default nnU-Net's 0.01)")
+    p.add_argument("--private-lr", type=float, default=None, help="learning rate of the private runs (default --lr)")
+    p.add_argument("--private-settings", default=None, help="JSON object of settings for every private run, e.g. "
+                   "'{\"dp_trainable\": \"norm_bias\", \"augmentation_multiplicity\": 2}'")
+    p.add_argument("--label", default=None, help="appended to the run names in the results (several settings in one "
+                   "work dir, sharing its data, plan and public model)")
+    p.add_argument("--public-cases", type=int, default=60, help="cases of the public cohort ('... from public "
+                   "weights' runs)")
+    p.add_argument("--public-epochs", type=int, default=20, help="epochs x --iterations steps of public pretraining")
     p.add_argument("--num-cases", type=int, default=90, help="training cases over all sites")
     p.add_argument("--num-test-cases", type=int, default=10)
     p.add_argument("--scale", type=float, default=0.25)

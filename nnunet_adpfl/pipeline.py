@@ -100,11 +100,11 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
 
 
 def predict(images: Path, output: Path, dataset_id: int, config: str, trainer: str, env: dict, log_file: Path,
-            file_ending: str) -> Path:
-    """``nnUNetv2_predict`` with fold 0's final checkpoint on CPU, unless every image already has its prediction
+            file_ending: str, fold: str = "0") -> Path:
+    """``nnUNetv2_predict`` with the fold's final checkpoint on CPU, unless every image already has its prediction
     (an interrupted run continues where it stopped)."""
     cases = {p.name[:-len(f"_0000{file_ending}")] for p in Path(images).glob(f"*_0000{file_ending}")}
     if not all((Path(output) / f"{case}{file_ending}").exists() for case in cases):
-        run(["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(dataset_id), "-c", config, "-f", "0",
+        run(["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(dataset_id), "-c", config, "-f", fold,
              "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--continue_prediction"], env, log_file)
     return Path(output)

@@ -18,8 +18,8 @@ def test_table_reports_the_gap_closed_and_handles_nan_classes():
     lines = format_task("kidney", results).splitlines()
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
     # mean Dice: NP 0.8, DP 0.4, ADP 0.8 (NaN class left out) -> 100% of the gap
-    assert "| 0.800 | 100% | 7.95 | 0.25 |" in row["ADP-FL (defaults)"]
-    assert "- (not private)" in row["NP-FL"] and "| 0.400 | - | 7.90 | 1.00 |" in row["DP-FL"]
+    assert "| 0.800 | 100% | 100% | 7.95 | 0.25 |" in row["ADP-FL (defaults)"]
+    assert "- (not private)" in row["NP-FL"] and "| 0.400 | 50% | - | 7.90 | 1.00 |" in row["DP-FL"]
 
 
 def test_a_diverged_run_is_a_row_not_a_gap():
@@ -28,10 +28,26 @@ def test_a_diverged_run_is_a_row_not_a_gap():
                "ADP-FL (defaults)": result({"kidney": 0.7}, 7.9, 1.0)}
     lines = format_task("kidney", results).splitlines()
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
-    assert row["ADP-FL (all mechanisms)"] == "| ADP-FL (all mechanisms) | diverged | diverged | - | - | - | - |"
-    assert "| 0.700 | 50% |" in row["ADP-FL (defaults)"]
+    assert row["ADP-FL (all mechanisms)"] == "| ADP-FL (all mechanisms) | diverged | diverged | - | - | - | - | - |"
+    assert "| 0.700 | 78% | 50% |" in row["ADP-FL (defaults)"]
     results["DP-FL"] = {"diverged": "inf", "settings": {}}  # no baseline, no gap (was a KeyError)
-    assert "| 0.700 | - |" in format_task("kidney", results)
+    assert "| 0.700 | 78% | - |" in format_task("kidney", results)
+
+
+def test_runs_from_public_weights_are_compared_with_np_fl_from_the_same_start():
+    public = {"global_test_dice": {"kidney": 0.6}, "rounds": 0, "wall_time_s": None, "bytes_uploaded": 0, "sites": {}}
+    results = {"NP-FL": result({"kidney": 0.5}, None, 1.0), "DP-FL": result({"kidney": 0.1}, 7.9, 1.0),
+               "public weights only (no private training)": public,
+               "NP-FL from public weights": result({"kidney": 0.8}, None, 1.0),
+               "DP-FL from public weights": result({"kidney": 0.72}, 7.9, 1.0),
+               "ADP-FL (defaults) from public weights": result({"kidney": 0.76}, 7.9, 1.0)}
+    row = {line.split(" | ")[0].strip("| "): line for line in format_task("kidney", results).splitlines()
+           if line.startswith("| ")}
+    assert "| 0.720 | 90% | - |" in row["DP-FL from public weights"]
+    assert "| 0.760 | 95% | 50% |" in row["ADP-FL (defaults) from public weights"]
+    assert "| 0.100 | 20% | - |" in row["DP-FL"]
+    assert "| 0.600 | - | - | - (not private) | - | - |" in row["public weights only (no private training)"]
+    assert RUNS["DP-FL from public weights"] == RUNS["DP-FL"]
 
 
 def test_ablations_switch_off_one_mechanism_each():
