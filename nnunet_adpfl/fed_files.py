@@ -206,6 +206,8 @@ def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dic
     if manifest.get("encoding") not in (None, "topk"):
         raise Rejected(f"unknown encoding {manifest.get('encoding')!r}")
     stored = read_verified_tensors(tensor_path, manifest, None)
+    if subset and not stored:
+        raise Rejected("subset update holds no tensors")
     if manifest.get("encoding") == "topk":
         sent = {k.rsplit("::", 1)[0] for k in stored}
         return manifest, _decode_topk(stored, {k: v for k, v in spec.items() if k in sent} if subset else spec, spec)

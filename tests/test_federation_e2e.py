@@ -51,9 +51,9 @@ def wait_all(procs: dict, timeout: float = 600) -> None:
     assert all(p.returncode == 0 for p in procs.values()), {n: p.returncode for n, p in procs.items()}
 
 
-def run_federation(work, run, trainer, mode, rounds, settings, n_proc_da="1"):
+def run_federation(work, run, trainer, mode, rounds, settings, n_proc_da="1", initial_weights=None):
     lay = Layout(work, SITES, run)
-    new_run(lay, work / "planning", mode, rounds, 1, ITERATIONS, CONFIG, seed=0)
+    new_run(lay, work / "planning", mode, rounds, 1, ITERATIONS, CONFIG, seed=0, initial_weights=initial_weights)
     procs = {"aggregator": start_aggregator(lay)}
     procs.update({s: start_site(lay, s, trainer, CONFIG, settings, n_proc_da) for s in SITES})
     return lay, procs
@@ -133,6 +133,39 @@ def test_site_with_other_plans_is_refused(planned, tmp_path):
                           "cpu"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "differ from the federation's plan" in out.stdout + out.stderr
+
+
+def test_dpfl_from_public_weights_trains_only_the_decoder(planned):
+    """Round 0 is the public weights file; with dp_trainable=decoder the encoder is neither noised nor uploaded
+    and stays the public one; the report names the file's sha256 and says it must be public."""
+    from safetensors.torch import save_file
+
+    from nnunet_adpfl.aggregator import build_initial_model, plans_files
+    from nnunet_adpfl.initial_weights import file_sha256
+    work, pooled = planned
+    plans, dataset_json = (json.loads(p.read_text()) for p in plans_files(work / "planning"))
+    public = build_initial_model(plans, dataset_json, CONFIG, seed=123)
+    weights = work / "public.safetensors"
+    save_file(public, weights)
+    trainer = "nnUNetTrainerDPFL"
+    lay, procs = run_federation(work, "public", trainer, "dpfl", 1, {**SHORT, "dp_trainable": "decoder"},
+                                initial_weights=weights)
+    wait_all(procs)
+    g0, g1 = global_tensors(lay, 0), global_tensors(lay, 1)
+    assert all(torch.equal(g0[k], public[k]) for k in public)
+    encoder = [k for k in public if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(g1[k], public[k]) for k in encoder)
+    assert any(not torch.equal(g1[k], public[k]) for k in public if k.startswith("decoder."))
+    for site in SITES:
+        manifest = ff.read_json(ff.update_paths(lay.fed, 1, site)[1])
+        assert manifest["subset"] is True
+        sent = ff.read_verified_tensors(ff.update_paths(lay.fed, 1, site)[0], manifest, None)
+        assert sent and not any(k.startswith("encoder.") for k in sent)
+        report = json.loads((fold(lay, site, pooled, trainer) / "privacy_report.json").read_text())
+        origin = report["initial_weights"]
+        assert origin["federation_initial_weights"]["sha256"] == file_sha256(weights)
+        assert "must be public" in origin["requirement"]
+        assert report["trainable_parameters"]["trainable"] < report["trainable_parameters"]["total"]
 
 
 ADPFL = {**DETERMINISTIC, "adpfl_noise_schedule": "exponential", "adpfl_adaptive_clip": True,  # every mechanism

@@ -258,3 +258,40 @@ def test_shared_nnunet_modules_travel_once():
         assert torch.equal(v, shifted[k] if k in shifted else full[k] + 1)
     with pytest.raises(ValueError, match="state keys differ"):
         ff.load_unique_state(net, {k: v for k, v in list(shifted.items())[1:]})
+
+
+def test_subset_update_leaves_the_tensors_not_sent_unchanged(fed):
+    """dp_trainable: a site uploads only the tensors it trained; the others are a zero update for it."""
+    fed_dir, _, _, agg, clients = fed
+    clients["A"].upload(1, {"w": delta(1)["w"]}, 2, {"subset": True})
+    clients["B"].upload(1, delta(2), 2, None)
+    assert agg.run_round(1)["sites"] == ["A", "B"]
+    got, g0 = clients["A"].wait_global(1), model()
+    torch.testing.assert_close(got["w"], g0["w"] + (delta(1)["w"] + delta(2)["w"]) / 2)
+    torch.testing.assert_close(got["b"], g0["b"] + delta(2)["b"] / 2)  # A's share of b is zero
+
+
+def test_sparse_subset_update(fed):
+    from nnunet_adpfl.sparsify import topk_encode
+    fed_dir, _, _, agg, clients = fed
+    encoded = topk_encode({"b": delta(3)["b"]}, 1.0)
+    clients["A"].upload(1, encoded, 2, {"encoding": "topk", "subset": True})
+    assert agg.run_round(1)["sites"] == ["A"]
+    got = clients["A"].wait_global(1)
+    torch.testing.assert_close(got["b"], model()["b"] + delta(3)["b"])
+    torch.testing.assert_close(got["w"], model()["w"])
+
+
+@pytest.mark.parametrize("tensors, privacy, reason", [
+    ({"w": torch.zeros(4, 3), "other": torch.zeros(2)}, {"subset": True}, "wrong tensor names"),
+    ({"w": torch.zeros(3, 4)}, {"subset": True}, "wrong shape"),
+    ({"w": torch.zeros(4, 3)}, None, "wrong tensor names"),  # missing tensors need the subset flag
+    ({}, {"subset": True}, "holds no tensors"),
+    ({"w": torch.zeros(4, 3)}, {"subset": "yes"}, "subset must be true or false"),
+])
+def test_bad_subset_update_is_rejected(fed, tensors, privacy, reason):
+    fed_dir, _, _, agg, clients = fed
+    clients["A"].upload(1, tensors, 2, privacy)
+    clients["B"].upload(1, delta(2), 4, None)
+    assert agg.run_round(1)["sites"] == ["B"]
+    assert reason in rejections(fed_dir, 1)[0]["reason"]
