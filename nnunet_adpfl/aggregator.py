@@ -79,8 +79,8 @@ def plans_files(fed: Path) -> tuple[Path, Path]:
     return Path(fed) / "plans" / "nnUNetPlans.json", Path(fed) / "plans" / "dataset.json"
 
 
-def build_initial_model(plans: dict, dataset_json: dict, configuration: str, seed: int) -> dict[str, torch.Tensor]:
-    """Initial weights of the federation's network, built from its plan with nnU-Net's initialisation."""
+def build_network(plans: dict, dataset_json: dict, configuration: str) -> torch.nn.Module:
+    """The network nnU-Net builds from the plan for training (deep supervision on), nnU-Net's initialisation."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -88,11 +88,16 @@ def build_initial_model(plans: dict, dataset_json: dict, configuration: str, see
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     heads = pm.get_label_manager(dataset_json).num_segmentation_heads
+    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                  cm.network_arch_init_kwargs_req_import,
+                                  determine_num_input_channels(pm, cm, dataset_json), heads, allow_init=True,
+                                  deep_supervision=True)
+
+
+def build_initial_model(plans: dict, dataset_json: dict, configuration: str, seed: int) -> dict[str, torch.Tensor]:
+    """Initial weights of the federation's network, built from its plan with nnU-Net's initialisation."""
     torch.manual_seed(seed)
-    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                 cm.network_arch_init_kwargs_req_import,
-                                 determine_num_input_channels(pm, cm, dataset_json), heads, allow_init=True,
-                                 deep_supervision=True)
+    net = build_network(plans, dataset_json, configuration)
     return {k: v.clone() for k, v in ff.unique_state(net).items()}
 
 

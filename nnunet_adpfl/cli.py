@@ -36,7 +36,8 @@ def _cmd_calibrate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import alignment, compare, demo, fed_cli, fed_experiment, morph_postprocessing, pretrain, simulate, synthetic
+    from . import (alignment, compare, demo, fed_cli, fed_experiment, morph_postprocessing, pretrain, recipe,
+                   simulate, synthetic)
 
     parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     alignment.add_cli(sub)
     compare.add_cli(sub)
     pretrain.add_cli(sub)
+    recipe.add_cli(sub)
     return parser
 
 

@@ -1,0 +1,51 @@
+"""``nnunet-adpfl recipe``: its sigma spends at most the budget (independent accountant), SNR arithmetic, choices."""
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from nnunet_adpfl import recipe
+from nnunet_adpfl.accounting import RDP_ORDERS
+from nnunet_adpfl.cli import main
+
+
+def test_each_candidate_spends_at_most_the_budget():
+    cands = recipe.candidates(40, 4.0, 1e-5, [50, 200], [2, 8, 32])
+    assert {(c.steps, c.batch) for c in cands} == {(50, 2), (50, 8), (200, 2), (200, 8)}  # 32 > N/2 dropped
+    for c in cands:
+        acc = RDPAccountant()
+        acc.history = [(c.sigma, c.batch / 40, c.steps)]
+        assert 3.8 <= acc.get_epsilon(delta=1e-5, alphas=RDP_ORDERS) <= 4.0
+
+
+def test_noise_and_snr_arithmetic():
+    c = recipe.Candidate(steps=100, batch=4, sample_rate=0.1, sigma=2.0)
+    assert c.noise_std(clip=0.5) == pytest.approx(0.25)  # sigma * C / B
+    assert c.snr(10_000) == pytest.approx(4 / (2.0 * 100))
+    assert c.snr_over_run(10_000) == pytest.approx(c.snr(10_000) * 10)
+
+
+def test_suggestion_uses_norm_bias_when_fine_tuning_and_respects_memory():
+    cands = recipe.candidates(64, 8.0, 1e-5, [100], [2, 4, 8, 16])
+    counts = {"all": 10**6, "norm_bias": 2000}
+    best, settings = recipe.suggest(cands, counts, pretrained=True, max_batch=8, epsilon=8.0)
+    assert settings["dp_trainable"] == "norm_bias" and settings["initial_lr"] == recipe.FINETUNE_LR
+    assert best.batch <= 8 and settings["expected_batch_size"] == best.batch
+    assert settings["num_epochs"] * settings["num_iterations_per_epoch"] == best.steps
+    _, scratch = recipe.suggest(cands, counts, pretrained=False, max_batch=8, epsilon=8.0)
+    assert scratch["dp_trainable"] == "all" and "initial_lr" not in scratch
+
+
+@pytest.mark.parametrize("cases, epsilon, delta, match", [(1, 8, 1e-5, "at least 2"), (100, 8, 0.02, "delta"),
+                                                          (100, 0, 1e-5, "epsilon")])
+def test_bad_input_is_refused(cases, epsilon, delta, match):
+    with pytest.raises(ValueError, match=match):
+        recipe.candidates(cases, epsilon, delta, [10], [2])
+
+
+def test_cli_prints_table_and_settings(capsys):
+    assert main(["recipe", "--cases", "30", "--epsilon", "8", "--steps", "50", "--batch-sizes", "2", "4",
+                 "--trainable-parameters", "1000000"]) == 0
+    out = capsys.readouterr().out
+    assert "| 50 | 4 | 0.133 |" in out and '"dp_trainable": "all"' in out and "warning" in out
+    assert not math.isnan(float(out.split("| 50 | 2 | 0.0667 | ")[1].split(" ")[0]))
