@@ -17,7 +17,7 @@ from .demo import CONFIGURATION
 from .demo import evaluate_folder
 from .metrics import nanmean
 from .pipeline import DIVERGED, predict
-from .pretrain import TRAINER as PUBLIC_TRAINER, pretrain_public
+from .pretrain import TRAINER as STANDARD_TRAINER, pretrain_public, train_standard
 from .simulate import MODE_OF_TRAINER, Layout, _stage_data, _stage_plan, _train, new_run, summarise
 
 ADPFL = "nnUNetTrainerADPFL"
@@ -39,6 +39,7 @@ RUNS = {  # name -> (trainer, settings beyond the common private ones; None: not
 FROM_PUBLIC = " from public weights"  # suffix: the run's round-0 model is the public model
 RUNS.update({name + FROM_PUBLIC: run for name, run in list(RUNS.items())})
 PUBLIC_ONLY = "public weights only (no private training)"
+STANDARD = "standard nnU-Net (all sites' data pooled)"  # the centralised, non-private reference
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
 
 
@@ -67,11 +68,19 @@ def run_task(a, task: str) -> dict:
         public = pretrain_public(plan_lay.fed, task, work / "public", a.public_cases, a.scale, a.seed,
                                  a.public_epochs, a.iterations, a.lr)
         if PUBLIC_ONLY not in results:
-            results[PUBLIC_ONLY] = _evaluate_public(work, public, config, pooled)
+            results[PUBLIC_ONLY] = _evaluate_standard(work / "public", public, config, pooled, "public")
             results_file.write_text(json.dumps(results, indent=2))
+    if STANDARD in a.runs and STANDARD not in results:
+        _log(f"{task}: {STANDARD} ({STANDARD_TRAINER}, {a.rounds * a.iterations} steps)")
+        start = time.time()
+        checkpoint = train_standard(plan_lay.fed, plan_lay.pool, pooled, work / "standard", a.rounds, a.iterations,
+                                    a.lr)
+        results[STANDARD] = _evaluate_standard(work / "standard", checkpoint, config, pooled, "standard",
+                                               time.time() - start)
+        results_file.write_text(json.dumps(results, indent=2))
     for run_name in a.runs:
         name = run_name + (f" [{a.label}]" if a.label else "")
-        if name in results:
+        if name in results or run_name == STANDARD:
             continue
         trainer, extra = RUNS[run_name]
         slug = "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
@@ -104,17 +113,17 @@ def run_task(a, task: str) -> dict:
     return results
 
 
-def _evaluate_public(work: Path, checkpoint: Path, config: str, pooled: Path) -> dict:
-    """The public model alone on the test set: what private training starts from."""
+def _evaluate_standard(root: Path, checkpoint: Path, config: str, pooled: Path, mode: str,
+                       wall: float | None = None) -> dict:
+    """A standard nnU-Net model (fold ``all``, results under ``root``) on the test set."""
     from .pipeline import nnunet_env
 
-    env = nnunet_env(work / "public")
     dataset_id = int(checkpoint.parents[2].name[len("Dataset"):].split("_")[0])
     ending = json.loads((pooled / "dataset.json").read_text())["file_ending"]
-    out = predict(pooled / "imagesTs", work / "public" / "predictions", dataset_id, config, PUBLIC_TRAINER, env,
-                  work / "public" / "logs" / "predict.log", ending, fold="all")
-    return {"trainer": PUBLIC_TRAINER, "mode": "public", "rounds": 0, "sites": {}, "bytes_uploaded": 0,
-            "global_test_dice": evaluate_folder(pooled, out), "wall_time_s": None, "checkpoint": str(checkpoint)}
+    out = predict(pooled / "imagesTs", root / "predictions", dataset_id, config, STANDARD_TRAINER, nnunet_env(root),
+                  root / "logs" / "predict.log", ending, fold="all")
+    return {"trainer": STANDARD_TRAINER, "mode": mode, "rounds": 0, "sites": {}, "bytes_uploaded": 0,
+            "global_test_dice": evaluate_folder(pooled, out), "wall_time_s": wall, "checkpoint": str(checkpoint)}
 
 
 def _reference(name: str, base: str, mean: dict) -> str | None:
@@ -155,8 +164,8 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--work-dir", default="work_dirs/fed_compare")
     p.add_argument("--output", default=None, help="markdown file for the tables (printed anyway)")
     p.add_argument("--tasks", nargs="+", default=list(tasks), choices=tuple(CONFIGURATION))
-    p.add_argument("--runs", nargs="+", default=list(runs), choices=list(RUNS),
-                   help=f"default: {' '.join(runs)}; all: {' | '.join(RUNS)}")
+    p.add_argument("--runs", nargs="+", default=list(runs), choices=[*RUNS, STANDARD],
+                   help=f"default: {' '.join(runs)}; all: {' | '.join([*RUNS, STANDARD])}")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iterations", type=int, default=10, help="private steps per round and site")

@@ -25,25 +25,21 @@ def _log(msg: str) -> None:
     print(f"[pretrain-public {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def public_checkpoint(work: Path, dataset_name: str, config: str) -> Path:
+def standard_checkpoint(work: Path, dataset_name: str, config: str) -> Path:
     return Path(work) / "nnUNet_results" / dataset_name / f"{TRAINER}__nnUNetPlans__{config}" / "fold_all" / \
         "checkpoint_final.pth"
 
 
-def pretrain_public(fed: Path, task: str, work: Path, num_cases: int, scale: float, seed: int, epochs: int,
-                    iterations: int, lr: float | None = None, dataset_id: int = PUBLIC_DATASET_ID) -> Path:
-    """Train standard nnU-Net on the task's public cohort with the federation's plan; returns its checkpoint."""
+def train_standard(fed: Path, raw: Path, dataset: Path, work: Path, epochs: int, iterations: int,
+                   lr: float | None = None) -> Path:
+    """Standard nnU-Net (fold ``all``) on the raw ``dataset`` (a folder of ``raw``) with the federation's plan;
+    preprocessing and results under ``work``. Returns the final checkpoint (kept: a second call only returns it)."""
     from .simulate import install_plan_and_preprocess
 
     work = Path(work).resolve()
     config = load_federation(fed)["configuration"]
-    raw = work / "nnUNet_raw"
-    folder = next(raw.glob(f"Dataset{dataset_id:03d}_*"), None)
-    if folder is None or not (folder / "sites.json").exists():
-        _log(f"writing the public '{task}' cohort ({num_cases} cases, another scanner than the private sites)")
-        folder = generate_dataset(task, raw, dataset_id, num_cases=num_cases, num_sites=1, num_test_cases=0,
-                                  seed=seed, scale=scale, public=True)
-    checkpoint = public_checkpoint(work, folder.name, config)
+    dataset_id = int(dataset.name[len("Dataset"):].split("_")[0])
+    checkpoint = standard_checkpoint(work, dataset.name, config)
     if checkpoint.exists():
         return checkpoint
     logs = work / "logs"
@@ -52,13 +48,27 @@ def pretrain_public(fed: Path, task: str, work: Path, num_cases: int, scale: flo
     settings.write_text(json.dumps({"num_epochs": epochs, "num_iterations_per_epoch": iterations,
                                     "num_val_iterations_per_epoch": 1,
                                     **({} if lr is None else {"initial_lr": lr})}, indent=2))
-    env = nnunet_env(work, settings)
-    if not (Path(env["nnUNet_preprocessed"]) / folder.name / f"nnUNetPlans_{config}").exists():
-        _log("installing the federation's plan and preprocessing the public cohort")
+    env = nnunet_env(work, settings, nnUNet_raw=str(Path(raw).resolve()))
+    if not (Path(env["nnUNet_preprocessed"]) / dataset.name / f"nnUNetPlans_{config}").exists():
+        _log(f"installing the federation's plan and preprocessing {dataset.name}")
         install_plan_and_preprocess(Path(fed), dataset_id, config, env, logs / "preprocess.log")
-    _log(f"training standard nnU-Net on it: {epochs} epochs x {iterations} steps (log: {logs / 'train.log'})")
+    _log(f"training standard nnU-Net on {dataset.name}: {epochs} epochs x {iterations} steps (log: "
+         f"{logs / 'train.log'})")
     run([nnunet_command("nnUNetv2_train"), str(dataset_id), config, "all", "-tr", TRAINER, "-device", "cpu"], env,
         logs / "train.log")
+    return checkpoint
+
+
+def pretrain_public(fed: Path, task: str, work: Path, num_cases: int, scale: float, seed: int, epochs: int,
+                    iterations: int, lr: float | None = None, dataset_id: int = PUBLIC_DATASET_ID) -> Path:
+    """Train standard nnU-Net on the task's public cohort with the federation's plan; returns its checkpoint."""
+    raw = Path(work).resolve() / "nnUNet_raw"
+    folder = next(raw.glob(f"Dataset{dataset_id:03d}_*"), None)
+    if folder is None or not (folder / "sites.json").exists():
+        _log(f"writing the public '{task}' cohort ({num_cases} cases, another scanner than the private sites)")
+        folder = generate_dataset(task, raw, dataset_id, num_cases=num_cases, num_sites=1, num_test_cases=0,
+                                  seed=seed, scale=scale, public=True)
+    checkpoint = train_standard(fed, raw, folder, work, epochs, iterations, lr)
     _log(f"public weights: {checkpoint}")
     return checkpoint
 

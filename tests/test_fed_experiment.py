@@ -104,3 +104,26 @@ def test_a_run_that_diverged_is_recorded_also_when_resumed(tmp_path, monkeypatch
     (tmp_path / "kidney" / "results.json").unlink()
     with pytest.raises(RuntimeError, match="disk full"):  # other failures still stop the experiment
         fe.run_task(parser.parse_args(["--work-dir", str(tmp_path / "other"), "--runs", "DP-FL"]), "kidney")
+
+
+def test_standard_nnunet_row_trains_once_on_the_pooled_data(tmp_path, monkeypatch):
+    import argparse
+
+    from nnunet_adpfl import fed_experiment as fe
+
+    parser = argparse.ArgumentParser()
+    fe.add_arguments(parser)
+    a = parser.parse_args(["--work-dir", str(tmp_path), "--runs", fe.STANDARD, "--rounds", "3", "--iterations", "4"])
+    pooled = tmp_path / "pooled_raw" / "Dataset501_X"
+    monkeypatch.setattr(fe, "_stage_data", lambda *args, **kw: pooled)
+    for name in ("_stage_plan", "create_federation"):
+        monkeypatch.setattr(fe, name, lambda *args, **kw: None)
+    calls = []
+    monkeypatch.setattr(fe, "train_standard", lambda *args: calls.append(args) or tmp_path / "ckpt.pth")
+    monkeypatch.setattr(fe, "_evaluate_standard", lambda *args: {"global_test_dice": {"kidney": 0.8}, "mode": args[4]})
+    results = fe.run_task(a, "kidney")
+    assert results[fe.STANDARD]["mode"] == "standard" and len(results) == 1
+    fed, raw, dataset, work, epochs, iterations, lr = calls[0]
+    assert dataset == pooled and raw == tmp_path / "kidney" / "pooled_raw" and (epochs, iterations) == (3, 4)
+    fe.run_task(a, "kidney")
+    assert len(calls) == 1  # resumed: the recorded row is kept
