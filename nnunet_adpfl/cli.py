@@ -38,6 +38,7 @@ def _cmd_calibrate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import (alignment, compare, demo, fed_cli, fed_experiment, morph_postprocessing, pretrain, recipe,
                    simulate, synthetic)
+    from . import audit
 
     parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_cli(sub)
     pretrain.add_cli(sub)
     recipe.add_cli(sub)
+    audit.add_cli(sub)
     return parser
 
 
