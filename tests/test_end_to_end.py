@@ -40,3 +40,15 @@ def test_plan_train_predict_with_stock_commands(kidney_preprocessed, tmp_path):
         ref = sitk.ReadImage(str(image))
         assert pred.GetSize() == ref.GetSize()
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
+
+    # fine-tuning from those weights with nnU-Net's own flag: the report names the file and says it must be public
+    from nnunet_adpfl.initial_weights import file_sha256
+    weights = fold / "checkpoint_final.pth"
+    settings.write_text(json.dumps({**SETTINGS, "num_epochs": 1, "num_iterations_per_epoch": 2,
+                                    "dp_trainable": "norm_bias"}))
+    run(["nnUNetv2_train", "501", "3d_fullres", "1", "-tr", "nnUNetTrainerDPSGD", "-device", "cpu",
+         "-pretrained_weights", str(weights)], env, tmp_path / "finetune.log")
+    tuned = fold.parents[1] / "nnUNetTrainerDPSGD__nnUNetPlans__3d_fullres" / "fold_1"
+    origin = json.loads((tuned / REPORT_NAME).read_text())["initial_weights"]
+    assert origin["file_sha256"] == file_sha256(weights) and "must be public" in origin["requirement"]
+    assert origin["state_sha256"] and json.loads((tuned / "initial_weights.json").read_text()) == origin
