@@ -123,14 +123,26 @@ def site_summary_from_folders(raw_dataset_dir: str | Path, preprocessed_dataset_
     """:func:`site_summary` of a site's nnUNet_raw/DatasetXXX and nnUNet_preprocessed/DatasetXXX folders
     (after ``nnUNetv2_extract_fingerprint``); the reader class is determined from a training image."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     dataset_json = json.loads((Path(raw_dataset_dir) / _DATASET_FILE).read_text())
     fingerprint = json.loads((Path(preprocessed_dataset_dir) / _FINGERPRINT_FILE).read_text())
-    cases = get_filenames_of_train_images_and_targets(str(raw_dataset_dir), dataset_json)
-    example = next(iter(cases.values()))["images"][0]
+    example = _example_training_image(Path(raw_dataset_dir), dataset_json)
     reader = determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False).__name__
     return site_summary(fingerprint, dataset_json, reader)
+
+
+def _example_training_image(raw_dataset_dir: Path, dataset_json: dict) -> str:
+    """One training image's path. Not nnU-Net's get_filenames_of_train_images_and_targets: it forks a Pool,
+    which can deadlock in a process that already runs threads (torch, tqdm)."""
+    if "dataset" in dataset_json:
+        first = next(iter(dataset_json["dataset"].values()))["images"][0]
+        path = Path(os.path.expandvars(first))
+        return str(path if path.is_absolute() else raw_dataset_dir / path)
+    images = sorted((raw_dataset_dir / "imagesTr").glob(f"*_0000{dataset_json['file_ending']}"))
+    if not images:
+        raise FileNotFoundError(f"no training images (*_0000{dataset_json['file_ending']}) in "
+                                f"{raw_dataset_dir / 'imagesTr'}")
+    return str(images[0])
 
 
 # ----------------------------------------------------------------------------- coordinator side

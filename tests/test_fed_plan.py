@@ -295,3 +295,23 @@ def test_cap_features_narrows_every_configuration_and_changes_the_digest():
     assert plans_digest(capped) != plans_digest(plans)
     with pytest.raises(ValueError):
         fed_plan.cap_features(plans, 0)
+
+
+def test_site_summary_finds_its_example_image_without_forking(tmp_path, monkeypatch):
+    """nnU-Net's file listing forks a multiprocessing Pool, which hung CI in a process already running threads."""
+    import multiprocessing.pool
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("site_summary_from_folders must not start a process pool")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", no_pool)
+    raw = tmp_path / "Dataset777_X"
+    (raw / "imagesTr").mkdir(parents=True)
+    dataset_json = {"file_ending": ".nii.gz"}
+    with pytest.raises(FileNotFoundError, match=r"no training images \(\*_0000.nii.gz\)"):
+        fed_plan._example_training_image(raw, dataset_json)
+    for name in ("b_0000.nii.gz", "a_0001.nii.gz", "a_0000.nii.gz"):
+        (raw / "imagesTr" / name).touch()
+    assert fed_plan._example_training_image(raw, dataset_json) == str(raw / "imagesTr" / "a_0000.nii.gz")
+    listed = {"file_ending": ".nii.gz", "dataset": {"c": {"images": ["imagesTr/b_0000.nii.gz"], "label": "x"}}}
+    assert fed_plan._example_training_image(raw, listed) == str(raw / "imagesTr" / "b_0000.nii.gz")
