@@ -18,7 +18,7 @@ def test_wheel_ships_trainers_and_nnunet_finds_them(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     probe = (
-        "import os, nnunet_adpfl.cli as c; p = c.trainers_path(); print(p);"
+        "import os, nnunet_adpfl.nnunet.paths as c; p = c.trainers_path(); print(p);"
         "os.environ['nnUNet_extTrainer'] = p;"
         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f;"
         "print(f('nnUNetTrainerPSAC').__module__, f('nnUNetTrainerBaselineBudget').__module__)"
