@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from nnunet_adpfl.evaluation.evaluation import alignment
+from nnunet_adpfl.evaluation import alignment
 from nnunet_adpfl.cli import install_sigterm_handler
 from nnunet_adpfl.workflows.demo import CONFIGURATION
 from nnunet_adpfl.evaluation.evaluation import evaluate_folder, mean_per_label
