@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import sys
 
-
-def trainers_path() -> str:
-    """Folder to put in ``nnUNet_extTrainer`` (the installed ``trainers/``)."""
-    spec = importlib.util.find_spec("nnunet_adpfl.ext_trainers")
-    return list(spec.submodule_search_locations)[0]
+from .nnunet.paths import trainers_path
 
 
 def _cmd_trainers_path(args) -> int:
@@ -20,7 +15,7 @@ def _cmd_trainers_path(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from .accounting import PrivacyAccountant, calibrate_noise_multiplier
+    from .privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier
 
     q = args.batch_size / args.cases
     steps = args.epochs * args.iterations
@@ -36,9 +31,12 @@ def _cmd_calibrate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import (alignment, compare, demo, fed_cli, fed_experiment, morph_postprocessing, pretrain, recipe,
-                   simulate, synthetic)
-    from . import audit
+    from .data import synthetic
+    from .evaluation import alignment
+    from .federation import commands as fed_cli
+    from .morphology import postprocessing as morph_postprocessing
+    from .privacy import audit
+    from .workflows import compare, demo, fed_experiment, pretrain, recipe, simulate
 
     parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 from bench_dp_step import machine_description, peak_rss_mib, report_memory, run_memory_child, update_section
-from nnunet_adpfl import fed_files as ff
-from nnunet_adpfl.accounting import PrivacyAccountant
-from nnunet_adpfl.aggregator import Aggregator, create_federation
-from nnunet_adpfl.fed_site import SiteClient
-from nnunet_adpfl.sparsify import topk_encode
+from nnunet_adpfl.common.tensors import unique_state
+from nnunet_adpfl.federation import files as ff
+from nnunet_adpfl.privacy.accounting import PrivacyAccountant
+from nnunet_adpfl.federation.aggregator import Aggregator, create_federation
+from nnunet_adpfl.federation.site import SiteClient
+from nnunet_adpfl.privacy.sparsify import topk_encode
 
 MARKS = ("<!-- bench_aggregator:start -->", "<!-- bench_aggregator:end -->")
 VARIANTS = ("dense", "sparse")
@@ -75,7 +76,7 @@ def network_state(features: list[int]) -> dict[str, torch.Tensor]:
     net = get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet", kwargs,
                                  ["conv_op", "norm_op", "dropout_op", "nonlin"], 1, NUM_CLASSES, allow_init=True,
                                  deep_supervision=True)
-    return {k: v.clone() for k, v in ff.unique_state(net).items()}
+    return {k: v.clone() for k, v in unique_state(net).items()}
 
 
 def site_update(global_state: dict[str, torch.Tensor], site_index: int) -> dict[str, torch.Tensor]:

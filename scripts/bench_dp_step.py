@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_adpfl import fed_files as ff
-from nnunet_adpfl.aggregator import Aggregator, create_federation, load_federation, plans_files
-from nnunet_adpfl.config import ENV_VAR
-from nnunet_adpfl.fed_plan import plans_digest
-from nnunet_adpfl.pipeline import nnunet_env, run
-from nnunet_adpfl.synthetic import generate_dataset
+from nnunet_adpfl.federation import files as ff
+from nnunet_adpfl.federation.aggregator import Aggregator, create_federation, load_federation, plans_files
+from nnunet_adpfl.common.config import ENV_VAR
+from nnunet_adpfl.federation.plan import plans_digest
+from nnunet_adpfl.nnunet.pipeline import nnunet_env, run
+from nnunet_adpfl.data.synthetic import generate_dataset
 
 DATASET_ID = 501
 CONFIGURATION = "3d_fullres"
@@ -386,7 +386,7 @@ def docs_section(info: dict, table: str) -> str:
         f"- Date: {info['date']}",
         f"- Machine: {info['machine']}",
         f"- Command: `{info['command']}`",
-        f"- Data and plan: synthetic kidney CT (`nnunet_adpfl.synthetic`, scale {info['scale']}, "
+        f"- Data and plan: synthetic kidney CT (`nnunet_adpfl.data.synthetic`, scale {info['scale']}, "
         f"{info['num_cases']} cases), `nnUNetv2_plan_and_preprocess -c {CONFIGURATION}`, fold {FOLD}",
         f"- Network: {info['arch']}, {info['num_params']:,} parameters; patch size {info['patch_size']}; "
         f"batch size {info['batch_size']} (as planned; every variant gets the same {NUM_BATCHES} batches, cycled)",

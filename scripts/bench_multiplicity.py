@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunet_adpfl.dp_trainer import make_dp_safe
-from nnunet_adpfl.per_case_grads import PerCaseGradients
-from nnunet_adpfl.trainable import count_parameters, select_trainable
+from nnunet_adpfl.training.dp_trainer import make_dp_safe
+from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients
+from nnunet_adpfl.training.trainable import count_parameters, select_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = (16, 48, 48)
@@ -28,8 +28,12 @@ FEATURES = (32, 64, 128, 256)
 
 def load_before(rev: str):
     """per_case_grads.py as of ``rev``, imported under another name."""
-    source = subprocess.run(["git", "show", f"{rev}:nnunet_adpfl/per_case_grads.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
+    for file in ("nnunet_adpfl/privacy/per_case_grads.py", "nnunet_adpfl/per_case_grads.py"):  # after, before the layout
+        shown = subprocess.run(["git", "show", f"{rev}:{file}"], cwd=REPO, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    source = shown.stdout
     path = Path(tempfile.mkdtemp()) / "per_case_grads_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("per_case_grads_before", path)

@@ -14,14 +14,14 @@ import json
 import time
 from pathlib import Path
 
-from nnunet_adpfl import alignment
+from nnunet_adpfl.evaluation import alignment
 from nnunet_adpfl.cli import install_sigterm_handler
-from nnunet_adpfl.demo import CONFIGURATION
-from nnunet_adpfl.evaluation import evaluate_folder, mean_per_label
-from nnunet_adpfl.fed_plan import cap_features
-from nnunet_adpfl.metrics import nanmean
-from nnunet_adpfl.pipeline import nnunet_env, run
-from nnunet_adpfl.synthetic import generate_dataset
+from nnunet_adpfl.workflows.demo import CONFIGURATION
+from nnunet_adpfl.evaluation.evaluation import evaluate_folder, mean_per_label
+from nnunet_adpfl.federation.plan import cap_features
+from nnunet_adpfl.evaluation.metrics import nanmean
+from nnunet_adpfl.nnunet.pipeline import nnunet_env, run
+from nnunet_adpfl.data.synthetic import generate_dataset
 
 RULES = {"flat": "nnUNetTrainerDPSGD", "autos": "nnUNetTrainerAutoS", "nsgd": "nnUNetTrainerNSGD",
          "psac": "nnUNetTrainerPSAC"}

@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config, items):
 def kidney_preprocessed(tmp_path_factory):
     """A small synthetic CT dataset (id 501), planned and preprocessed for 3d_fullres with the real
     ``nnUNetv2_plan_and_preprocess`` command. Returns (root, env)."""
-    from nnunet_adpfl.pipeline import nnunet_env, run
-    from nnunet_adpfl.synthetic import generate_dataset
+    from nnunet_adpfl.nnunet.pipeline import nnunet_env, run
+    from nnunet_adpfl.data.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("nnunet")
     env = nnunet_env(root, nnUNet_def_n_proc="1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunet_adpfl.dp_trainer import make_dp_safe
+from nnunet_adpfl.training.dp_trainer import make_dp_safe
 
 
 def arch_kwargs(dim: int, n_stages: int = 3, features=(4, 8, 16), residual: bool = False) -> tuple[str, dict, list]:

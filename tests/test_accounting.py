@@ -6,7 +6,7 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from nnunet_adpfl.accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_within_budget
+from nnunet_adpfl.privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_within_budget
 
 
 def google_epsilon(segments, delta, kind="rdp"):

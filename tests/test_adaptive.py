@@ -6,7 +6,7 @@ import pytest
 import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from nnunet_adpfl.adaptive import (SCHEDULES, NoiseSchedule, QuantileClipTracker, calibrate_schedule,
+from nnunet_adpfl.privacy.adaptive import (SCHEDULES, NoiseSchedule, QuantileClipTracker, calibrate_schedule,
                                    default_sigma_count, schedule_epsilon, split_noise)
 
 DELTA, Q, STEPS_PER_ROUND, ROUNDS, TARGET = 1e-5, 0.05, 40, 4, 3.0

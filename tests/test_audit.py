@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nnunet_adpfl import audit
-from nnunet_adpfl.audit import AuditSettings, run_audit
-from nnunet_adpfl.audit_bound import count_correct, epsilon_lower_bound, p_value, top_bottom_guesses
+from nnunet_adpfl.privacy import audit
+from nnunet_adpfl.privacy.audit import AuditSettings, run_audit
+from nnunet_adpfl.privacy.audit_bound import count_correct, epsilon_lower_bound, p_value, top_bottom_guesses
 
 
 # ---- the bound -------------------------------------------------------------------------------------

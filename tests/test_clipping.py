@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nnunet_adpfl.clipping import ClippingRule, RULE_NAMES, make_rule
+from nnunet_adpfl.privacy.clipping import ClippingRule, RULE_NAMES, make_rule
 
 RULES = [ClippingRule("flat"), ClippingRule("autos", {"gamma": 0.01}), ClippingRule("nsgd", {"r": 0.01}),
          ClippingRule("psac", {"r": 0.1}), ClippingRule("psac", {"r": 1e-6}), ClippingRule("autos", {"gamma": 1e-9})]

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from nnunet_adpfl.compare import _floats, _regions, plan_runs
-from nnunet_adpfl.evaluation import METRICS
+from nnunet_adpfl.workflows.compare import _floats, _regions, plan_runs
+from nnunet_adpfl.evaluation.evaluation import METRICS
 
 
 def test_methods_expand_to_runs():
@@ -120,7 +120,7 @@ def test_tiny_comparison_end_to_end(tmp_path):
 
 
 def test_task_table_lists_methods_by_dataset(tmp_path):
-    from nnunet_adpfl.compare_report import task_table
+    from nnunet_adpfl.evaluation.compare_report import task_table
 
     def report(name, runs, failed=()):
         folder = tmp_path / name
@@ -140,7 +140,7 @@ def test_task_table_lists_methods_by_dataset(tmp_path):
 
 
 def test_failure_reason_names_the_error_and_explains_divergence():
-    from nnunet_adpfl.compare import _failure_reason
+    from nnunet_adpfl.workflows.compare import _failure_reason
 
     tail = "command failed (1): nnUNetv2_predict\n--- last output ---\nTraceback (most recent call last):\n  File x\n"
     assert _failure_reason(tail + "ValueError: bad spacing\n") == "ValueError: bad spacing"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nnunet_adpfl.config import ENV_VAR, SETTINGS, SettingsError, load_settings
+from nnunet_adpfl.common.config import ENV_VAR, SETTINGS, SettingsError, load_settings
 
 
 def test_defaults_without_file(monkeypatch):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_adpfl.config import SettingsError
-from nnunet_adpfl.losses import PerCaseLoss
-from nnunet_adpfl.sampling import PoissonDataLoader, poisson_mask
+from nnunet_adpfl.common.config import SettingsError
+from nnunet_adpfl.training.losses import PerCaseLoss
+from nnunet_adpfl.privacy.sampling import PoissonDataLoader, poisson_mask
 
 TRAINERS = {"nnUNetTrainerDPSGD": "flat", "nnUNetTrainerAutoS": "autos", "nnUNetTrainerNSGD": "nsgd",
             "nnUNetTrainerPSAC": "psac"}
@@ -109,7 +109,7 @@ def test_train_step_never_uses_batch_clip_or_autocast(started, monkeypatch):
 
 
 def test_noise_scale_and_denominator_are_data_independent(started, monkeypatch):
-    import nnunet_adpfl.dp_trainer as dpt
+    import nnunet_adpfl.training.dp_trainer as dpt
     t = started
     calls = []
     real = dpt.add_noise
@@ -126,7 +126,7 @@ def test_noise_scale_and_denominator_are_data_independent(started, monkeypatch):
 
 
 def test_sigma_is_calibrated_to_the_target_before_training(started):
-    from nnunet_adpfl.accounting import PrivacyAccountant
+    from nnunet_adpfl.privacy.accounting import PrivacyAccountant
     t = started
     acc = PrivacyAccountant("rdp", 1e-5)
     acc.step(t.privacy["noise_multiplier"], t.privacy["sample_rate"], t._planned_steps())

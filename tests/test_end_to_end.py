@@ -4,8 +4,8 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_adpfl.pipeline import run
-from nnunet_adpfl.report import PLOT_NAME, REPORT_NAME
+from nnunet_adpfl.nnunet.pipeline import run
+from nnunet_adpfl.privacy.report import PLOT_NAME, REPORT_NAME
 
 SETTINGS = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "target_epsilon": 8,
             "log_alignment": True}
@@ -42,7 +42,7 @@ def test_plan_train_predict_with_stock_commands(kidney_preprocessed, tmp_path):
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
 
     # fine-tuning from those weights with nnU-Net's own flag: the report names the file and says it must be public
-    from nnunet_adpfl.initial_weights import file_sha256
+    from nnunet_adpfl.common.initial_weights import file_sha256
     weights = fold / "checkpoint_final.pth"
     settings.write_text(json.dumps({**SETTINGS, "num_epochs": 1, "num_iterations_per_epoch": 2,
                                     "dp_trainable": "norm_bias"}))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_adpfl.evaluation import dataset_labels, evaluate_folder, mean_per_label, summarise_cases
-from nnunet_adpfl.metrics import nanmean
+from nnunet_adpfl.evaluation.evaluation import dataset_labels, evaluate_folder, mean_per_label, summarise_cases
+from nnunet_adpfl.evaluation.metrics import nanmean
 
 
 def _write(array: np.ndarray, path, spacing=(1.0, 1.0, 1.0)) -> None:

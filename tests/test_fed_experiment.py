@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from nnunet_adpfl.fed_experiment import ALL_MECHANISMS, RUNS, WITHOUT, format_task
+from nnunet_adpfl.workflows.fed_experiment import ALL_MECHANISMS, RUNS, WITHOUT, format_task
 
 
 def result(dice: dict, eps, mb_per_round: float) -> dict:
@@ -71,13 +71,13 @@ def test_a_run_that_diverged_is_recorded_also_when_resumed(tmp_path, monkeypatch
     experiment records the row and goes on, and a resumed experiment does the same instead of crashing."""
     import argparse
 
-    from nnunet_adpfl import fed_experiment as fe
-    from nnunet_adpfl import fed_files as ff
+    from nnunet_adpfl.workflows import fed_experiment as fe
+    from nnunet_adpfl.federation import files as ff
 
     parser = argparse.ArgumentParser()
     fe.add_arguments(parser)
     a = parser.parse_args(["--work-dir", str(tmp_path), "--runs", "ADP-FL (all mechanisms)", "NP-FL", "--rounds", "1"])
-    for name in ("_stage_data", "_stage_plan", "create_federation"):
+    for name in ("stage_data", "stage_plan", "create_federation"):
         monkeypatch.setattr(fe, name, lambda *args, **kw: tmp_path)
     monkeypatch.setattr(fe, "new_run", lambda *args: None)
     trained = []
@@ -92,7 +92,7 @@ def test_a_run_that_diverged_is_recorded_also_when_resumed(tmp_path, monkeypatch
             raise RuntimeError(f"['A'] failed; see {lay.logs}\nA: RuntimeError: {fe.DIVERGED}. Aborting...")
         return 1.0
 
-    monkeypatch.setattr(fe, "_train", train)
+    monkeypatch.setattr(fe, "train_federated", train)
     monkeypatch.setattr(fe, "summarise", lambda *args: {"global_test_dice": {"kidney": 0.8}})
     results = fe.run_task(a, "kidney")
     assert "diverged" in results["ADP-FL (all mechanisms)"] and results["NP-FL"]["global_test_dice"]
@@ -100,7 +100,7 @@ def test_a_run_that_diverged_is_recorded_also_when_resumed(tmp_path, monkeypatch
     assert "diverged" in fe.run_task(a, "kidney")["ADP-FL (all mechanisms)"]
     assert trained == [fe.ADPFL, "nnUNetTrainerFL", "nnUNetTrainerFL"]
 
-    monkeypatch.setattr(fe, "_train", lambda *args: (_ for _ in ()).throw(RuntimeError("['B'] failed: disk full")))
+    monkeypatch.setattr(fe, "train_federated", lambda *args: (_ for _ in ()).throw(RuntimeError("['B'] failed: disk full")))
     (tmp_path / "kidney" / "results.json").unlink()
     with pytest.raises(RuntimeError, match="disk full"):  # other failures still stop the experiment
         fe.run_task(parser.parse_args(["--work-dir", str(tmp_path / "other"), "--runs", "DP-FL"]), "kidney")
@@ -109,14 +109,14 @@ def test_a_run_that_diverged_is_recorded_also_when_resumed(tmp_path, monkeypatch
 def test_standard_nnunet_row_trains_once_on_the_pooled_data(tmp_path, monkeypatch):
     import argparse
 
-    from nnunet_adpfl import fed_experiment as fe
+    from nnunet_adpfl.workflows import fed_experiment as fe
 
     parser = argparse.ArgumentParser()
     fe.add_arguments(parser)
     a = parser.parse_args(["--work-dir", str(tmp_path), "--runs", fe.STANDARD, "--rounds", "3", "--iterations", "4"])
     pooled = tmp_path / "pooled_raw" / "Dataset501_X"
-    monkeypatch.setattr(fe, "_stage_data", lambda *args, **kw: pooled)
-    for name in ("_stage_plan", "create_federation"):
+    monkeypatch.setattr(fe, "stage_data", lambda *args, **kw: pooled)
+    for name in ("stage_plan", "create_federation"):
         monkeypatch.setattr(fe, name, lambda *args, **kw: None)
     calls = []
     monkeypatch.setattr(fe, "train_standard", lambda *args: calls.append(args) or tmp_path / "ckpt.pth")

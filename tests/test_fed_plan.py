@@ -1,5 +1,5 @@
-"""Federated nnU-Net planning (nnunet_adpfl.fed_plan): aggregate-only site summaries, merging, planning with
-nnU-Net's own planner, and installing the plans at a site before the real ``nnUNetv2_preprocess``."""
+"""Federated nnU-Net planning (nnunet_adpfl.federation.summary, .plan): aggregate-only site summaries, merging,
+planning with nnU-Net's own planner, and installing the plans at a site before the real ``nnUNetv2_preprocess``."""
 from __future__ import annotations
 
 import copy
@@ -13,8 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from nnunet_adpfl import fed_plan
-from nnunet_adpfl.fed_plan import QUANTILES, install_plans, merge_summaries, plan_federated, plans_digest, site_summary
+from nnunet_adpfl.federation import plan as fed_plan
+from nnunet_adpfl.federation import summary as fed_summary
+from nnunet_adpfl.federation.plan import install_plans, plan_federated, plans_digest
+from nnunet_adpfl.federation.summary import QUANTILES, merge_summaries, site_summary
 
 DATASET = "Dataset501_SynthKidney"
 SUMMARY_KEYS = {
@@ -56,8 +58,8 @@ def _extract_fingerprint(env: dict) -> dict:
 def federation(tmp_path_factory):
     """Three sites of a 12-case kidney dataset: their fingerprints and summaries, the federated plans, and the
     plans of nnU-Net's normal planning on the pooled dataset."""
-    from nnunet_adpfl.pipeline import run
-    from nnunet_adpfl.synthetic import generate_dataset, split_by_site
+    from nnunet_adpfl.nnunet.pipeline import run
+    from nnunet_adpfl.data.synthetic import generate_dataset, split_by_site
 
     root, timings = tmp_path_factory.mktemp("fed_plan"), {}
     start = time.time()
@@ -73,7 +75,7 @@ def federation(tmp_path_factory):
 
     start = time.time()
     fingerprints = {site: _extract_fingerprint(env) for site, env in site_envs.items()}
-    summaries = {site: fed_plan.site_summary_from_folders(folders[site], Path(env["nnUNet_preprocessed"]) / DATASET)
+    summaries = {site: fed_summary.site_summary_from_folders(folders[site], Path(env["nnUNet_preprocessed"]) / DATASET)
                  for site, env in site_envs.items()}
     timings["site fingerprints + summaries"] = time.time() - start
 
@@ -154,7 +156,7 @@ def test_federated_plan_matches_pooled_plan(federation):
 
 
 def test_install_and_preprocess_at_a_site(federation, monkeypatch):
-    from nnunet_adpfl.pipeline import run
+    from nnunet_adpfl.nnunet.pipeline import run
 
     env = federation.site_envs["A"]
     monkeypatch.setenv("nnUNet_raw", env["nnUNet_raw"])
@@ -309,9 +311,9 @@ def test_site_summary_finds_its_example_image_without_forking(tmp_path, monkeypa
     (raw / "imagesTr").mkdir(parents=True)
     dataset_json = {"file_ending": ".nii.gz"}
     with pytest.raises(FileNotFoundError, match=r"no training images \(\*_0000.nii.gz\)"):
-        fed_plan._example_training_image(raw, dataset_json)
+        fed_summary._example_training_image(raw, dataset_json)
     for name in ("b_0000.nii.gz", "a_0001.nii.gz", "a_0000.nii.gz"):
         (raw / "imagesTr" / name).touch()
-    assert fed_plan._example_training_image(raw, dataset_json) == str(raw / "imagesTr" / "a_0000.nii.gz")
+    assert fed_summary._example_training_image(raw, dataset_json) == str(raw / "imagesTr" / "a_0000.nii.gz")
     listed = {"file_ending": ".nii.gz", "dataset": {"c": {"images": ["imagesTr/b_0000.nii.gz"], "label": "x"}}}
-    assert fed_plan._example_training_image(raw, listed) == str(raw / "imagesTr" / "b_0000.nii.gz")
+    assert fed_summary._example_training_image(raw, listed) == str(raw / "imagesTr" / "b_0000.nii.gz")

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from nnunet_adpfl import fed_files as ff
-from nnunet_adpfl.aggregator import create_federation
-from nnunet_adpfl.pipeline import nnunet_command
-from nnunet_adpfl.simulate import (Layout, _stage_data, _stage_plan, new_run, start_aggregator, start_site,
+from nnunet_adpfl.federation import files as ff
+from nnunet_adpfl.federation.aggregator import create_federation
+from nnunet_adpfl.nnunet.pipeline import nnunet_command
+from nnunet_adpfl.workflows.simulate import (Layout, stage_data, stage_plan, new_run, start_aggregator, start_site,
                                    summarise)
 
 SITES = ["A", "B", "C"]
@@ -29,9 +29,9 @@ def planned(tmp_path_factory):
     """Synthetic skin data over 3 sites, one federated plan, every site preprocessed with it."""
     work = tmp_path_factory.mktemp("federation")
     lay = Layout(work, SITES, run="planning")
-    pooled = _stage_data(lay, "skin", num_cases=18, scale=0.25, seed=0)  # >= 5 cases per site (5 folds)
+    pooled = stage_data(lay, "skin", num_cases=18, scale=0.25, seed=0)  # >= 5 cases per site (5 folds)
     create_federation(lay.fed, lay.keys, SITES, 1, 1, "npfl", configuration=CONFIG)
-    _stage_plan(lay, pooled, CONFIG)
+    stage_plan(lay, pooled, CONFIG)
     return work, pooled
 
 
@@ -140,8 +140,8 @@ def test_dpfl_from_public_weights_trains_only_the_decoder(planned):
     and stays the public one; the report names the file's sha256 and says it must be public."""
     from safetensors.torch import save_file
 
-    from nnunet_adpfl.aggregator import build_initial_model, plans_files
-    from nnunet_adpfl.initial_weights import file_sha256
+    from nnunet_adpfl.federation.aggregator import build_initial_model, plans_files
+    from nnunet_adpfl.common.initial_weights import file_sha256
     work, pooled = planned
     plans, dataset_json = (json.loads(p.read_text()) for p in plans_files(work / "planning"))
     public = build_initial_model(plans, dataset_json, CONFIG, seed=123)

@@ -5,10 +5,11 @@ import shutil
 import pytest
 import torch
 
-from nnunet_adpfl import fed_files as ff
-from nnunet_adpfl.aggregator import Aggregator, create_federation
-from nnunet_adpfl.fed_site import SiteClient
-from nnunet_adpfl.fed_strategy import FedAvg
+from nnunet_adpfl.common import tensors
+from nnunet_adpfl.federation import files as ff
+from nnunet_adpfl.federation.aggregator import Aggregator, create_federation
+from nnunet_adpfl.federation.site import SiteClient
+from nnunet_adpfl.federation.strategies import FedAvg
 
 SITES = ["A", "B", "C"]
 
@@ -221,7 +222,7 @@ def test_shared_files_are_readable_by_the_other_parties_but_keys_are_not(fed):
 
 
 def test_sparse_topk_update_is_decoded_and_averaged(fed):
-    from nnunet_adpfl.sparsify import topk_encode
+    from nnunet_adpfl.privacy.sparsify import topk_encode
     fed_dir, _, _, agg, clients = fed
     d = delta(7)
     floats = {k: v for k, v in d.items() if v.is_floating_point()}
@@ -235,7 +236,7 @@ def test_sparse_topk_update_is_decoded_and_averaged(fed):
 
 
 def test_malformed_sparse_update_is_rejected(fed):
-    from nnunet_adpfl.sparsify import topk_encode
+    from nnunet_adpfl.privacy.sparsify import topk_encode
     fed_dir, _, _, agg, clients = fed
     encoded = topk_encode({k: v for k, v in delta(7).items() if v.is_floating_point()}, 0.5)
     encoded["w::idx"][1] = encoded["w::idx"][0]  # duplicate index: would double-count a coordinate
@@ -249,15 +250,15 @@ def test_shared_nnunet_modules_travel_once():
     from tests.nets import build
     net = build(3)
     full = {k: v.clone() for k, v in net.state_dict().items()}
-    unique = ff.unique_state(net)
+    unique = tensors.unique_state(net)
     assert len(unique) < len(full)  # nnU-Net registers convs twice (conv / all_modules.0)
     assert len({id(t) for t in net.state_dict(keep_vars=True).values()}) == len(unique)
     shifted = {k: v + 1 for k, v in unique.items()}
-    ff.load_unique_state(net, shifted)
+    tensors.load_unique_state(net, shifted)
     for k, v in net.state_dict().items():  # every alias follows its tensor
         assert torch.equal(v, shifted[k] if k in shifted else full[k] + 1)
     with pytest.raises(ValueError, match="state keys differ"):
-        ff.load_unique_state(net, {k: v for k, v in list(shifted.items())[1:]})
+        tensors.load_unique_state(net, {k: v for k, v in list(shifted.items())[1:]})
 
 
 def test_subset_update_leaves_the_tensors_not_sent_unchanged(fed):
@@ -272,7 +273,7 @@ def test_subset_update_leaves_the_tensors_not_sent_unchanged(fed):
 
 
 def test_sparse_subset_update(fed):
-    from nnunet_adpfl.sparsify import topk_encode
+    from nnunet_adpfl.privacy.sparsify import topk_encode
     fed_dir, _, _, agg, clients = fed
     encoded = topk_encode({"b": delta(3)["b"]}, 1.0)
     clients["A"].upload(1, encoded, 2, {"encoding": "topk", "subset": True})

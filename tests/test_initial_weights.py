@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nnunet_adpfl import initial_weights as iw
-from nnunet_adpfl.fed_files import unique_state
+from nnunet_adpfl.common import initial_weights as iw
+from nnunet_adpfl.common.tensors import unique_state
 from tests.nets import build
 
 

@@ -5,7 +5,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_lo
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunet_adpfl.losses import PerCaseLoss
+from nnunet_adpfl.training.losses import PerCaseLoss
 
 
 def nnunet_ce_loss(ignore_label=None, batch_dice=False):

@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from nnunet_adpfl.metrics import dice
+from nnunet_adpfl.evaluation.metrics import dice
 
 
 def test_dice_hand_computed():
@@ -17,14 +17,14 @@ def test_dice_hand_computed():
 
 
 def brute_force_surface_distances(a, b, spacing):
-    from nnunet_adpfl.metrics import _surface
+    from nnunet_adpfl.evaluation.metrics import _surface
     pa, pb = np.argwhere(_surface(a)) * spacing, np.argwhere(_surface(b)) * spacing
     d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
     return d.min(1), d.min(0)
 
 
 def test_hd95_and_nsd_match_brute_force_with_anisotropic_spacing():
-    from nnunet_adpfl.metrics import hd95, nsd
+    from nnunet_adpfl.evaluation.metrics import hd95, nsd
     rng = np.random.default_rng(0)
     spacing = np.array([2.5, 0.8, 0.8])
     for _ in range(3):
@@ -43,7 +43,7 @@ def test_hd95_and_nsd_match_brute_force_with_anisotropic_spacing():
 
 
 def test_hd95_and_nsd_empty_conventions():
-    from nnunet_adpfl.metrics import hd95, nsd
+    from nnunet_adpfl.evaluation.metrics import hd95, nsd
     ref = np.zeros((4, 10), dtype=np.uint8)
     pred = ref.copy()
     pred[1, 2] = 1
@@ -56,7 +56,7 @@ def test_hd95_and_nsd_match_monai():
     import torch
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
-    from nnunet_adpfl.metrics import hd95, nsd
+    from nnunet_adpfl.evaluation.metrics import hd95, nsd
     rng = np.random.default_rng(1)
 
     def one_hot(seg):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_adpfl import morph
-from nnunet_adpfl.dp_trainer import deep_supervision_weights
-from nnunet_adpfl.losses import PerCaseLoss
-from nnunet_adpfl.per_case_grads import trainable_params_reached_by_loss
+from nnunet_adpfl.morphology import morph
+from nnunet_adpfl.training.dp_trainer import deep_supervision_weights
+from nnunet_adpfl.training.losses import PerCaseLoss
+from nnunet_adpfl.privacy.per_case_grads import trainable_params_reached_by_loss
 from tests.nets import build, ds_targets
 from tests.test_per_case_grads import engine_grads, reference_grads
 
@@ -140,7 +140,7 @@ def test_postprocessing_on_label_maps():
 def test_determine_keeps_an_operation_only_where_it_improves_dice(tmp_path):
     import SimpleITK as sitk
 
-    from nnunet_adpfl import morph_postprocessing as mp
+    from nnunet_adpfl.morphology import postprocessing as mp
 
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
     pred_dir.mkdir()
@@ -162,8 +162,8 @@ def test_determine_keeps_an_operation_only_where_it_improves_dice(tmp_path):
 
 
 def test_morph_config_per_output_channel():
-    from nnunet_adpfl.config import SettingsError, load_settings
-    from nnunet_adpfl.morph_trainer import morph_config
+    from nnunet_adpfl.common.config import SettingsError, load_settings
+    from nnunet_adpfl.training.morph_trainer import morph_config
 
     plans = {"configurations": {"3d_fullres": {"patch_size": [16, 32, 32], "spacing": [3.0, 0.8, 0.8]}}}
     labels = {"labels": {"background": 0, "kidney": 1, "tumour": 2}}

@@ -7,10 +7,12 @@ import pickle
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_adpfl import alignment, morph, morph_postprocessing
-from nnunet_adpfl.morph_trainer import PLANS_KEY
-from nnunet_adpfl.pipeline import run
-from nnunet_adpfl.report import REPORT_NAME
+from nnunet_adpfl.evaluation import alignment
+from nnunet_adpfl.morphology import morph
+from nnunet_adpfl.morphology import postprocessing as morph_postprocessing
+from nnunet_adpfl.training.morph_trainer import PLANS_KEY
+from nnunet_adpfl.nnunet.pipeline import run
+from nnunet_adpfl.privacy.report import REPORT_NAME
 
 TRAINER = "nnUNetTrainerDPMorphAdaptive"
 SETTINGS = {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "target_epsilon": 8,

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from nnunet_adpfl.clipping import ClippingRule
-from nnunet_adpfl.config import SettingsError
-from nnunet_adpfl.losses import PerCaseLoss
-from nnunet_adpfl.noisy_step import clipped_sum
-from nnunet_adpfl.per_case_grads import PerCaseGradients, trainable_params_reached_by_loss
-from nnunet_adpfl.trainable import count_parameters, select_trainable
+from nnunet_adpfl.privacy.clipping import ClippingRule
+from nnunet_adpfl.common.config import SettingsError
+from nnunet_adpfl.training.losses import PerCaseLoss
+from nnunet_adpfl.privacy.noisy_step import clipped_sum
+from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients, trainable_params_reached_by_loss
+from nnunet_adpfl.training.trainable import count_parameters, select_trainable
 from tests.nets import build, ds_targets
 
 RULES = [ClippingRule("flat"), ClippingRule("autos", {"gamma": 0.01}), ClippingRule("nsgd", {"r": 0.01}),

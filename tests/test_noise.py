@@ -7,10 +7,10 @@ import pytest
 import torch
 from scipy import stats
 
-from nnunet_adpfl.clipping import ClippingRule
-from nnunet_adpfl.losses import PerCaseLoss
-from nnunet_adpfl.noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
-from nnunet_adpfl.per_case_grads import PerCaseGradients
+from nnunet_adpfl.privacy.clipping import ClippingRule
+from nnunet_adpfl.training.losses import PerCaseLoss
+from nnunet_adpfl.privacy.noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
+from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients
 from tests.nets import build, ds_targets
 
 

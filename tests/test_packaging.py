@@ -14,11 +14,15 @@ def test_wheel_ships_trainers_and_nnunet_finds_them(tmp_path):
     wheel = next((tmp_path / "dist").glob("nnunet_adpfl-*.whl"))
     names = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/ext_trainers/" in n}
     assert TRAINER_MODULES <= names
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    package = REPO / "nnunet_adpfl"
+    missing = [str(f.relative_to(REPO)) for f in package.rglob("*.py") if str(f.relative_to(REPO)) not in shipped]
+    assert not missing, f"modules missing from the wheel (pyproject.toml packages?): {missing}"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     probe = (
-        "import os, nnunet_adpfl.cli as c; p = c.trainers_path(); print(p);"
+        "import os, nnunet_adpfl.nnunet.paths as c; p = c.trainers_path(); print(p);"
         "os.environ['nnUNet_extTrainer'] = p;"
         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f;"
         "print(f('nnUNetTrainerPSAC').__module__, f('nnUNetTrainerBaselineBudget').__module__)"

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_adpfl.config import SettingsError
-from nnunet_adpfl.dp_trainer import deep_supervision_weights, make_dp_safe
-from nnunet_adpfl.losses import PerCaseLoss
-from nnunet_adpfl.per_case_grads import PerCaseGradients, trainable_params_reached_by_loss
+from nnunet_adpfl.common.config import SettingsError
+from nnunet_adpfl.training.dp_trainer import deep_supervision_weights, make_dp_safe
+from nnunet_adpfl.training.losses import PerCaseLoss
+from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients, trainable_params_reached_by_loss
 from tests.nets import build, ds_targets
 
 CASES = [  # (dim, residual, deep_supervision, regions)

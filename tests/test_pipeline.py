@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_adpfl.cli import trainers_path
-from nnunet_adpfl.pipeline import nnunet_env, run
+from nnunet_adpfl.nnunet.paths import trainers_path
+from nnunet_adpfl.nnunet.pipeline import nnunet_env, run
 
 
 def test_env_adds_our_trainers_and_keeps_the_users(tmp_path, monkeypatch):
@@ -26,7 +26,7 @@ def _terminate_and_check_children_stop(tmp_path, script: str, argv: tuple = ()) 
     import time
 
     pid_file = tmp_path / "child.pid"
-    hang = ("import os, nnunet_adpfl.pipeline as pipeline; _run = pipeline.run; pipeline.run = lambda args, env, "
+    hang = ("import os, nnunet_adpfl.nnunet.pipeline as pipeline; _run = pipeline.run; pipeline.run = lambda args, env, "
             f"*a, **k: _run(['bash', '-c', 'echo $$ > {pid_file}; sleep 120 & sleep 120'], dict(os.environ))\n")
     parent = subprocess.Popen([sys.executable, "-c", hang + script, *argv], cwd=tmp_path)
     deadline = time.time() + 60
@@ -96,5 +96,5 @@ def test_failed_command_names_its_first_error(tmp_path):
     message = str(failed.value)
     assert "first error: RuntimeError: Encountered inf in predicted array" in message
     assert message.rstrip().endswith("KeyError: '7f0d'")  # the tail is still there
-    from nnunet_adpfl.compare import _failure_reason
+    from nnunet_adpfl.workflows.compare import _failure_reason
     assert _failure_reason(message).startswith("RuntimeError: Encountered inf")

@@ -4,8 +4,8 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from nnunet_adpfl import recipe
-from nnunet_adpfl.accounting import RDP_ORDERS
+from nnunet_adpfl.workflows import recipe
+from nnunet_adpfl.privacy.accounting import RDP_ORDERS
 from nnunet_adpfl.cli import main
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from nnunet_adpfl.clipping import ClippingRule
-from nnunet_adpfl.noisy_step import add_noise, clipped_sum, make_noise_generator, per_case_norms
-from nnunet_adpfl.sparsify import (ErrorFeedback, MaskedPerCaseGradients, encoded_nbytes, mask_grads,
+from nnunet_adpfl.privacy.clipping import ClippingRule
+from nnunet_adpfl.privacy.noisy_step import add_noise, clipped_sum, make_noise_generator, per_case_norms
+from nnunet_adpfl.privacy.sparsify import (ErrorFeedback, MaskedPerCaseGradients, encoded_nbytes, mask_grads,
                                    mask_noise_sum, masked_add_noise, released_global_update, step_mask,
                                    topk_decode, topk_encode)
 
@@ -236,7 +236,7 @@ def test_topk_round_trip(dtype, density):
         assert mags[flat_kept].min() >= mags[~flat_kept].max()
     # it survives safetensors serialisation
     from safetensors.torch import load
-    from nnunet_adpfl.fed_files import tensors_to_bytes
+    from nnunet_adpfl.common.tensors import tensors_to_bytes
     again = topk_decode(load(tensors_to_bytes(enc)), {n: (list(v.shape), str(v.dtype)) for n, v in u.items()})
     assert all(torch.equal(again[n], dec[n]) for n in u)
 
@@ -345,7 +345,7 @@ def test_error_feedback_state_dict_round_trip():
     state = a.state_dict()
     assert set(state) == set(u)
     from safetensors.torch import load
-    from nnunet_adpfl.fed_files import tensors_to_bytes
+    from nnunet_adpfl.common.tensors import tensors_to_bytes
     b = ErrorFeedback()
     b.load_state_dict(load(tensors_to_bytes(state)))  # a site can checkpoint it as safetensors
     u2 = _update(seed=1)

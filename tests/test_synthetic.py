@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from PIL import Image
 from scipy import ndimage
 
-from nnunet_adpfl import synthetic
-from nnunet_adpfl.synthetic import TASKS, add_cli, generate_dataset, split_by_site
+from nnunet_adpfl.data import synthetic
+from nnunet_adpfl.data.synthetic import TASKS, add_cli, generate_dataset, split_by_site
 
 SMALL = dict(num_cases=9, num_sites=3, num_test_cases=2, seed=0)
 NUM_FILES = {"skin": 1, "kidney": 1, "brain": 4}
@@ -257,7 +257,7 @@ def test_cli(tmp_path, capsys):
 
 def test_module_entry_point(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "nnunet_adpfl.synthetic", "make-dataset", "--task", "brain", "--output-root",
+        [sys.executable, "-m", "nnunet_adpfl.data.synthetic", "make-dataset", "--task", "brain", "--output-root",
          str(tmp_path), "--num-cases", "2", "--num-sites", "1", "--num-test-cases", "0", "--scale", "0.4"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )

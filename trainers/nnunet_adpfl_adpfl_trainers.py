@@ -1,5 +1,5 @@
 """ADP-FL trainer: DP-FL + step sparsification + adaptive clipping + dynamic noise (+ sparse uploads)."""
-from nnunet_adpfl.adpfl_trainer import FederatedADPTrainer
+from nnunet_adpfl.training.adpfl_trainer import FederatedADPTrainer
 
 
 class nnUNetTrainerADPFL(FederatedADPTrainer):

@@ -3,7 +3,7 @@ for the same epochs / iterations / learning rate as the private runs."""
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_adpfl.config import apply_run_length, load_settings
+from nnunet_adpfl.common.config import apply_run_length, load_settings
 
 
 class nnUNetTrainerBaselineBudget(nnUNetTrainer):

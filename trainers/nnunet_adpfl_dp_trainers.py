@@ -1,5 +1,5 @@
-"""DP-SGD trainers for nnU-Net: each picks one clipping rule (see nnunet_adpfl.clipping)."""
-from nnunet_adpfl.dp_trainer import nnUNetTrainerDP
+"""DP-SGD trainers for nnU-Net: each picks one clipping rule (see nnunet_adpfl.privacy.clipping)."""
+from nnunet_adpfl.training.dp_trainer import nnUNetTrainerDP
 
 
 class nnUNetTrainerDPSGD(nnUNetTrainerDP):

@@ -1,5 +1,5 @@
 """Federated nnU-Net trainers (sites of a federation folder; see README "Federated training")."""
-from nnunet_adpfl.fed_trainers import FederatedDPTrainer, FederatedNPTrainer
+from nnunet_adpfl.training.fed_trainers import FederatedDPTrainer, FederatedNPTrainer
 
 
 class nnUNetTrainerFL(FederatedNPTrainer):

@@ -1,8 +1,8 @@
 """DP-Morph trainers: a DP trainer (clipping rule from the settings' clipping_rule) whose network refines its class
-probabilities morphologically, in training and in nnUNetv2_predict (see nnunet_adpfl.morph)."""
-from nnunet_adpfl.adpfl_trainer import FederatedADPTrainer
-from nnunet_adpfl.dp_trainer import nnUNetTrainerDP
-from nnunet_adpfl.morph_trainer import DPMorphMixin
+probabilities morphologically, in training and in nnUNetv2_predict (see nnunet_adpfl.morphology.morph)."""
+from nnunet_adpfl.training.adpfl_trainer import FederatedADPTrainer
+from nnunet_adpfl.training.dp_trainer import nnUNetTrainerDP
+from nnunet_adpfl.training.morph_trainer import DPMorphMixin
 
 
 class nnUNetTrainerDPMorph(DPMorphMixin, nnUNetTrainerDP):

@@ -1,0 +1,1 @@
+"""Metrics, folder evaluation, the comparison report and the gradient-alignment analysis."""

@@ -1,0 +1,167 @@
+"""Federation commands: federation init, fingerprint, plan, install-plan, aggregate."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import files as ff
+from .aggregator import Aggregator, create_federation, load_federation, plans_files
+
+
+def _dataset_folder(root_env: str, dataset_id: int) -> Path:
+    root = os.environ.get(root_env)
+    if not root:
+        raise SystemExit(f"error: ${root_env} is not set")
+    matches = sorted(Path(root).glob(f"Dataset{dataset_id:03d}_*"))
+    if not matches:
+        raise SystemExit(f"error: no Dataset{dataset_id:03d}_* in ${root_env} ({root})")
+    return matches[0]
+
+
+def fingerprint_path(fed: Path, site: str) -> Path:
+    return Path(fed) / "fingerprints" / f"{site}.json"
+
+
+def cmd_init(a) -> int:
+    cfg = create_federation(Path(a.federation_dir), Path(a.keys_dir), [s for s in a.sites.split(",") if s], a.rounds,
+                            a.epochs_per_round, a.mode, a.iterations_per_epoch, a.configuration, a.quorum,
+                            a.round_timeout, a.seed, a.initial_weights)
+    print(f"federation {cfg['id']} created in {a.federation_dir}: sites {cfg['sites']}, {cfg['rounds']} rounds x "
+          f"{cfg['epochs_per_round']} epochs, mode {cfg['mode']}")
+    print(f"site keys written to {a.keys_dir}: give each site ONLY its own <site>.key (out of band); the "
+          "aggregator needs all of them. Never put keys in the shared folder.")
+    return 0
+
+
+def cmd_fingerprint(a) -> int:
+    """At a site: nnU-Net's fingerprint stays local; only its aggregate summary goes to the shared folder."""
+    from .summary import site_summary_from_folders
+    from ..nnunet.pipeline import run
+
+    cfg = load_federation(Path(a.federation_dir))
+    key = ff.load_key(a.key_file)
+    raw = _dataset_folder("nnUNet_raw", a.dataset_id)
+    local = Path(os.environ["nnUNet_preprocessed"]) / raw.name / "dataset_fingerprint.json"
+    if not local.exists():
+        print(f"extracting nnU-Net's fingerprint of {raw.name} locally")
+        run(["nnUNetv2_extract_fingerprint", "-d", str(a.dataset_id), "-np", str(a.num_processes)], dict(os.environ),
+            echo=True)
+    summary = site_summary_from_folders(raw, local.parent)
+    content = {"kind": "fingerprint", "federation": cfg["id"], "site": a.site, "summary": summary}
+    content["hmac"] = ff.mac(key, content)
+    ff.write_json_atomic(fingerprint_path(Path(a.federation_dir), a.site), content)
+    print(f"aggregate fingerprint of site {a.site} ({summary['num_cases']} cases) written to "
+          f"{fingerprint_path(Path(a.federation_dir), a.site)}")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    """Coordinator: merge the sites' aggregate fingerprints and run nnU-Net's planner once for everyone."""
+    from .aggregator import load_site_keys
+    from .plan import cap_features, plan_federated, plans_digest
+    from .summary import merge_summaries
+
+    fed = Path(a.federation_dir)
+    cfg = load_federation(fed)
+    keys = load_site_keys(Path(a.keys_dir), cfg["sites"])
+    summaries = []
+    for site in cfg["sites"]:
+        path = fingerprint_path(fed, site)
+        if not path.exists():
+            raise SystemExit(f"error: no fingerprint from site {site} yet ({path})")
+        content = ff.read_json(path)
+        if not ff.mac_ok(keys[site], content, content.get("hmac")) or content.get("federation") != cfg["id"]:
+            raise SystemExit(f"error: fingerprint of site {site} fails its HMAC or belongs to another federation")
+        summaries.append(content["summary"])
+    plans = plan_federated(summaries, a.dataset_id, a.dataset_name, Path(a.work_dir),
+                           configurations=(cfg["configuration"],))
+    if a.max_features is not None:
+        plans = cap_features(plans, a.max_features)
+    plans_file, dataset_file = plans_files(fed)
+    fingerprint, dataset_json = merge_summaries(summaries)
+    ff.write_json_atomic(plans_file, plans)
+    ff.write_json_atomic(dataset_file, dataset_json)
+    ff.write_json_atomic(merged_fingerprint_file(fed), fingerprint)
+    cfg["plans_sha256"] = plans_digest(plans)
+    ff.write_json_atomic(fed / ff.FEDERATION_FILE, cfg)
+    c = plans["configurations"][cfg["configuration"]]
+    print(f"federation plan written to {plans_file} (sha256 {cfg['plans_sha256'][:12]}...): {cfg['configuration']} "
+          f"patch {c['patch_size']}, batch {c['batch_size']}, spacing {[round(x, 3) for x in c['spacing']]}")
+    return 0
+
+
+def merged_fingerprint_file(fed: Path) -> Path:
+    return Path(fed) / "plans" / "dataset_fingerprint.json"
+
+
+def cmd_install_plan(a) -> int:
+    from .plan import install_plans
+
+    plans_file, _ = plans_files(Path(a.federation_dir))
+    raw = _dataset_folder("nnUNet_raw", a.dataset_id)
+    target = Path(os.environ["nnUNet_preprocessed"]) / raw.name
+    # the merged fingerprint replaces the local one, so model folders a site releases carry no per-case values
+    path = install_plans(ff.read_json(plans_file), target, raw.name,
+                         fingerprint=ff.read_json(merged_fingerprint_file(Path(a.federation_dir))))
+    print(f"federation plan installed as {path}; now run: nnUNetv2_preprocess -d {a.dataset_id} "
+          f"-c {load_federation(Path(a.federation_dir))['configuration']}")
+    return 0
+
+
+def cmd_aggregate(a) -> int:
+    agg = Aggregator(Path(a.federation_dir), Path(a.keys_dir), poll_interval=a.poll_interval,
+                     log=lambda msg: print(f"[aggregator {ff.now()}] {msg}", flush=True))
+    last = agg.run()
+    print(f"[aggregator {ff.now()}] federation finished after round {last}", flush=True)
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("federation", help="create a federation folder")
+    fsub = p.add_subparsers(dest="federation_command", required=True)
+    q = fsub.add_parser("init", help="write federation.json and the site keys")
+    q.add_argument("federation_dir")
+    q.add_argument("--sites", required=True, help="comma-separated site names, e.g. A,B,C")
+    q.add_argument("--rounds", type=int, required=True)
+    q.add_argument("--epochs-per-round", type=int, default=1)
+    q.add_argument("--iterations-per-epoch", type=int, default=None, help="default: nnU-Net's 250")
+    q.add_argument("--mode", choices=("npfl", "dpfl", "adpfl"), required=True)
+    q.add_argument("--configuration", default="3d_fullres")
+    q.add_argument("--quorum", type=int, default=None, help="sites needed to close a round after the timeout "
+                                                             "(default: all)")
+    q.add_argument("--round-timeout", type=float, default=None, help="seconds before a round may close with a quorum")
+    q.add_argument("--keys-dir", required=True, help="where to write the site keys (NOT the shared folder)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the initial model")
+    q.add_argument("--initial-weights", default=None, help="public weights for round 0 (nnU-Net checkpoint_final.pth "
+                   "or .safetensors trained with the federation's plan, e.g. by 'nnunet-adpfl pretrain-public'); "
+                   "default: nnU-Net's random initialisation")
+    q.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("fingerprint", help="at a site: share the aggregate fingerprint of dataset -d")
+    p.add_argument("federation_dir")
+    p.add_argument("--site", required=True)
+    p.add_argument("--key-file", required=True)
+    p.add_argument("-d", "--dataset-id", type=int, required=True)
+    p.add_argument("-np", "--num-processes", type=int, default=2)
+    p.set_defaults(func=cmd_fingerprint)
+
+    p = sub.add_parser("plan", help="coordinator: one nnU-Net plan from the sites' aggregate fingerprints")
+    p.add_argument("federation_dir")
+    p.add_argument("--keys-dir", required=True)
+    p.add_argument("-d", "--dataset-id", type=int, required=True)
+    p.add_argument("--dataset-name", required=True, help="e.g. SynthKidney (the DatasetXXX_ suffix)")
+    p.add_argument("--work-dir", default="work_dirs/federated_plan", help="scratch folder for nnU-Net's planner")
+    p.add_argument("--max-features", type=int, default=None,
+                   help="cap the network width per stage (a DP preset: fewer parameters, less noise norm)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("install-plan", help="at a site: install the federation plan before nnUNetv2_preprocess")
+    p.add_argument("federation_dir")
+    p.add_argument("-d", "--dataset-id", type=int, required=True)
+    p.set_defaults(func=cmd_install_plan)
+
+    p = sub.add_parser("aggregate", help="coordinator: run the aggregator (restartable)")
+    p.add_argument("federation_dir")
+    p.add_argument("--keys-dir", required=True)
+    p.add_argument("--poll-interval", type=float, default=2.0)
+    p.set_defaults(func=cmd_aggregate)

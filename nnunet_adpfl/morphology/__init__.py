@@ -1,0 +1,1 @@
+"""DP-Morph: the differentiable morphological refinement and its post-processing search."""

@@ -1,0 +1,110 @@
+"""Run the stock nnU-Net commands (plan, train, predict) in a self-contained folder."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from collections import deque
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .paths import trainers_path
+
+
+def nnunet_env(root: str | Path, settings_file: str | Path | None = None, **extra: str) -> dict:
+    """Environment for nnU-Net commands with raw/preprocessed/results under ``root``, our trainers on
+    ``nnUNet_extTrainer`` and CPU-friendly defaults (no torch.compile, export workers <= cores)."""
+    root = Path(root)
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(root / "nnUNet_raw"),
+        "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
+        "nnUNet_results": str(root / "nnUNet_results"),
+        # ours first, the user's own trainer folders kept
+        "nnUNet_extTrainer": os.pathsep.join(dict.fromkeys(
+            [trainers_path(), *[p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]])),
+        "nnUNet_compile": env.get("nnUNet_compile", "f"),
+        # nnU-Net's default of 8 spawned export workers costs ~30 s per case on a 2-core machine
+        "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 4))),
+        "PYTHONUNBUFFERED": "1",  # logs of long runs stream instead of appearing at exit
+    })
+    if settings_file is not None:
+        env["nnUNet_adpfl_config"] = str(settings_file)
+    env.update(extra)
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def nnunet_command(name: str) -> str:
+    """Path of an nnU-Net console script next to this interpreter (falls back to PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*)?(Error|Exception): ")  # a Python exception's last line
+DIVERGED = "Encountered inf in predicted array"  # nnU-Net's predictor, on a model whose logits overflowed
+
+
+def stop(procs) -> None:
+    """Terminate still-running commands started with ``start_new_session=True``, with their process groups
+    (nnU-Net's data-loader workers included); SIGKILL after 30 s."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        os.killpg(p.pid, signal.SIGTERM)
+    for p in running:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bool = False) -> float:
+    """Run a command; its output goes to ``log_file`` (and the console if ``echo``). Raises with the log's
+    tail on failure. Returns the wall time in seconds."""
+    start = time.time()
+    args = [nnunet_command(args[0]), *args[1:]]
+    lines: deque[str] = deque(maxlen=40)  # the tail, for the error message
+    first_error = None  # the first exception line: the cause, when teardown errors follow it
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_file, "a", buffering=1) if log_file else None  # line-buffered: follow it live
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if first_error is None and EXCEPTION_LINE.match(line):
+                first_error = line.strip()
+            if log:
+                log.write(line)
+            if echo:
+                print(line, end="", flush=True)
+    except BaseException:  # interrupted: stop the command and its workers, not only wait for them
+        stop([proc])
+        raise
+    finally:
+        proc.stdout.close()
+        if log:
+            log.close()
+    code = proc.wait()
+    if code != 0:
+        tail = "".join(lines)
+        cause = f"first error: {first_error}\n" if first_error else ""
+        raise RuntimeError(f"command failed ({code}): {' '.join(args)}\n{cause}--- last output ---\n{tail}")
+    return time.time() - start
+
+
+def predict(images: Path, output: Path, dataset_id: int, config: str, trainer: str, env: dict, log_file: Path,
+            file_ending: str, fold: str = "0") -> Path:
+    """``nnUNetv2_predict`` with the fold's final checkpoint on CPU, unless every image already has its prediction
+    (an interrupted run continues where it stopped)."""
+    cases = {p.name[:-len(f"_0000{file_ending}")] for p in Path(images).glob(f"*_0000{file_ending}")}
+    if not all((Path(output) / f"{case}{file_ending}").exists() for case in cases):
+        run(["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(dataset_id), "-c", config, "-f", fold,
+             "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--continue_prediction"], env, log_file)
+    return Path(output)

@@ -1,0 +1,44 @@
+"""Federated trainer bases: NP-FL (standard nnU-Net locally) and DP-FL (DP-SGD locally); FedAvg at the
+aggregator. Each DP site's account covers every update it ever uploads."""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from ..federation import files as ff
+from .dp_trainer import nnUNetTrainerDP
+from ..federation.site import FederatedTrainerMixin, round_seed
+from ..common.initial_weights import PUBLIC_REQUIREMENT
+
+
+class FederatedNPTrainer(FederatedTrainerMixin, nnUNetTrainer):
+    federation_mode = "npfl"
+
+
+class FederatedDPTrainer(FederatedTrainerMixin, nnUNetTrainerDP):
+    federation_mode = "dpfl"
+    supports_ema = False
+
+    def _privacy_manifest(self) -> dict:
+        return {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
+                "privacy_accountant": self.accountant.state_dict()}
+
+    def _initial_weights_origin(self) -> dict:
+        cfg = self.client.cfg
+        manifest = ff.read_json(ff.global_paths(self.client.fed, 0)[1])
+        public = cfg.get("initial_weights")
+        return {"source": "the federation's round-0 global model", "round0_sha256": manifest["sha256"],
+                "federation_initial_weights": public or f"random initialisation (aggregator, seed {cfg.get('seed')})",
+                **({"requirement": PUBLIC_REQUIREMENT} if public else {})}
+
+    def _local_delta(self) -> dict[str, torch.Tensor]:
+        """Only the privately trained tensors: frozen ones (dp_trainable) did not change and are not uploaded."""
+        params = self.privacy["params"] if self.privacy is not None else self._private_params()
+        delta = super()._local_delta()
+        return {k: v for k, v in delta.items() if k in params}
+
+    def _start_round(self, r: int) -> None:
+        super()._start_round(r)
+        noise_seed = self.dp_settings["noise_seed"]
+        if noise_seed is not None and self.privacy is not None:
+            self.privacy["generator"].manual_seed(round_seed(noise_seed, self.client.site, r))
