@@ -65,6 +65,7 @@ def test_dataset_without_site_map_is_refused(tmp_path):
     assert out.returncode != 0 and "unknown: ['Z']" in out.stderr
 
 
+@pytest.mark.slow  # ~6 min alone on 2 cores; the default suite keeps the compare CLI's checks and report parts
 def test_tiny_comparison_end_to_end(tmp_path):
     """Standard nnU-Net (pooled) vs DP-FL on a 2-site synthetic skin dataset: 1 round x 1 step each."""
     work = tmp_path / "cmp"

@@ -189,7 +189,7 @@ def wait_for(condition, procs, timeout=300):
     ("nnUNetTrainerDPFL", "dpfl", DETERMINISTIC, "dpfl_reference", "next_round"),
     # the upload residual carried between rounds must survive a restart from either checkpoint of round 1: ours
     # before the upload (killed while waiting for the round to close) and nnU-Net's after it (in round 2)
-    ("nnUNetTrainerADPFL", "adpfl", ADPFL, "adpfl_reference", "waiting"),
+    pytest.param("nnUNetTrainerADPFL", "adpfl", ADPFL, "adpfl_reference", "waiting", marks=pytest.mark.slow),
     ("nnUNetTrainerADPFL", "adpfl", ADPFL, "adpfl_reference", "next_round")])
 def test_killed_site_and_aggregator_resume_to_the_same_weights(planned, trainer, mode, settings, reference, kill_at,
                                                                request):
