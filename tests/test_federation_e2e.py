@@ -79,6 +79,7 @@ def assert_sites_hold_global(lay, pooled, trainer, rounds):
         assert all(torch.equal(w[k].cpu(), g[k]) for k in g), site
 
 
+@pytest.mark.slow  # ~2 min; the default suite runs the ADP-FL federation end to end (NP-FL: the main job)
 def test_npfl_federation(planned):
     work, pooled = planned
     lay, procs = run_federation(work, "npfl", "nnUNetTrainerFL", "npfl", 2, SHORT)
@@ -101,6 +102,7 @@ def dpfl_reference(planned):
     return uninterrupted(planned, "nnUNetTrainerDPFL", "dpfl", DETERMINISTIC)
 
 
+@pytest.mark.slow  # ~3 min; the default suite runs ADP-FL (a DP-FL subclass) with its privacy reports
 def test_dpfl_federation_and_prediction(planned, dpfl_reference):
     work, pooled = planned
     lay = dpfl_reference
@@ -135,6 +137,7 @@ def test_site_with_other_plans_is_refused(planned, tmp_path):
     assert "differ from the federation's plan" in out.stdout + out.stderr
 
 
+@pytest.mark.slow  # ~3 min; the default suite fine-tunes from public weights with stock -pretrained_weights
 def test_dpfl_from_public_weights_trains_only_the_decoder(planned):
     """Round 0 is the public weights file; with dp_trainable=decoder the encoder is neither noised nor uploaded
     and stays the public one; the report names the file's sha256 and says it must be public."""
@@ -186,7 +189,7 @@ def wait_for(condition, procs, timeout=300):
 
 
 @pytest.mark.parametrize("trainer, mode, settings, reference, kill_at", [
-    ("nnUNetTrainerDPFL", "dpfl", DETERMINISTIC, "dpfl_reference", "next_round"),
+    pytest.param("nnUNetTrainerDPFL", "dpfl", DETERMINISTIC, "dpfl_reference", "next_round", marks=pytest.mark.slow),
     # the upload residual carried between rounds must survive a restart from either checkpoint of round 1: ours
     # before the upload (killed while waiting for the round to close) and nnU-Net's after it (in round 2)
     pytest.param("nnUNetTrainerADPFL", "adpfl", ADPFL, "adpfl_reference", "waiting", marks=pytest.mark.slow),
@@ -236,6 +239,8 @@ def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned, adpfl_re
             manifest = ff.read_json(ff.update_paths(lay.fed, r, site)[1])
             assert manifest["encoding"] == "topk"
             assert manifest["bytes"] < dense_bytes / 5  # 5% of the coordinates at 12 bytes each: ~1/6.7
+    summary = summarise(lay, trainer, CONFIG, pooled, None)  # the final global model through nnUNetv2_predict
+    assert set(summary["global_test_dice"]) == {"lesion"} and summary["bytes_uploaded"] > 0
 
 
 @pytest.mark.slow  # ~1.5 min; its parts are in the default suite (ADP-FL federations, DP-Morph train/predict)
