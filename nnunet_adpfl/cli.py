@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .federation import commands as fed_cli
     from .morphology import postprocessing as morph_postprocessing
     from .privacy import audit
-    from .workflows import compare, demo, fed_experiment, pretrain, recipe, simulate
+    from .workflows import compare, demo, fed_experiment, pretrain, recipe, simulate, trainer_audit
 
     parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_cli(sub)
     recipe.add_cli(sub)
     audit.add_cli(sub)
+    trainer_audit.add_cli(sub)
     return parser
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_dp_step import machine_description, peak_rss_mib, report_memory, run_memory_child, update_section
+from nnunet_adpfl.common.benchmarking import machine_description, peak_rss_mib, report_memory, run_memory_child, \
+    update_section
 from nnunet_adpfl.common.tensors import unique_state
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.privacy.accounting import PrivacyAccountant

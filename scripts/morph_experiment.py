@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nnunet_adpfl.evaluation import alignment
 from nnunet_adpfl.cli import install_sigterm_handler
-from nnunet_adpfl.workflows.demo import CONFIGURATION
+from nnunet_adpfl.workflows.stages import CONFIGURATION
 from nnunet_adpfl.evaluation.evaluation import evaluate_folder, mean_per_label
 from nnunet_adpfl.federation.plan import cap_features
 from nnunet_adpfl.evaluation.metrics import nanmean

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from nnunet_adpfl.common.benchmarking import update_section
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_dp_step.py"
 AGGREGATOR_SCRIPT = SCRIPT.with_name("bench_aggregator.py")
 
@@ -20,15 +22,15 @@ def _load_script():
 
 
 def test_section_replaced_between_markers_only(tmp_path):
-    bench = _load_script()
+    marks = _load_script().MARKS
     doc = tmp_path / "docs" / "BENCHMARKS.md"
-    bench.update_section(doc, "first")
+    update_section(doc, "first", marks)
     doc.write_text("# Benchmarks\n\nintro\n\n" + doc.read_text().split("\n", 2)[2] + "\nafter\n")
-    bench.update_section(doc, "second")
+    update_section(doc, "second", marks)
     text = doc.read_text()
     assert "first" not in text and "second" in text
     assert text.startswith("# Benchmarks\n\nintro\n") and text.rstrip().endswith("after")
-    assert text.count(bench.MARK_START) == text.count(bench.MARK_END) == 1
+    assert text.count(marks[0]) == text.count(marks[1]) == 1
 
 
 def test_summary_uses_per_round_ratios():
@@ -57,12 +59,11 @@ def test_variant_selection_covers_every_dp_trainer():
 
 
 def test_sections_of_both_scripts_coexist(tmp_path):
-    bench = _load_script()
     doc = tmp_path / "BENCHMARKS.md"
     marks = ("<!-- bench_aggregator:start -->", "<!-- bench_aggregator:end -->")
-    bench.update_section(doc, "dp step")
-    bench.update_section(doc, "aggregator 1", marks)
-    bench.update_section(doc, "aggregator 2", marks)
+    update_section(doc, "dp step", _load_script().MARKS)
+    update_section(doc, "aggregator 1", marks)
+    update_section(doc, "aggregator 2", marks)
     text = doc.read_text()
     assert "dp step" in text and "aggregator 2" in text and "aggregator 1" not in text
 

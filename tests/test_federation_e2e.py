@@ -13,8 +13,8 @@ import torch
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.federation.aggregator import create_federation
 from nnunet_adpfl.nnunet.pipeline import nnunet_command
-from nnunet_adpfl.workflows.simulate import (Layout, stage_data, stage_plan, new_run, start_aggregator, start_site,
-                                   summarise)
+from nnunet_adpfl.workflows.stages import (Layout, stage_data, stage_plan, new_run, start_aggregator, start_site,
+                                         summarise)
 
 SITES = ["A", "B", "C"]
 CONFIG = "2d"

@@ -237,7 +237,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         pv, s = self.privacy, self.dp_settings
         data, target = batch_to_device(batch, self.device)
         clip = self._clip_norm()
-        sums = clipped_sum(self._per_case_engine(), self.rule, clip, data, target, keep_raw=s["log_alignment"])
+        sums = self._clipped_sums(data, target, clip)
         noisy = self._noisy_gradient(sums.clipped, self._gradient_noise_multiplier() * clip)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(pv["params"].values(), noisy):
@@ -252,6 +252,11 @@ class nnUNetTrainerDP(nnUNetTrainer):
             pv["alignment"].append((cosine(sums.raw, sums.clipped), cosine(sums.raw, noisy)))
         loss = float(sums.losses.mean()) if sums.batch_size else float("nan")
         return {"loss": np.array(loss)}
+
+    def _clipped_sums(self, data, target, clip: float):
+        """The step's sum of clipped per-case gradients (the audit adds its canaries here)."""
+        return clipped_sum(self._per_case_engine(), self.rule, clip, data, target,
+                           keep_raw=self.dp_settings["log_alignment"])
 
     def _clip_norm(self) -> float:
         return self.dp_settings["max_grad_norm"]

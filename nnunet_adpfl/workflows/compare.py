@@ -25,8 +25,8 @@ from ..federation.aggregator import create_federation
 from ..evaluation.evaluation import METRICS, evaluate_folder, summarise_cases
 from ..nnunet.pipeline import DIVERGED, EXCEPTION_LINE, nnunet_env, predict, run
 from ..privacy.report import REPORT_NAME
-from .simulate import (Layout, bytes_exchanged, stage_plan, train_federated, install_plan_and_preprocess, new_run,
-                       split_sites)
+from .stages import (Layout, bytes_exchanged, stage_plan, train_federated, install_plan_and_preprocess, new_run,
+                     split_sites)
 from ..data.synthetic import TASKS, generate_dataset
 
 ALIASES = {"centralized": "nnUNetTrainerBaselineBudget", "local": "nnUNetTrainerBaselineBudget",

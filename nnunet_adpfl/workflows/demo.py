@@ -9,25 +9,18 @@ import os
 import time
 from pathlib import Path
 
-from ..evaluation import evaluation
-from ..evaluation.evaluation import mean_per_label
+from ..data.synthetic import TASKS, generate_dataset
 from ..evaluation.metrics import nanmean
 from ..nnunet.pipeline import nnunet_env, predict, run
 from ..privacy.report import REPORT_NAME
-from ..data.synthetic import TASKS, generate_dataset
+from .stages import CONFIGURATION, evaluate_folder
 
 DEFAULT_TRAINERS = ("nnUNetTrainerBaselineBudget", "nnUNetTrainerDPSGD", "nnUNetTrainerAutoS")
 DATASET_ID = 501
-CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres"}
 
 
 def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def evaluate_folder(dataset_folder: Path, prediction_folder: Path) -> dict:
-    """Mean Dice per label/region over the test cases (NaN-aware)."""
-    return mean_per_label(evaluation.evaluate_folder(dataset_folder, prediction_folder, metrics=("dice",)))
 
 
 def run_demo(work_dir: Path, task: str, trainers: list[str], epochs: int, iterations: int, epsilon: float,

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from ..federation import files as ff
 from ..federation.aggregator import create_federation
-from .demo import CONFIGURATION
-from .demo import evaluate_folder
 from ..evaluation.metrics import nanmean
 from ..nnunet.pipeline import DIVERGED, predict
 from .pretrain import TRAINER as STANDARD_TRAINER, pretrain_public, train_standard
-from .simulate import MODE_OF_TRAINER, Layout, stage_data, stage_plan, train_federated, new_run, summarise
+from .stages import (CONFIGURATION, MODE_OF_TRAINER, Layout, evaluate_folder, new_run, stage_data, stage_plan,
+                     summarise, train_federated)
 
 ADPFL = "nnUNetTrainerADPFL"
 ALL_MECHANISMS = {"adpfl_noise_schedule": "exponential", "adpfl_schedule_end_ratio": 0.5, "adpfl_adaptive_clip": True,

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..federation.aggregator import load_federation
 from ..nnunet.pipeline import nnunet_command, nnunet_env, run
 from ..data.synthetic import TASKS, generate_dataset
+from .stages import install_plan_and_preprocess
 
 PUBLIC_DATASET_ID = 502
 TRAINER = "nnUNetTrainerBaselineBudget"
@@ -34,8 +35,6 @@ def train_standard(fed: Path, raw: Path, dataset: Path, work: Path, epochs: int,
                    lr: float | None = None) -> Path:
     """Standard nnU-Net (fold ``all``) on the raw ``dataset`` (a folder of ``raw``) with the federation's plan;
     preprocessing and results under ``work``. Returns the final checkpoint (kept: a second call only returns it)."""
-    from .simulate import install_plan_and_preprocess
-
     work = Path(work).resolve()
     config = load_federation(fed)["configuration"]
     dataset_id = int(dataset.name[len("Dataset"):].split("_")[0])

@@ -1,0 +1,210 @@
+"""The stages the workflows compose (simulate, fed-compare, compare, demo), each resumable: its output is kept
+and reused when present.
+
+    stage_data       synthetic multi-site data, split into one raw dataset per site
+    stage_plan       per-site aggregate fingerprints -> one federated plan -> per-site preprocessing
+    new_run          a federation folder for one more training run with that plan
+    train_federated  the aggregator and every site's stock ``nnUNetv2_train``, as separate processes
+    summarise        per-site validation and privacy reports, the final global model on the test set, bytes exchanged
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..data.synthetic import generate_dataset, split_by_site
+from ..evaluation import evaluation
+from ..evaluation.evaluation import mean_per_label
+from ..federation import files as ff
+from ..federation.aggregator import create_federation, load_federation
+from ..nnunet.pipeline import nnunet_command, nnunet_env, predict, run, stop
+
+DATASET_ID = 501
+CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres"}
+MODE_OF_TRAINER = {"nnUNetTrainerFL": "npfl", "nnUNetTrainerDPFL": "dpfl", "nnUNetTrainerADPFL": "adpfl"}
+
+
+def _log(msg: str) -> None:
+    print(f"[workflow {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nnunet_adpfl.cli", *args]
+
+
+class Layout:
+    """Folders of a simulated federation. ``run`` names one training run (its federation folder and the sites'
+    results), so several runs can share the data, plan and preprocessing."""
+
+    def __init__(self, work: Path, sites: list[str], run: str = "federation", dataset_id: int = DATASET_ID):
+        self.work = work
+        self.dataset_id = dataset_id
+        self.fed = work / run
+        self.results = work / f"results_{run}"
+        self.keys = work / "coordinator" / "keys"
+        self.pool = work / "pooled_raw"
+        self.sites_raw = work / "sites_raw"
+        self.logs = work / "logs" / run
+        self.sites = sites
+
+    def site_root(self, site: str) -> Path:
+        return self.work / f"site_{site}"
+
+    def site_env(self, site: str, settings: Path | None = None, **extra) -> dict:
+        return nnunet_env(self.site_root(site), settings, nnUNet_raw=str(self.sites_raw / site),
+                          nnUNet_results=str(self.results / site), **extra)
+
+
+def stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int, num_test_cases: int = 4) -> Path:
+    pooled = next(lay.pool.glob(f"Dataset{lay.dataset_id:03d}_*"), None)
+    if pooled is None or not (pooled / "sites.json").exists():
+        _log(f"writing a synthetic '{task}' dataset split over {len(lay.sites)} sites")
+        pooled = generate_dataset(task, lay.pool, lay.dataset_id, num_cases=num_cases, num_sites=len(lay.sites),
+                                  num_test_cases=num_test_cases, seed=seed, scale=scale)
+    split_sites(lay, pooled)
+    return pooled
+
+
+def split_sites(lay: Layout, pooled: Path) -> None:
+    """Each site's raw dataset (its training cases and the test set) from the pooled one, unless already there."""
+    if not all((lay.sites_raw / s / pooled.name / "dataset.json").exists() for s in lay.sites):
+        split_by_site(pooled, lay.sites_raw)
+
+
+def install_plan_and_preprocess(fed: Path, dataset_id: int, config: str, env: dict, log: Path) -> None:
+    """The federation's plan into ``env``'s nnUNet_preprocessed, then nnU-Net's preprocessing with it."""
+    run(_cli("install-plan", str(fed), "-d", str(dataset_id)), env, log)
+    run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", config, "-np", "1"], env, log)
+
+
+def stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None = None) -> None:
+    fed_cfg = load_federation(lay.fed)
+    for site in lay.sites:
+        if not (lay.fed / "fingerprints" / f"{site}.json").exists():
+            _log(f"site {site}: sharing its aggregate fingerprint")
+            run(_cli("fingerprint", str(lay.fed), "--site", site, "--key-file", str(lay.keys / f"{site}.key"), "-d",
+                     str(lay.dataset_id), "-np", "1"), lay.site_env(site), lay.logs / f"fingerprint_{site}.log")
+    if fed_cfg.get("plans_sha256") is None:
+        _log("coordinator: planning once for all sites with nnU-Net's planner on the merged fingerprint")
+        width = [] if max_features is None else ["--max-features", str(max_features)]
+        run(_cli("plan", str(lay.fed), "--keys-dir", str(lay.keys), "-d", str(lay.dataset_id), "--dataset-name",
+                 pooled.name.split("_", 1)[1], "--work-dir", str(lay.work / "coordinator" / "planner"), *width),
+            nnunet_env(lay.work / "coordinator" / "planner"), lay.logs / "plan.log")
+    for site in lay.sites:
+        env = lay.site_env(site)
+        marker = Path(env["nnUNet_preprocessed"]) / pooled.name / f"nnUNetPlans_{config}"
+        if not marker.exists():
+            _log(f"site {site}: installing the federation plan and preprocessing")
+            install_plan_and_preprocess(lay.fed, lay.dataset_id, config, env, lay.logs / f"preprocess_{site}.log")
+
+
+def _site_settings(lay: Layout, site: str, settings: dict) -> Path:
+    path = lay.logs / "settings" / f"{site}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // len(lay.sites))  # the sites share this machine's cores
+    path.write_text(json.dumps({"federation_dir": str(lay.fed), "site_id": site, "num_threads": threads,
+                                "site_key_file": str(lay.keys / f"{site}.key"), **settings}, indent=2))
+    return path
+
+
+def start_aggregator(lay: Layout) -> subprocess.Popen:
+    lay.logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(_cli("aggregate", str(lay.fed), "--keys-dir", str(lay.keys), "--poll-interval", "1"),
+                            stdout=open(lay.logs / "aggregator.log", "a"), stderr=subprocess.STDOUT,
+                            env=nnunet_env(lay.work / "coordinator" / "planner"), start_new_session=True)
+
+
+def start_site(lay: Layout, site: str, trainer: str, config: str, settings: dict,
+               n_proc_da: str = "1") -> subprocess.Popen:
+    """The site's stock training command (the same command restarts it)."""
+    env = lay.site_env(site, _site_settings(lay, site, settings), nnUNet_n_proc_DA=n_proc_da)
+    return subprocess.Popen([nnunet_command("nnUNetv2_train"), str(lay.dataset_id), config, "0", "-tr", trainer, "-device",
+                             "cpu"], stdout=open(lay.logs / f"train_{site}.log", "a"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_round: int, iterations: int,
+            config: str, seed: int, initial_weights: Path | None = None) -> None:
+    """A federation folder for one more training run on the same data, reusing the plan of ``planned_fed``."""
+    cfg = create_federation(lay.fed, lay.keys, lay.sites, rounds, epochs_per_round, mode,
+                            iterations_per_epoch=iterations, configuration=config, seed=seed,
+                            initial_weights=initial_weights)
+    shutil.copytree(Path(planned_fed) / "plans", lay.fed / "plans")
+    cfg["plans_sha256"] = load_federation(planned_fed)["plans_sha256"]
+    ff.write_json_atomic(lay.fed / ff.FEDERATION_FILE, cfg)
+
+
+def train_federated(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) -> float:
+    logs = lay.logs
+    start = time.time()
+    procs = {"aggregator": start_aggregator(lay)}
+    for site in lay.sites:
+        procs[site] = start_site(lay, site, trainer, config, settings)
+    _log(f"aggregator and {len(lay.sites)} sites started (logs in {logs})")
+    reported = 0
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            if failed:
+                raise RuntimeError(_failure_message(failed, logs))
+            closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())
+            if closed > reported:
+                reported = closed
+                _log(f"round {closed}/{rounds} closed ({time.time() - start:.0f} s)")
+            time.sleep(2)
+    finally:
+        stop(procs.values())
+    failed = [n for n, p in procs.items() if p.returncode != 0]
+    if failed:
+        raise RuntimeError(_failure_message(failed, logs))
+    return time.time() - start
+
+
+def _failure_message(failed: list[str], logs: Path) -> str:
+    """Which parties failed, with the last line of each one's log (usually the exception)."""
+    lines = [f"{failed} failed; see {logs}"]
+    for name in failed:
+        log = logs / ("aggregator.log" if name == "aggregator" else f"train_{name}.log")
+        last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+        lines.append(f"{name}: {last[-1].strip() if last else '(no output)'}")
+    return "\n".join(lines)
+
+
+def bytes_exchanged(fed: Path) -> tuple[int, int]:
+    up = sum(p.stat().st_size for p in fed.glob("round_*/updates/*") if p.is_file())
+    down = sum(p.stat().st_size for p in fed.glob("round_*/global.*"))
+    return up, down
+
+
+def summarise(lay: Layout, trainer: str, config: str, pooled: Path, wall: float | None) -> dict:
+    cfg = load_federation(lay.fed)
+    per_site = {}
+    for site in lay.sites:
+        fold = (Path(lay.site_env(site)["nnUNet_results"]) / pooled.name / f"{trainer}__nnUNetPlans__{config}" /
+                "fold_0")
+        val = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+        report = fold / "privacy_report.json"
+        eps = json.loads(report.read_text())["epsilon"] if report.exists() else None
+        per_site[site] = {"validation_dice": val, "epsilon": eps}
+    pred = predict_test(lay, trainer, config, pooled)
+    up, down = bytes_exchanged(lay.fed)
+    return {"trainer": trainer, "mode": cfg["mode"], "rounds": cfg["rounds"], "sites": per_site,
+            "global_test_dice": evaluate_folder(pooled, pred), "bytes_uploaded": up, "bytes_downloaded_per_site": down,
+            "wall_time_s": wall}
+
+
+def predict_test(lay: Layout, trainer: str, config: str, pooled: Path) -> Path:
+    """The final global model (held by every site; the first site's copy) predicts the pooled test images."""
+    ending = json.loads((pooled / "dataset.json").read_text())["file_ending"]
+    return predict(pooled / "imagesTs", lay.results / "predictions" / trainer, lay.dataset_id, config, trainer,
+                   lay.site_env(lay.sites[0]), lay.logs / "predict.log", ending)
+
+
+def evaluate_folder(dataset_folder: Path, prediction_folder: Path) -> dict:
+    """Mean Dice per label/region over the test cases (NaN-aware)."""
+    return mean_per_label(evaluation.evaluate_folder(dataset_folder, prediction_folder, metrics=("dice",)))
