@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_adpfl.common.benchmarking import machine_description, peak_rss_mib, report_memory, run_memory_child, \
-    update_section
+from nnunet_adpfl.common.benchmarking import machine_description, peak_rss_mib, ratio_cells, ratio_row, report_memory, \
+    run_memory_child, update_section
 from nnunet_adpfl.common.tensors import unique_state
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.privacy.accounting import PrivacyAccountant
@@ -138,17 +138,10 @@ def summarise(times: dict[str, list[float]], sizes: dict[str, list[int]], peaks:
     """Per variant: bytes per site and round, median/IQR s per round, per-round time ratio to dense, memory."""
     rows = []
     for variant in VARIANTS:
-        ts = np.array(times[variant])
-        q1, q3 = np.percentile(ts, [25, 75])
-        row = {"variant": variant, "density": 1.0 if variant == "dense" else density,
-               "bytes": float(np.mean(sizes[variant])), "median_s": float(np.median(ts)), "iqr_s": float(q3 - q1)}
+        row = {**ratio_row(times, variant, "dense", peaks), "density": 1.0 if variant == "dense" else density,
+               "bytes": float(np.mean(sizes[variant]))}
         if variant != "dense":
             row["bytes_ratio"] = float(np.mean(sizes["dense"])) / row["bytes"]
-            row["ratio"] = float(np.median(ts / np.array(times["dense"])))
-        if peaks is not None:
-            row["peak_mib"] = peaks[variant]
-            if variant != "dense" and peaks["dense"] > 0:
-                row["mem_ratio"] = peaks[variant] / peaks["dense"]
         rows.append(row)
     return rows
 
@@ -158,11 +151,8 @@ def markdown_table(rows: list[dict]) -> str:
              "IQR s/round | median time ratio vs dense | peak aggregator memory (MiB) | memory ratio vs dense |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        ref = "reference" if r["variant"] == "dense" else "n/a"
-        bytes_ratio = f"{r['bytes_ratio']:.2f}" if "bytes_ratio" in r else ref
-        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ref
-        mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "not measured"
-        mem_ratio = f"{r['mem_ratio']:.2f}" if "mem_ratio" in r else (ref if "peak_mib" in r else "not measured")
+        bytes_ratio = f"{r['bytes_ratio']:.2f}" if "bytes_ratio" in r else "reference"
+        ratio, mem, mem_ratio = ratio_cells(r, r["variant"] == "dense")
         lines.append(f"| {r['variant']} | {r['density']:g} | {r['bytes']:,.0f} | {bytes_ratio} | "
                      f"{r['median_s']:.3f} | {r['iqr_s']:.3f} | {ratio} | {mem} | {mem_ratio} |")
     return "\n".join(lines)

@@ -34,8 +34,8 @@ import torch
 
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.federation.aggregator import Aggregator, create_federation, load_federation, plans_files
-from nnunet_adpfl.common.benchmarking import machine_description, peak_rss_mib, report_memory, run_memory_child, \
-    update_section
+from nnunet_adpfl.common.benchmarking import machine_description, peak_rss_mib, ratio_cells, ratio_row, report_memory, \
+    run_memory_child, update_section
 from nnunet_adpfl.common.config import ENV_VAR
 from nnunet_adpfl.federation.plan import plans_digest
 from nnunet_adpfl.nnunet.pipeline import nnunet_env, run
@@ -270,20 +270,8 @@ def step_setup(trainer) -> str:
 def summarise(times: dict[str, list[float]], peaks: dict[str, float] | None,
               setups: dict[str, str] | None = None) -> list[dict]:
     """Per variant: median and IQR of s/step, median of per-round ratios to standard, memory and its ratio."""
-    rows = []
-    for variant, ts in times.items():
-        ts_arr = np.array(ts)
-        q1, q3 = np.percentile(ts_arr, [25, 75])
-        row = {"variant": variant, "median_s": float(np.median(ts_arr)), "iqr_s": float(q3 - q1),
-               "setup": (setups or {}).get(variant, "")}
-        if variant != STANDARD:
-            row["ratio"] = float(np.median(ts_arr / np.array(times[STANDARD])))
-        if peaks is not None:
-            row["peak_mib"] = peaks[variant]
-            if variant != STANDARD and peaks[STANDARD] > 0:
-                row["mem_ratio"] = peaks[variant] / peaks[STANDARD]
-        rows.append(row)
-    return rows
+    return [{**ratio_row(times, variant, STANDARD, peaks), "setup": (setups or {}).get(variant, "")}
+            for variant in times]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -292,10 +280,7 @@ def markdown_table(rows: list[dict]) -> str:
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         trainer, engine, _ = VARIANTS[r["variant"]]
-        ref = "reference" if r["variant"] == STANDARD else "n/a"
-        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ref
-        mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "not measured"
-        mem_ratio = f"{r['mem_ratio']:.2f}" if "mem_ratio" in r else (ref if "peak_mib" in r else "not measured")
+        ratio, mem, mem_ratio = ratio_cells(r, r["variant"] == STANDARD)
         lines.append(f"| {r['variant']} | {trainer} | {engine or '-'} | {r['median_s']:.3f} | {r['iqr_s']:.3f} | "
                      f"{ratio} | {mem} | {mem_ratio} | {r['setup']} |")
     return "\n".join(lines)

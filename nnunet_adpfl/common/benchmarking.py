@@ -14,6 +14,7 @@ import resource
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
 
 MEMORY_TAG = "BENCH_MEMORY "
@@ -91,3 +92,27 @@ def update_section(path: Path, section: str, marks: tuple[str, str]) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def ratio_row(times: dict[str, list[float]], variant: str, reference: str, peaks: dict[str, float] | None) -> dict:
+    """One variant's median and IQR of seconds, median over rounds of (its time / the reference's in the same
+    round), and peak memory with its ratio to the reference's."""
+    ts = np.array(times[variant])
+    q1, q3 = np.percentile(ts, [25, 75])
+    row = {"variant": variant, "median_s": float(np.median(ts)), "iqr_s": float(q3 - q1)}
+    if variant != reference:
+        row["ratio"] = float(np.median(ts / np.array(times[reference])))
+    if peaks is not None:
+        row["peak_mib"] = peaks[variant]
+        if variant != reference and peaks[reference] > 0:
+            row["mem_ratio"] = peaks[variant] / peaks[reference]
+    return row
+
+
+def ratio_cells(row: dict, is_reference: bool) -> tuple[str, str, str]:
+    """Table cells of a :func:`ratio_row`: time ratio, peak MiB, memory ratio."""
+    ref = "reference" if is_reference else "n/a"
+    ratio = f"{row['ratio']:.2f}" if "ratio" in row else ref
+    mem = f"{row['peak_mib']:.0f}" if "peak_mib" in row else "not measured"
+    mem_ratio = f"{row['mem_ratio']:.2f}" if "mem_ratio" in row else (ref if "peak_mib" in row else "not measured")
+    return ratio, mem, mem_ratio
