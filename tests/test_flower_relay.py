@@ -1,0 +1,162 @@
+"""The Flower transport's relay: its checks without Flower, then a 3-site federation of small tensors through a
+real SuperLink (TLS, node authentication) on loopback, with a forged node and an unregistered one refused."""
+import shutil
+import threading
+
+import pytest
+import torch
+
+from nnunet_adpfl.federation import files as ff
+from nnunet_adpfl.federation import flower_relay as fr
+from nnunet_adpfl.federation.aggregator import create_federation, load_site_keys
+from nnunet_adpfl.federation.site import SiteClient
+from nnunet_adpfl.federation.strategies import FedAvg
+
+pytest.importorskip("flwr")
+from flower_net import FlowerNet  # noqa: E402
+
+SITES = ["A", "B", "C"]
+ROUNDS = 2
+CASES = {"A": 3, "B": 5, "C": 7}
+
+
+def coordinator(tmp_path, rounds=ROUNDS):
+    fed, keys = tmp_path / "coordinator" / "fed", tmp_path / "coordinator" / "keys"
+    cfg = create_federation(fed, keys, SITES, rounds, 1, "dpfl", configuration="2d")
+    for name in fr.PLAN_FILES[:2]:
+        ff.write_json_atomic(fed / name, {"stand-in": name})
+    g0 = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.zeros(4), "n": torch.tensor(3)}
+    keyring = load_site_keys(keys, SITES)
+    ff.write_tensors_with_manifest(*ff.global_paths(fed, 0), g0, {"kind": "global", "federation": cfg["id"],
+                                   "round": 0, "strategy": "fedavg", "sites": [], "num_cases": 0},
+                                   ff.signed_for_sites(keyring))
+    return fed, keys, cfg, keyring, g0
+
+
+def delta(site, r):
+    g = torch.Generator().manual_seed(hash((site, r)) % 1000)
+    return {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g), "n": torch.tensor(0)}
+
+
+def expected_final(g0, rounds=ROUNDS):
+    g = g0
+    for r in range(1, rounds + 1):
+        s = FedAvg()
+        s.begin(g)
+        for site in sorted(SITES):
+            s.add(delta(site, r), CASES[site])
+        g = s.finish()
+    return g
+
+
+def test_paths_match_the_folder_protocol(tmp_path):
+    assert [str(p.relative_to(tmp_path)) for p in ff.global_paths(tmp_path, 7)] == fr.global_names(7)
+    assert [str(p.relative_to(tmp_path)) for p in ff.update_paths(tmp_path, 7, "A")] == fr.update_names(7, "A")
+
+
+def test_site_refuses_unsigned_pushes_and_requests_for_other_files(tmp_path):
+    fed, keys, cfg, keyring, _ = coordinator(tmp_path)
+    site_dir = tmp_path / "site"
+    files = {"federation.json": (fed / "federation.json").read_bytes()}
+    with pytest.raises(fr.RelayError, match="valid coordinator HMAC"):
+        fr.site_exchange(site_dir, "A", keyring["A"], "n1", files, fr.relay_mac(keyring["B"], "push", "n1", "A",
+                         {"files": {k: fr.sha256(v) for k, v in files.items()}}), [])
+    assert not (site_dir / "federation.json").exists()
+    ok = fr.relay_mac(keyring["A"], "push", "n1", "A", {"files": {k: fr.sha256(v) for k, v in files.items()}})
+    with pytest.raises(fr.RelayError, match="valid coordinator HMAC"):  # a MAC is bound to its nonce
+        fr.site_exchange(site_dir, "A", keyring["A"], "n2", files, ok, [])
+    status, _, _ = fr.site_exchange(site_dir, "A", keyring["A"], "n1", files, ok, [])
+    assert "federation.json" in status["files"]
+    evil = {"round_0001/updates/B.json": b"{}"}
+    evil_mac = fr.relay_mac(keyring["A"], "push", "n3", "A", {"files": {k: fr.sha256(v) for k, v in evil.items()}})
+    with pytest.raises(fr.RelayError, match="not a path"):
+        fr.site_exchange(site_dir, "A", keyring["A"], "n3", evil, evil_mac, [])
+    for name in ("round_0001/updates/B.json", "../keys/A.key", "federation.json"):
+        with pytest.raises(fr.RelayError, match="not this site's"):
+            fr.site_exchange(site_dir, "A", keyring["A"], "n4", {}, None, [name])
+
+
+def test_coordinator_refuses_replies_without_the_sites_key(tmp_path):
+    fed, keys, cfg, keyring, _ = coordinator(tmp_path)
+    relay = fr.Relay(fed, keyring, ROUNDS, log=lambda m: None)
+    site_dir = tmp_path / "site_B"
+    (site_dir / "round_0001" / "updates").mkdir(parents=True)
+    (site_dir / "round_0001" / "updates" / "B.json").write_text("{}")
+    request = relay.request(1)
+    status, files, _ = fr.site_exchange(site_dir, "B", keyring["B"], request["nonce"], {}, None, [])
+    forged = fr.relay_mac(b"x" * 32, "reply", request["nonce"], "B", {"status": status, "files": {}})
+    assert relay.handle_reply(1, "B", status, files, forged) == []
+    assert "valid HMAC" in relay.refused[1] and 1 not in relay.sites
+    # a genuine reply authenticates the node; the files it brings must have been asked for
+    request = relay.request(1)
+    status, files, mac = fr.site_exchange(site_dir, "B", keyring["B"], request["nonce"], {}, None, [])
+    relay.handle_reply(1, "B", status, files, mac)
+    assert relay.sites[1] == "B"
+    request = relay.request(1)
+    assert request["want"] == fr.update_names(1, "B") and request["push"]  # it lacks federation.json and round 0
+    unasked = {"fingerprints/B.json": b"{}"}
+    mac = fr.relay_mac(keyring["B"], "reply", request["nonce"], "B", {"status": status,
+                       "files": {k: fr.sha256(v) for k, v in unasked.items()}})
+    assert relay.handle_reply(1, "B", status, unasked, mac) == []
+    assert not (fed / "fingerprints" / "B.json").exists() and "not asked for" in relay.refused[1]
+
+
+def run_site(local, site, key_file, rounds, errors):
+    try:
+        client = SiteClient(local, site, key_file, wait_timeout_s=240, poll_interval=0.2, log=lambda m: None)
+        for r in range(1, rounds + 1):
+            client.wait_global(r - 1)
+            client.upload(r, delta(site, r), CASES[site], {"epsilon": 0.5 * r})
+        client.wait_global(rounds)
+    except BaseException as e:
+        errors.append((site, e))
+
+
+def test_federation_over_flower_with_tls_and_node_auth(tmp_path):
+    fed, keys, cfg, keyring, g0 = coordinator(tmp_path)
+    net = FlowerNet(tmp_path / "flower", SITES, extra_keys=("mallory", "stranger"))
+    try:
+        net.start_superlink()
+        for name in [*SITES, "mallory"]:  # mallory: a registered Flower node that does not hold B's site key
+            net.register(name)
+        local = {s: tmp_path / f"site_{s}" / "fed" for s in SITES}
+        for s in SITES:
+            shutil.copy(keys / f"{s}.key", tmp_path / f"{s}.key")
+            net.start_supernode(s, local[s], tmp_path / f"{s}.key")
+        (tmp_path / "wrong.key").write_text(ff.generate_key())
+        net.start_supernode("B", tmp_path / "mallory_fed", tmp_path / "wrong.key", node_key="mallory",
+                            name="mallory")
+        stranger = net.start_supernode("A", tmp_path / "stranger_fed", tmp_path / "A.key", node_key="stranger",
+                                       name="forged", max_retries=2)  # holds A's site key, but no registered node key
+        run = net.start_relay(fed, keys, poll_interval=0.5, reply_timeout=30, max_wait=400)
+        net.wait_for(lambda: all((local[s] / "federation.json").exists() for s in SITES), 240, "federation.json relayed")
+        errors, threads = [], [threading.Thread(target=run_site, args=(local[s], s, tmp_path / f"{s}.key", ROUNDS,
+                                                                      errors)) for s in SITES]
+        for t in threads:
+            t.start()
+        net.wait_for(lambda: run.poll() is not None, 420, "the relay run did not finish")
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert run.returncode == 0, net.log("flwr_run")[-3000:]
+        assert stranger.wait(timeout=120) != 0 and "Failed to activate SuperNode" in net.log("forged")
+    finally:
+        net.close()
+    final = ff.read_verified_tensors(ff.global_paths(fed, ROUNDS)[0], ff.read_json(ff.global_paths(fed, ROUNDS)[1]),
+                                     None)
+    want = expected_final(g0)
+    assert all(torch.equal(final[k], want[k]) for k in want)
+    for s in SITES:  # each site holds the coordinator's files byte for byte, and the coordinator each site's
+        for r in range(ROUNDS + 1):
+            for a, b in zip(ff.global_paths(fed, r), ff.global_paths(local[s], r)):
+                assert a.read_bytes() == b.read_bytes()
+        for r in range(1, ROUNDS + 1):
+            for a, b in zip(ff.update_paths(fed, r, s), ff.update_paths(local[s], r, s)):
+                assert a.read_bytes() == b.read_bytes()
+        assert ff.read_json(ff.global_paths(fed, ROUNDS)[1])["epsilon_by_site"][s] == 0.5 * ROUNDS
+    relay_log = (fed / "relay.log").read_text()
+    assert "REFUSED" in relay_log and "without a valid HMAC" in relay_log
+    assert not (tmp_path / "mallory_fed" / "federation.json").exists()  # the forged node got nothing
+    assert not list(fed.glob("round_*/rejections.jsonl"))
+    stats = ff.read_json(fed / "relay_stats.json")
+    assert stats["sites"] == SITES and stats["bytes_pulled"] > 0 and len(stats["refused_nodes"]) == 1
