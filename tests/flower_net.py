@@ -106,3 +106,10 @@ class FlowerNet:
     def close(self) -> None:
         for name in list(self.procs):
             self.kill(name)
+        # the ServerApp process the SuperLink started (its command line names our credentials folder)
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and str(self.root).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass

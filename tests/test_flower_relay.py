@@ -54,26 +54,32 @@ def test_paths_match_the_folder_protocol(tmp_path):
     assert [str(p.relative_to(tmp_path)) for p in ff.update_paths(tmp_path, 7, "A")] == fr.update_names(7, "A")
 
 
-def test_site_refuses_unsigned_pushes_and_requests_for_other_files(tmp_path):
+def test_site_refuses_unsigned_pushes_and_sends_only_its_own_files(tmp_path):
     fed, keys, cfg, keyring, _ = coordinator(tmp_path)
     site_dir = tmp_path / "site"
     files = {"federation.json": (fed / "federation.json").read_bytes()}
     with pytest.raises(fr.RelayError, match="valid coordinator HMAC"):
         fr.site_exchange(site_dir, "A", keyring["A"], "n1", files, fr.relay_mac(keyring["B"], "push", "n1", "A",
-                         {"files": {k: fr.sha256(v) for k, v in files.items()}}), [])
+                         {"files": {k: fr.sha256(v) for k, v in files.items()}}), None)
     assert not (site_dir / "federation.json").exists()
     ok = fr.relay_mac(keyring["A"], "push", "n1", "A", {"files": {k: fr.sha256(v) for k, v in files.items()}})
     with pytest.raises(fr.RelayError, match="valid coordinator HMAC"):  # a MAC is bound to its nonce
-        fr.site_exchange(site_dir, "A", keyring["A"], "n2", files, ok, [])
-    status, _, _ = fr.site_exchange(site_dir, "A", keyring["A"], "n1", files, ok, [])
+        fr.site_exchange(site_dir, "A", keyring["A"], "n2", files, ok, None)
+    status, _, _ = fr.site_exchange(site_dir, "A", keyring["A"], "n1", files, ok, None)
     assert "federation.json" in status["files"]
     evil = {"round_0001/updates/B.json": b"{}"}
     evil_mac = fr.relay_mac(keyring["A"], "push", "n3", "A", {"files": {k: fr.sha256(v) for k, v in evil.items()}})
     with pytest.raises(fr.RelayError, match="not a path"):
-        fr.site_exchange(site_dir, "A", keyring["A"], "n3", evil, evil_mac, [])
-    for name in ("round_0001/updates/B.json", "../keys/A.key", "federation.json"):
-        with pytest.raises(fr.RelayError, match="not this site's"):
-            fr.site_exchange(site_dir, "A", keyring["A"], "n4", {}, None, [name])
+        fr.site_exchange(site_dir, "A", keyring["A"], "n3", evil, evil_mac, None)
+    # the reply brings only this site's own files the coordinator lacks
+    for name in ("round_0001/updates/B.json", "round_0001/updates/A.json", "round_0002/updates/A.json"):
+        (site_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (site_dir / name).write_text("{}")
+        (site_dir / name.replace(".json", ".safetensors")).write_bytes(b"x")
+    _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], "n4", {}, None, None)
+    assert sent == {}  # the coordinator does not know this node yet
+    _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], "n5", {}, None, {"updates": [1], "fingerprint": None})
+    assert sorted(sent) == sorted(fr.update_names(2, "A"))
 
 
 def test_coordinator_refuses_replies_without_the_sites_key(tmp_path):
@@ -83,22 +89,22 @@ def test_coordinator_refuses_replies_without_the_sites_key(tmp_path):
     (site_dir / "round_0001" / "updates").mkdir(parents=True)
     (site_dir / "round_0001" / "updates" / "B.json").write_text("{}")
     request = relay.request(1)
-    status, files, _ = fr.site_exchange(site_dir, "B", keyring["B"], request["nonce"], {}, None, [])
+    status, files, _ = fr.site_exchange(site_dir, "B", keyring["B"], request["nonce"], {}, None, None)
     forged = fr.relay_mac(b"x" * 32, "reply", request["nonce"], "B", {"status": status, "files": {}})
     assert relay.handle_reply(1, "B", status, files, forged) == []
     assert "valid HMAC" in relay.refused[1] and 1 not in relay.sites
     # a genuine reply authenticates the node; the files it brings must have been asked for
     request = relay.request(1)
-    status, files, mac = fr.site_exchange(site_dir, "B", keyring["B"], request["nonce"], {}, None, [])
+    status, files, mac = fr.site_exchange(site_dir, "B", keyring["B"], request["nonce"], {}, None, None)
     relay.handle_reply(1, "B", status, files, mac)
     assert relay.sites[1] == "B"
     request = relay.request(1)
-    assert request["want"] == fr.update_names(1, "B") and request["push"]  # it lacks federation.json and round 0
-    unasked = {"fingerprints/B.json": b"{}"}
+    assert request["held"] == {"updates": [], "fingerprint": None} and request["push"]  # lacks federation.json, round 0
+    foreign = {"round_0001/updates/C.json": b"{}"}  # B, authenticated, sends C's update
     mac = fr.relay_mac(keyring["B"], "reply", request["nonce"], "B", {"status": status,
-                       "files": {k: fr.sha256(v) for k, v in unasked.items()}})
-    assert relay.handle_reply(1, "B", status, unasked, mac) == []
-    assert not (fed / "fingerprints" / "B.json").exists() and "not asked for" in relay.refused[1]
+                       "files": {k: fr.sha256(v) for k, v in foreign.items()}})
+    assert relay.handle_reply(1, "B", status, foreign, mac) == []
+    assert not (fed / "round_0001" / "updates" / "C.json").exists() and "not its own" in relay.refused[1]
 
 
 def run_site(local, site, key_file, rounds, errors):
@@ -130,8 +136,9 @@ def test_federation_over_flower_with_tls_and_node_auth(tmp_path):
                                        name="forged", max_retries=2)  # holds A's site key, but no registered node key
         run = net.start_relay(fed, keys, poll_interval=0.5, reply_timeout=30, max_wait=400)
         net.wait_for(lambda: all((local[s] / "federation.json").exists() for s in SITES), 240, "federation.json relayed")
-        errors, threads = [], [threading.Thread(target=run_site, args=(local[s], s, tmp_path / f"{s}.key", ROUNDS,
-                                                                      errors)) for s in SITES]
+        errors = []
+        threads = [threading.Thread(target=run_site, args=(local[s], s, tmp_path / f"{s}.key", ROUNDS, errors))
+                   for s in SITES]
         for t in threads:
             t.start()
         net.wait_for(lambda: run.poll() is not None, 420, "the relay run did not finish")

@@ -64,7 +64,7 @@ def relay_query(msg: Message, context: Context) -> Message:
     try:
         key = read_key(str(cfg["key-file"]))
         status, files, mac = site_exchange(fed, site, key, fields["nonce"], push, fields.get("push_mac"),
-                                           fields.get("want", []))
+                                           fields.get("held"))
         reply = {"site": site, "status": status, "mac": mac}
     except (RelayError, OSError, ValueError) as e:
         print(f"site {site}: relay request refused: {e}", flush=True)
@@ -113,7 +113,7 @@ def _write_stats(fed: Path, relay: Relay, start: float, cycles: int, messages: i
 
 def relay_cycle(grid: Grid, relay: Relay, reply_timeout: float) -> int:
     """One request to every connected node, replies handled; returns the number of messages sent."""
-    nodes = sorted(grid.get_node_ids())
+    nodes = [n for n in sorted(grid.get_node_ids()) if relay.may_ask(n)]
     messages = [Message(pack(*_split(relay.request(n))), dst_node_id=n, message_type=MESSAGE_TYPE,
                         ttl=reply_timeout + 30) for n in nodes]
     for reply in grid.send_and_receive(messages, timeout=reply_timeout) if messages else []:

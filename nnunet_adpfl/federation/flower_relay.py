@@ -7,7 +7,7 @@ every restart guarantee stays the folder protocol's. This module is the relay's 
 
 - ``site_exchange`` runs at a site (the ClientApp): it writes the files the coordinator pushed (only after
   checking the coordinator's HMAC with the site's key, and only to the paths the coordinator may write),
-  reads the files the coordinator asked for (only this site's own update and fingerprint files) and returns its
+  sends this site's own update and fingerprint files the coordinator says it lacks (nothing else) and its
   folder's status, all HMAC-signed with the site's key over the coordinator's fresh nonce;
 - ``Relay`` runs at the coordinator (the ServerApp): it plans one request per node from that node's last
   status (the globals, plans and federation.json it lacks; the updates the coordinator lacks), checks each
@@ -24,6 +24,7 @@ import hmac
 import json
 import re
 import secrets
+import time
 from pathlib import Path
 
 from ..common.atomic import write_bytes_atomic
@@ -32,6 +33,8 @@ PROTOCOL = "nnunet-adpfl-relay/1"
 FEDERATION_FILE = "federation.json"
 PLAN_FILES = ("plans/nnUNetPlans.json", "plans/dataset.json", "plans/dataset_fingerprint.json")
 MAX_GLOBALS_PER_MESSAGE = 2
+MAX_UPDATES_PER_MESSAGE = 2
+RETRY_REFUSED_S = 30.0
 _ROUND = r"round_\d{4}"
 _PUSHABLE = re.compile(rf"^(federation\.json|plans/(nnUNetPlans|dataset|dataset_fingerprint)\.json|"
                        rf"{_ROUND}/global\.(safetensors|json))$")
@@ -117,22 +120,25 @@ def _write_files(fed: Path, files: dict[str, bytes], allowed: re.Pattern, overwr
 
 # ---- the site side (ClientApp) --------------------------------------------------------------------------
 def site_exchange(fed: Path, site: str, key: bytes, nonce: str, push: dict[str, bytes], push_mac: str | None,
-                  want: list[str]) -> tuple[dict, dict[str, bytes], str]:
-    """Apply one request of the coordinator to the site's local folder; returns (status, files, reply MAC)."""
+                  held: dict | None) -> tuple[dict, dict[str, bytes], str]:
+    """Apply one request of the coordinator to the site's local folder; returns (status, files, reply MAC).
+    ``held``: what the coordinator holds of this site (update rounds, fingerprint sha256); the reply brings this
+    site's own files it lacks (None: the coordinator does not know this node yet, nothing is sent)."""
     fed = Path(fed)
     if push:
         expected = relay_mac(key, "push", nonce, site, {"files": _digests(push)})
         if not (isinstance(push_mac, str) and hmac.compare_digest(expected, push_mac)):
             raise RelayError("files pushed without a valid coordinator HMAC for this site: nothing written")
         _write_files(fed, push, _PUSHABLE)
-    allowed = pullable(site)
-    files = {}
-    for name in want:
-        if not allowed.match(name) or ".." in name.split("/"):
-            raise RelayError(f"the coordinator asked for {name!r}, which is not this site's to send")
-        if (fed / name).is_file():
-            files[name] = (fed / name).read_bytes()
-    status = folder_status(fed, site)
+    status, files = folder_status(fed, site), {}
+    if held is not None:
+        missing = [r for r in status["updates"] if r not in set(held.get("updates", []))]
+        for r in missing[:MAX_UPDATES_PER_MESSAGE]:
+            for name in update_names(r, site):
+                files[name] = (fed / name).read_bytes()
+        theirs = status["files"].get(fingerprint_name(site))
+        if theirs is not None and theirs != held.get("fingerprint"):
+            files[fingerprint_name(site)] = (fed / fingerprint_name(site)).read_bytes()
     return status, files, relay_mac(key, "reply", nonce, site, {"status": status, "files": _digests(files)})
 
 
@@ -147,8 +153,9 @@ class Relay:
         self.log = log
         self.sites: dict[int, str] = {}       # node id -> site it proved to be
         self.status: dict[str, dict] = {}     # site -> its folder's last status
-        self.pending: dict[int, tuple] = {}   # node id -> (nonce, site, want) of the request in flight
+        self.pending: dict[int, tuple] = {}   # node id -> (nonce, site) of the request in flight
         self.refused: dict[int, str] = {}     # node id -> why it was refused
+        self.refused_at: dict[int, float] = {}
         self.bytes_pushed = 0
         self.bytes_pulled = 0
 
@@ -167,38 +174,37 @@ class Relay:
                 push[name] = (self.fed / name).read_bytes()
         return push
 
-    def _want(self, site: str, status: dict) -> list[str]:
-        want = []
-        for r in status["updates"]:
-            if not (self.fed / update_names(r, site)[1]).exists():
-                want += update_names(r, site)
-        theirs = status["files"].get(fingerprint_name(site))
+    def _held(self, site: str) -> dict:
         mine = self.fed / fingerprint_name(site)
-        if theirs is not None and (not mine.is_file() or sha256(mine.read_bytes()) != theirs):
-            want.append(fingerprint_name(site))
-        return want
+        return {"updates": _rounds(self.fed, f"round_*/updates/{site}.json"),
+                "fingerprint": sha256(mine.read_bytes()) if mine.is_file() else None}
 
     def request(self, node: int) -> dict:
-        """The content of the next request to ``node``: nonce, files to write (with their HMAC), files wanted."""
+        """The content of the next request to ``node``: nonce, files to write (with their HMAC), what we hold."""
         nonce, site = new_nonce(), self.sites.get(node)
-        push, want, mac = {}, [], None
+        push, held, mac = {}, None, None
         if site is not None and site in self.status:
-            push, want = self._push_plan(site, self.status[site]), self._want(site, self.status[site])
+            push, held = self._push_plan(site, self.status[site]), self._held(site)
             if push:
                 mac = relay_mac(self.keys[site], "push", nonce, site, {"files": _digests(push)})
-        self.pending[node] = (nonce, site, want)
+        self.pending[node] = (nonce, site)
         self.bytes_pushed += sum(len(v) for v in push.values())
-        return {"nonce": nonce, "push": push, "push_mac": mac, "want": want}
+        return {"nonce": nonce, "push": push, "push_mac": mac, "held": held}
 
     def refuse(self, node: int, reason: str) -> None:
         if self.refused.get(node) != reason:
             self.log(f"relay: REFUSED node {node}: {reason}")
         self.refused[node] = reason
+        self.refused_at[node] = time.time()
         self.sites.pop(node, None)
+
+    def may_ask(self, node: int) -> bool:
+        """A refused node is asked again only every RETRY_REFUSED_S seconds (it may have been reconfigured)."""
+        return time.time() - self.refused_at.get(node, 0.0) >= RETRY_REFUSED_S
 
     def handle_reply(self, node: int, site: str, status: dict, files: dict[str, bytes], mac: str) -> list[str]:
         """Check a node's reply (its site's HMAC over our nonce) and write the files it brought."""
-        nonce, expected_site, want = self.pending.pop(node, (None, None, []))
+        nonce, expected_site = self.pending.pop(node, (None, None))
         if nonce is None:
             return []
         if site not in self.keys:
@@ -212,9 +218,13 @@ class Relay:
         if expected_site is not None and site != expected_site:
             self.refuse(node, f"was site {expected_site!r}, now claims {site!r}")
             return []
-        extra = sorted(set(files) - set(want))
-        if extra:
-            self.refuse(node, f"site {site!r} sent files that were not asked for: {extra[:3]}")
+        if expected_site is None and files:
+            self.refuse(node, f"site {site!r} sent files before it was known")
+            return []
+        allowed = pullable(site)
+        foreign = sorted(n for n in files if not allowed.match(n) or ".." in n.split("/"))
+        if foreign:
+            self.refuse(node, f"site {site!r} sent files that are not its own to send: {foreign[:3]}")
             return []
         if node not in self.sites:
             self.log(f"relay: node {node} is site {site}")
@@ -222,7 +232,7 @@ class Relay:
         self.sites[node] = site
         self.status[site] = status
         self.bytes_pulled += sum(len(v) for v in files.values())
-        written = _write_files(self.fed, files, pullable(site),
+        written = _write_files(self.fed, files, allowed,
                                overwrite=lambda name: name == fingerprint_name(site))  # updates: first one only
         for name in written:
             self.log(f"relay: received {name} from site {site} ({len(files[name]):,} bytes)")
