@@ -136,6 +136,9 @@ def test_federation_over_flower_with_tls_and_node_auth(tmp_path):
                                        name="forged", max_retries=2)  # holds A's site key, but no registered node key
         run = net.start_relay(fed, keys, poll_interval=0.5, reply_timeout=30, max_wait=400)
         net.wait_for(lambda: all((local[s] / "federation.json").exists() for s in SITES), 240, "federation.json relayed")
+        fingerprint = {"kind": "fingerprint", "federation": cfg["id"], "site": "A", "summary": {"num_cases": 3}}
+        ff.write_json_atomic(local["A"] / "fingerprints" / "A.json", {**fingerprint, "hmac": ff.mac(keyring["A"],
+                                                                                                   fingerprint)})
         errors = []
         threads = [threading.Thread(target=run_site, args=(local[s], s, tmp_path / f"{s}.key", ROUNDS, errors))
                    for s in SITES]
@@ -161,6 +164,7 @@ def test_federation_over_flower_with_tls_and_node_auth(tmp_path):
             for a, b in zip(ff.update_paths(fed, r, s), ff.update_paths(local[s], r, s)):
                 assert a.read_bytes() == b.read_bytes()
         assert ff.read_json(ff.global_paths(fed, ROUNDS)[1])["epsilon_by_site"][s] == 0.5 * ROUNDS
+    assert (fed / "fingerprints" / "A.json").read_bytes() == (local["A"] / "fingerprints" / "A.json").read_bytes()
     relay_log = (fed / "relay.log").read_text()
     assert "REFUSED" in relay_log and "without a valid HMAC" in relay_log
     assert not (tmp_path / "mallory_fed" / "federation.json").exists()  # the forged node got nothing
