@@ -13,7 +13,7 @@ from nnunet_adpfl.federation.site import SiteClient
 from nnunet_adpfl.federation.strategies import FedAvg
 
 pytest.importorskip("flwr")
-from flower_net import FlowerNet  # noqa: E402
+from nnunet_adpfl.federation.flower_local import FlowerNet  # noqa: E402
 
 SITES = ["A", "B", "C"]
 ROUNDS = 2
@@ -121,6 +121,7 @@ def run_site(local, site, key_file, rounds, errors):
 def test_federation_over_flower_with_tls_and_node_auth(tmp_path):
     fed, keys, cfg, keyring, g0 = coordinator(tmp_path)
     net = FlowerNet(tmp_path / "flower", SITES, extra_keys=("mallory", "stranger"))
+    net.may_fail.add("forged")  # the unregistered SuperNode must fail
     try:
         net.start_superlink()
         for name in [*SITES, "mallory"]:  # mallory: a registered Flower node that does not hold B's site key
@@ -171,3 +172,32 @@ def test_federation_over_flower_with_tls_and_node_auth(tmp_path):
     assert not list(fed.glob("round_*/rejections.jsonl"))
     stats = ff.read_json(fed / "relay_stats.json")
     assert stats["sites"] == SITES and stats["bytes_pulled"] > 0 and len(stats["refused_nodes"]) == 1
+
+
+def test_credentials_command_makes_a_ca_a_server_certificate_and_node_keys(tmp_path):
+    import subprocess
+    import sys
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from nnunet_adpfl.federation.flower_credentials import server_certificate_hosts
+
+    out = tmp_path / "creds"
+    cmd = [sys.executable, "-m", "nnunet_adpfl.cli", "flower", "credentials", str(out), "--hosts",
+           "coord.example.org,10.0.0.5", "--sites", "A,B"]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 0
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert set(server_certificate_hosts(out / "superlink.crt")) >= {"coord.example.org", "10.0.0.5", "127.0.0.1"}
+    for secret in ("ca.key", "superlink.key", "sites/A/node.key", "sites/B/node.key"):
+        assert (out / secret).stat().st_mode & 0o077 == 0, secret
+    a_private = load_ssh_private_key((out / "sites/A/node.key").read_bytes(), None)  # as flower-supernode loads it
+    a_public = load_ssh_public_key((out / "sites/A/node.pub").read_bytes())  # as 'flwr supernode register' does
+    assert isinstance(a_private, ec.EllipticCurvePrivateKey) and a_private.public_key() == a_public
+    assert (out / "sites/A/node.pub").read_bytes() != (out / "sites/B/node.pub").read_bytes()
+    before = (out / "ca.crt").read_bytes()
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 0
+    assert (out / "ca.crt").read_bytes() == before  # never overwritten

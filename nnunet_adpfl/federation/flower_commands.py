@@ -56,13 +56,13 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
-def write_connection(name: str, address: str, ca_file: Path) -> Path:
+def write_connection(name: str, address: str, ca_file: Path, home: Path | None = None) -> Path:
     """Add (or replace) the SuperLink connection ``name`` in the flwr CLI's $FLWR_HOME/config.toml (TLS with our
     CA); other connections are kept."""
     import tomli
     import tomli_w
 
-    path = flwr_home() / "config.toml"
+    path = Path(home or flwr_home()) / "config.toml"
     config = tomli.loads(path.read_text()) if path.exists() else {}
     links = config.setdefault("superlink", {})
     links.setdefault("default", name)

@@ -1,6 +1,7 @@
-"""A Flower deployment on loopback for tests: SuperLink with TLS and node authentication, SuperNodes running
-our ClientApp, the relay ServerApp started with 'flwr run'. Every process is started in its own process group
-and killed by ``close`` (also when a test fails)."""
+"""A Flower deployment on one machine (loopback), as `nnunet-adpfl simulate --transport flower` and the tests run
+it: a SuperLink with TLS and node authentication, one SuperNode per site running our ClientApp, the relay
+ServerApp started with 'flwr run' -- the same commands as in a real deployment (README), on free local ports,
+with FLWR_HOME inside ``root``. Every process runs in its own process group; ``close`` kills them all."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from nnunet_adpfl.federation.flower_commands import CONNECTION, write_app, write_connection
-from nnunet_adpfl.federation.flower_credentials import make_credentials
+from .flower_commands import CONNECTION, write_app, write_connection
+from .flower_credentials import make_credentials
 
 BIN = Path(sys.executable).parent
 
@@ -38,13 +39,10 @@ class FlowerNet:
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.may_fail: set[str] = set()  # processes expected to exit with an error (e.g. a refused SuperNode)
         self.logs = self.root / "logs"
         self.logs.mkdir(exist_ok=True)
-        old, os.environ["FLWR_HOME"] = os.environ.get("FLWR_HOME"), str(self.home)
-        try:
-            write_connection(CONNECTION, f"127.0.0.1:{self.port}", self.creds["ca"])
-        finally:
-            os.environ.pop("FLWR_HOME") if old is None else os.environ.__setitem__("FLWR_HOME", old)
+        write_connection(CONNECTION, f"127.0.0.1:{self.port}", self.creds["ca"], home=self.home)
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         self.procs[name] = subprocess.Popen(cmd, stdout=open(self.logs / f"{name}.log", "a"), stderr=subprocess.STDOUT,
@@ -89,7 +87,7 @@ class FlowerNet:
     def wait_for(self, condition, timeout: float, what: str, poll: float = 0.5) -> None:
         deadline = time.time() + timeout
         while not condition():
-            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() not in (None, 0) and n != "forged"}
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() not in (None, 0) and n not in self.may_fail}
             assert not dead, f"{what}: processes exited {dead}; logs in {self.logs}"
             assert time.time() < deadline, f"{what} (after {timeout:.0f} s); logs in {self.logs}"
             time.sleep(poll)
