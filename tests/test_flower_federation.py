@@ -38,6 +38,7 @@ def seconds_per_round(fed, rounds) -> float:
     return (t[-1] - t[0]) / (rounds - 1)
 
 
+@pytest.mark.slow  # ~13 min on 2 busy cores (planning, the shared-folder reference, 65 s for B's SuperNode to rejoin)
 @pytest.mark.timeout(1500)
 def test_dpfl_over_flower_with_a_killed_site_ends_like_the_shared_folder(planned, dpfl_reference, tmp_path):
     work, pooled = planned

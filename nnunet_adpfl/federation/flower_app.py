@@ -115,11 +115,15 @@ def relay_cycle(grid: Grid, relay: Relay, reply_timeout: float) -> int:
     """One request to every connected node, replies handled; returns the number of messages sent."""
     nodes = [n for n in sorted(grid.get_node_ids()) if relay.may_ask(n)]
     messages = [Message(pack(*_split(relay.request(n))), dst_node_id=n, message_type=MESSAGE_TYPE,
-                        ttl=reply_timeout + 30) for n in nodes]
+                        ttl=reply_timeout + 30, group_id=str(n)) for n in nodes]
     for reply in grid.send_and_receive(messages, timeout=reply_timeout) if messages else []:
-        node = reply.metadata.src_node_id
+        node = int(reply.metadata.group_id)  # the request's node (errors made by the SuperLink come from node 1)
         if reply.has_error() or not reply.has_content():
-            relay.log(f"relay: node {node} replied with an error: {reply.error if reply.has_error() else 'empty'}")
+            relay.log(f"relay: no answer from node {node}: {reply.error if reply.has_error() else 'empty reply'}")
+            relay.pending.pop(node, None)
+            continue
+        if reply.metadata.src_node_id != node:  # the SuperLink authenticated the sender: it must be the addressee
+            relay.refuse(reply.metadata.src_node_id, f"answered a request sent to node {node}")
             relay.pending.pop(node, None)
             continue
         try:
