@@ -2,6 +2,8 @@
 real SuperLink (TLS, node authentication) on loopback, with a forged node and an unregistered one refused."""
 import shutil
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +203,62 @@ def test_credentials_command_makes_a_ca_a_server_certificate_and_node_keys(tmp_p
     before = (out / "ca.crt").read_bytes()
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 0
     assert (out / "ca.crt").read_bytes() == before  # never overwritten
+
+
+def _serverapp_pids(root):
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"flwr-serverapp" in cmd and str(root).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow  # ~2 min on 2 busy cores (the default suite has the federation test above)
+def test_killed_serverapp_and_aggregator_resume_with_a_new_flwr_run(tmp_path):
+    """The ServerApp (relay + aggregator thread) is killed after round 1; 'flwr run' of the same app continues from
+    the two folders and the federation ends with the same global model as without the kill."""
+    import os
+    import signal
+
+    rounds = 3
+    fed, keys, cfg, keyring, g0 = coordinator(tmp_path, rounds=rounds)
+    net = FlowerNet(tmp_path / "flower", SITES)
+    try:
+        net.start_superlink()
+        local = {s: tmp_path / f"site_{s}" / "fed" for s in SITES}
+        for s in SITES:
+            net.register(s)
+            shutil.copy(keys / f"{s}.key", tmp_path / f"{s}.key")
+            net.start_supernode(s, local[s], tmp_path / f"{s}.key")
+        net.start_relay(fed, keys, poll_interval=0.5, reply_timeout=30, max_wait=600)
+        net.wait_for(lambda: all((local[s] / "federation.json").exists() for s in SITES), 240, "federation.json relayed")
+        errors = []
+        threads = [threading.Thread(target=run_site, args=(local[s], s, tmp_path / f"{s}.key", rounds, errors))
+                   for s in SITES]
+        for t in threads:
+            t.start()
+        net.wait_for(lambda: ff.global_paths(fed, 1)[1].exists(), 300, "round 1 closed")
+        pids = _serverapp_pids(net.root)
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        net.kill("flwr_run")
+        time.sleep(2)
+        run = net.start_relay(fed, keys, poll_interval=0.5, reply_timeout=30, max_wait=600)  # the same command
+        net.wait_for(lambda: run.poll() is not None, 600, "the second relay run did not finish")
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert run.returncode == 0, net.log("flwr_run")[-3000:]
+    finally:
+        net.close()
+    final = ff.read_verified_tensors(ff.global_paths(fed, rounds)[0], ff.read_json(ff.global_paths(fed, rounds)[1]),
+                                     None)
+    want = expected_final(g0, rounds)
+    assert all(torch.equal(final[k], want[k]) for k in want)
+    assert (fed / "relay.log").read_text().count("relay started") == 2
+    assert not list(fed.glob("round_*/rejections.jsonl"))
