@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import synthetic
     from .evaluation import alignment
     from .federation import commands as fed_cli
+    from .federation import flower_commands
     from .morphology import postprocessing as morph_postprocessing
     from .privacy import audit
     from .workflows import compare, demo, fed_experiment, pretrain, recipe, simulate, trainer_audit
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_cli(sub)
     demo.add_cli(sub)
     fed_cli.add_cli(sub)
+    flower_commands.add_cli(sub)
     simulate.add_cli(sub)
     fed_experiment.add_cli(sub)
     morph_postprocessing.add_cli(sub)

@@ -24,8 +24,8 @@ if ! torch_ok; then
   say "installing torch + torchvision (several GB on first install; cached afterwards)"
   "${pip[@]}" install "torch!=2.13.0+cpu" torchvision
 fi
-say "installing nnunet-adpfl (editable) with test dependencies"
-"${pip[@]}" install -q -e "$repo[test]"
+say "installing nnunet-adpfl (editable) with test dependencies and the Flower transport"
+"${pip[@]}" install -q -e "$repo[test,flower]"
 if ! torch_ok; then
   say "ERROR: 'import torchvision' (with its compiled ops) fails in $venv; reinstall a matching torch/torchvision pair"
   exit 1

@@ -12,7 +12,8 @@ from pathlib import Path
 from ..evaluation.metrics import nanmean
 from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
-from .stages import CONFIGURATION, MODE_OF_TRAINER, Layout, stage_data, stage_plan, summarise, train_federated
+from .stages import (CONFIGURATION, MODE_OF_TRAINER, Layout, stage_data, stage_plan, start_site, summarise,
+                     train_federated)
 
 
 def _log(msg: str) -> None:
@@ -39,7 +40,8 @@ def format_summary(s: dict) -> str:
 
 
 def run_simulation(work_dir: Path, task: str, trainer: str, num_sites: int, rounds: int, epochs_per_round: int,
-                   iterations: int, epsilon: float, num_cases: int, scale: float, seed: int) -> dict:
+                   iterations: int, epsilon: float, num_cases: int, scale: float, seed: int,
+                   transport: str = "folder") -> dict:
     if trainer not in MODE_OF_TRAINER:
         raise SystemExit(f"error: --trainer must be one of {sorted(MODE_OF_TRAINER)}")
     lay = Layout(Path(work_dir).resolve(), [chr(ord("A") + i) for i in range(num_sites)])
@@ -59,7 +61,11 @@ def run_simulation(work_dir: Path, task: str, trainer: str, num_sites: int, roun
             (Path(lay.site_env(s)["nnUNet_results"]) / pooled.name / f"{trainer}__nnUNetPlans__{config}" / "fold_0" /
              "checkpoint_final.pth").exists() for s in lay.sites):
         _log(f"federated training: {trainer}, {rounds} rounds x {epochs_per_round} epochs x {iterations} steps")
-        wall = train_federated(lay, trainer, config, privacy, rounds)
+        if transport == "flower":  # the same sites and aggregator, over Flower (TLS, node authentication, loopback)
+            from .flower_simulate import train_federated_flower
+            wall = train_federated_flower(lay, start_site, trainer, config, privacy, rounds, log=_log)
+        else:
+            wall = train_federated(lay, trainer, config, privacy, rounds)
     summary = summarise(lay, trainer, config, pooled, wall)
     (lay.work / "summary.json").write_text(json.dumps(summary, indent=2))
     text = format_summary(summary)
@@ -81,10 +87,12 @@ def add_cli(sub) -> None:
     p.add_argument("--num-cases", type=int, default=24, help="training cases over all sites")
     p.add_argument("--scale", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transport", choices=("folder", "flower"), default="folder",
+                   help="folder: one shared folder; flower: each site its own folder, synchronised over Flower")
     p.set_defaults(func=_cmd_simulate)
 
 
 def _cmd_simulate(a) -> int:
     run_simulation(Path(a.work_dir), a.task, a.trainer, a.sites, a.rounds, a.epochs_per_round, a.iterations,
-                   a.epsilon, a.num_cases, a.scale, a.seed)
+                   a.epsilon, a.num_cases, a.scale, a.seed, a.transport)
     return 0

@@ -1,0 +1,180 @@
+"""The Flower apps of the network transport: a ServerApp (coordinator) and a ClientApp (each site's SuperNode).
+
+The ServerApp runs the unchanged Aggregator on the coordinator's federation folder (in a thread; run config
+``aggregate = false`` leaves that to a separate ``nnunet-adpfl aggregate``) and loops: one short ``query``
+message per connected node and cycle (``grid.send_and_receive`` with a TTL, never blocking a ClientApp for a
+round), built by flower_relay.Relay; it stops when every site holds the last round's global model.
+The ClientApp answers from the site's local folder (node config: site, federation-dir, key-file); it keeps no
+state, so SuperNode, ClientApp, ServerApp and SuperLink can each be restarted.
+
+Run config (the FAB's pyproject, written by ``nnunet-adpfl flower app``): federation-dir, keys-dir, aggregate,
+poll-interval, reply-timeout, max-wait-s (0: no limit).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from .flower_relay import FEDERATION_FILE, Relay, RelayError, site_exchange
+
+MESSAGE_TYPE = "query"
+STATS_FILE = "relay_stats.json"
+LOG_FILE = "relay.log"
+
+
+# ---- wire format: a ConfigRecord of small fields, an ArrayRecord of raw byte strings ------------------
+def pack(fields: dict, files: dict[str, bytes]) -> RecordDict:
+    names = list(files)
+    record = ConfigRecord({k: json.dumps(v) for k, v in {**fields, "names": names}.items()})
+    arrays = ArrayRecord({f"f{i}": Array(dtype="uint8", shape=(len(files[n]),), stype="raw", data=files[n])
+                          for i, n in enumerate(names)})
+    return RecordDict({"relay": record, "files": arrays})
+
+
+def unpack(content: RecordDict) -> tuple[dict, dict[str, bytes]]:
+    fields = {k: json.loads(v) for k, v in content["relay"].items()}
+    arrays = content["files"] if "files" in content else {}
+    files = {n: bytes(arrays[f"f{i}"].data) for i, n in enumerate(fields.pop("names", []))}
+    return fields, files
+
+
+def read_key(path: str | Path) -> bytes:
+    """A site key as 'nnunet-adpfl federation init' writes it (hex); the same rules as files.load_key."""
+    key = bytes.fromhex(Path(path).read_text().strip())
+    if len(key) < 16:
+        raise ValueError(f"key in {path} is too short ({len(key)} bytes)")
+    return key
+
+
+# ---- ClientApp ---------------------------------------------------------------------------------------
+client_app = ClientApp()
+
+
+@client_app.query()
+def relay_query(msg: Message, context: Context) -> Message:
+    cfg = context.node_config
+    site, fed = str(cfg["site"]), Path(str(cfg["federation-dir"]))
+    fields, push = unpack(msg.content)
+    try:
+        key = read_key(str(cfg["key-file"]))
+        status, files, mac = site_exchange(fed, site, key, fields["nonce"], push, fields.get("push_mac"),
+                                           fields.get("held"))
+        reply = {"site": site, "status": status, "mac": mac}
+    except (RelayError, OSError, ValueError) as e:
+        print(f"site {site}: relay request refused: {e}", flush=True)
+        reply, files = {"site": site, "error": str(e)}, {}
+    return Message(pack(reply, files), reply_to=msg)
+
+
+# ---- ServerApp ---------------------------------------------------------------------------------------
+server_app = ServerApp()
+
+
+class _Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[relay {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def _start_aggregator(fed: Path, keys_dir: Path, log, failures: list) -> threading.Thread:
+    from .aggregator import Aggregator, plans_files
+
+    def run() -> None:
+        try:
+            while not plans_files(fed)[0].exists():  # before 'nnunet-adpfl plan' the relay only moves fingerprints
+                time.sleep(1)
+            Aggregator(fed, keys_dir, poll_interval=1.0, log=lambda m: log(f"aggregator: {m}")).run()
+        except BaseException as e:  # reported by the relay loop, which then stops
+            failures.append(e)
+
+    thread = threading.Thread(target=run, name="aggregator", daemon=True)
+    thread.start()
+    return thread
+
+
+def _write_stats(fed: Path, relay: Relay, start: float, cycles: int, messages: int) -> None:
+    from ..common.atomic import write_json_atomic
+    write_json_atomic(fed / STATS_FILE, {"seconds": round(time.time() - start, 3), "cycles": cycles,
+                                         "messages": messages, "bytes_pushed": relay.bytes_pushed,
+                                         "bytes_pulled": relay.bytes_pulled, "sites": sorted(set(relay.sites.values())),
+                                         "refused_nodes": {str(k): v for k, v in relay.refused.items()}})
+
+
+def relay_cycle(grid: Grid, relay: Relay, reply_timeout: float) -> int:
+    """One request to every connected node, replies handled; returns the number of messages sent."""
+    nodes = [n for n in sorted(grid.get_node_ids()) if relay.may_ask(n)]
+    messages = [Message(pack(*_split(relay.request(n))), dst_node_id=n, message_type=MESSAGE_TYPE,
+                        ttl=reply_timeout + 30, group_id=str(n)) for n in nodes]
+    for reply in grid.send_and_receive(messages, timeout=reply_timeout) if messages else []:
+        node = int(reply.metadata.group_id)  # the request's node (errors made by the SuperLink come from node 1)
+        if reply.has_error() or not reply.has_content():
+            relay.log(f"relay: no answer from node {node}: {reply.error if reply.has_error() else 'empty reply'}")
+            relay.pending.pop(node, None)
+            continue
+        if reply.metadata.src_node_id != node:  # the SuperLink authenticated the sender: it must be the addressee
+            relay.refuse(reply.metadata.src_node_id, f"answered a request sent to node {node}")
+            relay.pending.pop(node, None)
+            continue
+        try:
+            fields, files = unpack(reply.content)
+        except (KeyError, ValueError, TypeError) as e:
+            relay.refuse(node, f"malformed reply: {e}")
+            continue
+        if "error" in fields:
+            relay.log(f"relay: site {fields.get('site')!r} (node {node}) refused our request: {fields['error']}")
+            relay.pending.pop(node, None)
+            continue
+        relay.handle_reply(node, str(fields.get("site")), fields.get("status") or {}, files, fields.get("mac"))
+    for node in [n for n in relay.pending if n in nodes]:  # no reply in time: asked again next cycle
+        relay.pending.pop(node)
+    return len(messages)
+
+
+def _split(request: dict) -> tuple[dict, dict[str, bytes]]:
+    return {k: v for k, v in request.items() if k != "push"}, request["push"]
+
+
+@server_app.main()
+def relay_main(grid: Grid, context: Context) -> None:
+    from .aggregator import load_federation, load_site_keys
+
+    rc = context.run_config
+    fed, keys_dir = Path(str(rc["federation-dir"])), Path(str(rc["keys-dir"]))
+    if not (fed / FEDERATION_FILE).exists():
+        raise FileNotFoundError(f"{fed / FEDERATION_FILE} not found ('nnunet-adpfl federation init' first)")
+    log = _Log(fed / LOG_FILE)
+    cfg = load_federation(fed)
+    relay = Relay(fed, load_site_keys(keys_dir, cfg["sites"]), cfg["rounds"], log)
+    failures: list = []
+    aggregator = _start_aggregator(fed, keys_dir, log, failures) if rc.get("aggregate", True) else None
+    poll, reply_timeout = float(rc.get("poll-interval", 1.0)), float(rc.get("reply-timeout", 60.0))
+    max_wait = float(rc.get("max-wait-s", 0))
+    start, cycles, messages = time.time(), 0, 0
+    log(f"relay started for federation {cfg['id']} ({cfg['sites']}, {cfg['rounds']} rounds) on {fed}")
+    while True:
+        if failures:
+            raise RuntimeError(f"the aggregator stopped: {failures[0]!r}")
+        messages += relay_cycle(grid, relay, reply_timeout)
+        cycles += 1
+        if cycles % 10 == 0:
+            _write_stats(fed, relay, start, cycles, messages)
+        if relay.finished() and (aggregator is None or not aggregator.is_alive()):
+            break
+        if max_wait and time.time() - start > max_wait:
+            _write_stats(fed, relay, start, cycles, messages)
+            raise TimeoutError(f"relay: federation not finished after {max_wait:.0f} s")
+        time.sleep(poll)
+    _write_stats(fed, relay, start, cycles, messages)
+    log(f"relay finished: every site holds the global model of round {cfg['rounds']} "
+        f"({relay.bytes_pushed:,} bytes pushed, {relay.bytes_pulled:,} pulled, {messages} messages)")
