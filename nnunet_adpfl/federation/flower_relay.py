@@ -29,6 +29,8 @@ from pathlib import Path
 
 from ..common.atomic import write_bytes_atomic
 
+# Not built on files.py (paths, mac): it imports torch, ~3 s for each message (the SuperNode starts a new
+# flwr-clientapp process per message). tests/test_flower_relay.py checks the names against files.py's paths.
 PROTOCOL = "nnunet-adpfl-relay/1"
 FEDERATION_FILE = "federation.json"
 PLAN_FILES = ("plans/nnUNetPlans.json", "plans/dataset.json", "plans/dataset_fingerprint.json")
