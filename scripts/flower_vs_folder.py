@@ -22,7 +22,7 @@ import torch
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.federation.aggregator import create_federation
 from nnunet_adpfl.workflows.flower_simulate import train_federated_flower
-from nnunet_adpfl.workflows.stages import (Layout, bytes_exchanged, new_run, stage_data, stage_plan, start_site,
+from nnunet_adpfl.workflows.stages import (Layout, bytes_exchanged, new_run, stage_data, stage_plan,
                                            train_federated)
 
 SITES = ["A", "B", "C"]
@@ -63,7 +63,7 @@ def main() -> None:
             up, down = bytes_exchanged(lay.fed)
             total = up + down * len(SITES)
         else:
-            wall = train_federated_flower(lay, start_site, "nnUNetTrainerDPFL", CONFIG, settings, a.rounds)
+            wall = train_federated_flower(lay, "nnUNetTrainerDPFL", CONFIG, settings, a.rounds)
             stats = ff.read_json(lay.fed / "relay_stats.json")
             total = stats["bytes_pushed"] + stats["bytes_pulled"]
             result["flower_messages"] = stats["messages"]

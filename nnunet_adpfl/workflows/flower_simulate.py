@@ -13,16 +13,17 @@ from pathlib import Path
 from ..federation import files as ff
 from ..federation.flower_local import FlowerNet
 from ..nnunet.pipeline import stop
+from .stages import Layout, start_site
 
 
 def local_federation_dir(lay, site: str) -> Path:
     return lay.site_root(site) / "federation"
 
 
-def train_federated_flower(lay, start_site, trainer: str, config: str, settings: dict, rounds: int,
+def train_federated_flower(lay: Layout, trainer: str, config: str, settings: dict, rounds: int,
                            timeout_s: float = 6 * 3600, log=print) -> float:
-    """Train every site over Flower until the last global model reached every site; returns the wall time.
-    ``lay``: the run's simulate.Layout; ``start_site``: simulate.start_site (the site's stock training command)."""
+    """Train every site over Flower (each with the stock training command) until the last global model reached
+    every site; returns the wall time."""
     start = time.time()
     net = FlowerNet(lay.work / f"flower_{lay.fed.name}", lay.sites)
     trainers = {}

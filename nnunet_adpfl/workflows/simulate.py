@@ -12,7 +12,7 @@ from pathlib import Path
 from ..evaluation.metrics import nanmean
 from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
-from .stages import (CONFIGURATION, MODE_OF_TRAINER, Layout, stage_data, stage_plan, start_site, summarise,
+from .stages import (CONFIGURATION, MODE_OF_TRAINER, Layout, stage_data, stage_plan, summarise,
                      train_federated)
 
 
@@ -63,7 +63,7 @@ def run_simulation(work_dir: Path, task: str, trainer: str, num_sites: int, roun
         _log(f"federated training: {trainer}, {rounds} rounds x {epochs_per_round} epochs x {iterations} steps")
         if transport == "flower":  # the same sites and aggregator, over Flower (TLS, node authentication, loopback)
             from .flower_simulate import train_federated_flower
-            wall = train_federated_flower(lay, start_site, trainer, config, privacy, rounds, log=_log)
+            wall = train_federated_flower(lay, trainer, config, privacy, rounds, log=_log)
         else:
             wall = train_federated(lay, trainer, config, privacy, rounds)
     summary = summarise(lay, trainer, config, pooled, wall)
