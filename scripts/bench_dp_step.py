@@ -35,7 +35,7 @@ import torch
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.federation.aggregator import Aggregator, create_federation, load_federation, plans_files
 from nnunet_adpfl.common.benchmarking import machine_description, peak_rss_mib, ratio_cells, ratio_row, report_memory, \
-    run_memory_child, update_section
+    run_benchmark_cli, run_memory_child, update_section
 from nnunet_adpfl.common.config import ENV_VAR
 from nnunet_adpfl.federation.plan import plans_digest
 from nnunet_adpfl.nnunet.pipeline import nnunet_env, run
@@ -443,11 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.measure_memory_of:
-        measure_memory_child(args)
-    else:
-        benchmark(args)
+    run_benchmark_cli(build_parser(), benchmark, measure_memory_child, argv)
 
 
 if __name__ == "__main__":

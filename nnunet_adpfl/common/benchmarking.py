@@ -57,6 +57,12 @@ def report_memory(label: str, peak_mib: float, method: str) -> None:
     print(MEMORY_TAG + json.dumps({"variant": label, "peak_mib": peak_mib, "method": method}), flush=True)
 
 
+def run_benchmark_cli(parser, benchmark, measure_memory_child, argv: list[str] | None = None) -> None:
+    """A benchmark script's main(): the benchmark, or (``--measure-memory-of``) one variant's memory child."""
+    args = parser.parse_args(argv)
+    (measure_memory_child if args.measure_memory_of else benchmark)(args)
+
+
 def run_memory_child(cmd: list[str], label: str) -> tuple[float, str]:
     """Runs a memory child process; returns its (peak MiB, method)."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
