@@ -42,5 +42,7 @@ def test_trainer_audit_refuses_what_it_cannot_audit(nnunet_paths, tmp_path, monk
         run_trainer_audit("nnUNetTrainerDPFL", "501", "3d_fullres")
     with pytest.raises(SystemExit, match="Could not find a dataset with the ID 999"):
         run_trainer_audit("nnUNetTrainerDPSGD", "999", "3d_fullres")
+    with pytest.raises(SystemExit, match="did not start with 'Dataset'"):
+        run_trainer_audit("nnUNetTrainerDPSGD", "kidney", "3d_fullres")
     with pytest.raises(ValueError, match="guesses per side"):
         run_trainer_audit("nnUNetTrainerDPSGD", "501", "3d_fullres", canaries=10, guesses=6)

@@ -99,9 +99,8 @@ def _build_trainer(name: str, dataset: str, configuration: str, fold: int, plans
         raise SystemExit(f"error: {name} is a federated trainer; audit its mechanism with 'nnunet-adpfl audit "
                          "--rule adpfl' or audit the single-site trainer with the same settings")
     try:
-        folder = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(int(dataset) if dataset.isdigit()
-                                                                           else dataset)
-    except RuntimeError as e:  # nnU-Net's "Could not find a dataset with the ID ..."
+        folder = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:  # nnU-Net's "Could not find a dataset with the ID ..." / not an id
         raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
     plans_file = folder / f"{plans}.json"
     if not plans_file.exists():
