@@ -127,3 +127,45 @@ def test_standard_nnunet_row_trains_once_on_the_pooled_data(tmp_path, monkeypatc
     assert dataset == pooled and raw == tmp_path / "kidney" / "pooled_raw" and (epochs, iterations) == (3, 4)
     fe.run_task(a, "kidney")
     assert len(calls) == 1  # resumed: the recorded row is kept
+
+
+def test_repeats_are_one_row_with_mean_and_sample_std():
+    results = {"NP-FL": result({"kidney": 0.8}, None, 1.0), "NP-FL #2": result({"kidney": 0.9}, None, 1.0),
+               "DP-FL": result({"kidney": 0.5}, 7.9, 1.0), "DP-FL #2": result({"kidney": 0.7}, 7.95, 1.0),
+               "DP-FL #3": {"diverged": "inf", "settings": {}},
+               "ADP-FL (defaults)": result({"kidney": 0.75}, 7.9, 1.0)}
+    row = {line.split(" | ")[0].strip("| "): line for line in format_task("kidney", results).splitlines()
+           if line.startswith("| ")}
+    assert set(row) == {"run", "NP-FL (2 runs)", "DP-FL (3 runs, 1 diverged)", "ADP-FL (defaults)"}
+    # NP 0.85 +- 0.071, DP 0.6 +- 0.141 (the diverged repeat left out); ADP: (0.75 - 0.6) / (0.85 - 0.6) = 60%
+    assert "| 0.850 ± 0.071 | 0.850 ± 0.071 | - | - | - (not private) |" in row["NP-FL (2 runs)"]
+    assert "| 0.600 ± 0.141 | 0.600 ± 0.141 | 71% | - | 7.95 |" in row["DP-FL (3 runs, 1 diverged)"]
+    assert "| 0.750 | 0.750 | 88% | 60% | 7.90 |" in row["ADP-FL (defaults)"]
+    only_diverged = {"NP-FL": result({"kidney": 0.8}, None, 1.0), "DP-FL": {"diverged": "inf", "settings": {}},
+                     "DP-FL #2": {"diverged": "inf", "settings": {}}}
+    assert "| DP-FL (2 runs, 2 diverged) | diverged | diverged |" in format_task("kidney", only_diverged)
+
+
+def test_repeats_train_each_run_again_with_the_next_training_seed(tmp_path, monkeypatch):
+    import argparse
+
+    from nnunet_adpfl.workflows import fed_experiment as fe
+
+    parser = argparse.ArgumentParser()
+    fe.add_arguments(parser)
+    a = parser.parse_args(["--work-dir", str(tmp_path), "--runs", "NP-FL", "DP-FL", "--rounds", "1", "--seed", "5",
+                           "--repeats", "2", "--private-settings", '{"dp_trainable": "head"}'])
+    for name in ("stage_data", "stage_plan", "create_federation"):
+        monkeypatch.setattr(fe, name, lambda *args, **kw: tmp_path)
+    initial_seeds, trained = [], []
+    monkeypatch.setattr(fe, "new_run", lambda lay, fed, mode, rounds, e, it, config, seed, public: initial_seeds.append(seed))
+    monkeypatch.setattr(fe, "train_federated", lambda lay, trainer, config, settings, rounds: trained.append(settings))
+    monkeypatch.setattr(fe, "summarise", lambda *args: {"global_test_dice": {"kidney": 0.8}})
+    results = fe.run_task(a, "kidney")
+    assert list(results) == ["NP-FL", "NP-FL #2", "DP-FL", "DP-FL #2"]
+    assert initial_seeds == [5, 6, 5, 6] and [s["seed"] for s in trained] == [5, 6, 5, 6]
+    assert trained[3]["dp_trainable"] == "head" and trained[3]["target_epsilon"] == 8.0
+    fe.run_task(a, "kidney")
+    assert len(trained) == 4  # resumed: recorded repeats are not trained again
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--repeats", "0"])

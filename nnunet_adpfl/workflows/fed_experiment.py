@@ -7,13 +7,16 @@ task share one dataset, one federated plan and one preprocessing (nnunet_adpfl.s
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 
+import numpy as np
+
+from ..evaluation.metrics import nanmean
 from ..federation import files as ff
 from ..federation.aggregator import create_federation
-from ..evaluation.metrics import nanmean
 from ..nnunet.pipeline import DIVERGED, predict
 from .pretrain import TRAINER as STANDARD_TRAINER, pretrain_public, train_standard
 from .stages import (CONFIGURATION, MODE_OF_TRAINER, Layout, evaluate_folder, new_run, stage_data, stage_plan,
@@ -40,6 +43,7 @@ RUNS.update({name + FROM_PUBLIC: run for name, run in list(RUNS.items())})
 PUBLIC_ONLY = "public weights only (no private training)"
 STANDARD = "standard nnU-Net (all sites' data pooled)"  # the centralised, non-private reference
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
+REPEAT = " #"  # "<run> #2": the run's second repeat (training seed --seed + 1)
 
 
 def _log(msg: str) -> None:
@@ -60,8 +64,7 @@ def run_task(a, task: str) -> dict:
                           iterations_per_epoch=a.iterations, configuration=config, seed=a.seed)
     stage_plan(plan_lay, pooled, config, a.max_features)
     private = {"target_epsilon": a.epsilon, "delta": a.delta, "expected_batch_size": a.batch_size,
-               "max_grad_norm": a.clip, "num_val_iterations_per_epoch": 1, "seed": a.seed,
-               **json.loads(a.private_settings or "{}")}
+               "max_grad_norm": a.clip, "num_val_iterations_per_epoch": 1, **json.loads(a.private_settings or "{}")}
     public = None
     if any(name.endswith(FROM_PUBLIC) for name in a.runs):
         public = pretrain_public(plan_lay.fed, task, work / "public", a.public_cases, a.scale, a.seed,
@@ -77,17 +80,19 @@ def run_task(a, task: str) -> dict:
         results[STANDARD] = _evaluate_standard(work / "standard", checkpoint, config, pooled, "standard",
                                                time.time() - start)
         results_file.write_text(json.dumps(results, indent=2))
-    for run_name in a.runs:
-        name = run_name + (f" [{a.label}]" if a.label else "")
-        if name in results or run_name == STANDARD:
+    for run_name, repeat in ((r, i) for r in a.runs if r != STANDARD for i in range(a.repeats)):
+        name = run_name + (f" [{a.label}]" if a.label else "") + (f"{REPEAT}{repeat + 1}" if repeat else "")
+        if name in results:
             continue
         trainer, extra = RUNS[run_name]
+        seed = a.seed + repeat  # training seed: sampling, augmentation, a from-scratch model's initialisation
         slug = "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
         lay = Layout(work, sites, slug)
         if not (lay.fed / ff.FEDERATION_FILE).exists():
-            new_run(lay, plan_lay.fed, MODE_OF_TRAINER[trainer], a.rounds, 1, a.iterations, config, a.seed,
+            new_run(lay, plan_lay.fed, MODE_OF_TRAINER[trainer], a.rounds, 1, a.iterations, config, seed,
                     public if run_name.endswith(FROM_PUBLIC) else None)
-        settings = {"num_val_iterations_per_epoch": 1, "seed": a.seed} if extra is None else {**private, **extra}
+        settings = {"num_val_iterations_per_epoch": 1} if extra is None else {**private, **extra}
+        settings["seed"] = seed
         lr = a.lr if extra is None or a.private_lr is None else a.private_lr
         if lr is not None:
             settings["initial_lr"] = lr
@@ -131,32 +136,63 @@ def _reference(name: str, base: str, mean: dict) -> str | None:
     return ref if ref in mean else None
 
 
+def group_repeats(results: dict) -> dict[str, list[dict]]:
+    """Results by run, the repeats of a run ("<run> #2", ...) together, in the order of their first repeat."""
+    groups: dict[str, list[dict]] = {}
+    for name, s in results.items():
+        base, sep, number = name.rpartition(REPEAT)
+        groups.setdefault(base if sep and number.isdigit() else name, []).append(s)
+    return groups
+
+
+def _mean_std(values: list[float]) -> str:
+    """'0.812' for one value; 'mean ± sample std' for several (NaNs left out)."""
+    finite = [v for v in values if not np.isnan(v)]
+    if len(finite) < 2:
+        return f"{nanmean(finite):.3f}"
+    return f"{np.mean(finite):.3f} ± {np.std(finite, ddof=1):.3f}"
+
+
 def format_task(task: str, results: dict) -> str:
-    """One table per task. 'kept': the private run's mean Dice over NP-FL's from the same start; 'gap closed':
-    (ADP - DP) / (NP - DP) of the mean Dice, for the ADP-FL rows."""
-    trained = {name: s for name, s in results.items() if "diverged" not in s}
-    classes = list(next(iter(trained.values()))["global_test_dice"])
-    mean = {name: nanmean(s["global_test_dice"].values()) for name, s in trained.items()}
+    """One table per task, a row per run, its repeats as mean ± std. 'kept': the private run's mean Dice over
+    NP-FL's from the same start; 'gap closed': (ADP - DP) / (NP - DP) of the mean Dice, for the ADP-FL rows."""
+    groups = group_repeats(results)
+    trained = {name: [s for s in runs if "diverged" not in s] for name, runs in groups.items()}
+    trained = {name: runs for name, runs in trained.items() if runs}
+    classes = list(next(iter(trained.values()))[0]["global_test_dice"])
+    per_run = {name: [nanmean(s["global_test_dice"].values()) for s in runs] for name, runs in trained.items()}
+    mean = {name: float(np.mean(values)) for name, values in per_run.items()}
     lines = [f"### {task}", "", "| run | " + " | ".join(classes) + " | mean Dice | share of NP-FL's mean Dice kept | "
              "share of the DP-FL -> NP-FL gap closed | epsilon (max over sites) | MB uploaded per site and round | "
              "training wall time |", "|---" * (len(classes) + 7) + "|"]
-    for name, s in results.items():
-        if "diverged" in s:
-            lines.append(f"| {name} | " + " | ".join(["diverged"] * (len(classes) + 1)) + " | - | - | - | - | - |")
+    for name, runs in groups.items():
+        diverged = len(runs) - len(trained.get(name, []))
+        label = name if len(runs) == 1 else f"{name} ({len(runs)} runs" + (f", {diverged} diverged)" if diverged else ")")
+        if name not in trained:
+            lines.append(f"| {label} | " + " | ".join(["diverged"] * (len(classes) + 1)) + " | - | - | - | - | - |")
             continue
-        eps = [v["epsilon"] for v in s["sites"].values() if v["epsilon"] is not None]
+        ok = trained[name]
+        eps = [v["epsilon"] for s in ok for v in s["sites"].values() if v["epsilon"] is not None]
         np_ref, dp_ref = _reference(name, "NP-FL", mean), _reference(name, "DP-FL", mean)
         kept = f"{100 * mean[name] / mean[np_ref]:.0f}%" if eps and np_ref and mean[np_ref] > 0 else "-"
         closed = "-"
         if name.startswith("ADP-FL") and np_ref and dp_ref:
             gap = mean[np_ref] - mean[dp_ref]
             closed = "n/a (no gap)" if gap <= 0 else f"{100 * (mean[name] - mean[dp_ref]) / gap:.0f}%"
-        wall = "-" if s["wall_time_s"] is None else f"{s['wall_time_s']:.0f} s"
-        mb = f"{s['bytes_uploaded'] / (s['rounds'] * len(s['sites'])) / 1e6:.2f}" if s["rounds"] else "-"
-        lines.append(f"| {name} | " + " | ".join(f"{s['global_test_dice'][c]:.3f}" for c in classes) +
-                     f" | {mean[name]:.3f} | {kept} | {closed} | {f'{max(eps):.2f}' if eps else '- (not private)'} | "
-                     f"{mb} | {wall} |")
+        walls = [s["wall_time_s"] for s in ok if s["wall_time_s"] is not None]
+        wall = f"{np.mean(walls):.0f} s" if walls else "-"
+        mb = "-" if not ok[0]["rounds"] else \
+            f"{np.mean([s['bytes_uploaded'] / (s['rounds'] * len(s['sites'])) for s in ok]) / 1e6:.2f}"
+        dice = [_mean_std([s["global_test_dice"][c] for s in ok]) for c in classes]
+        lines.append(f"| {label} | " + " | ".join(dice) + f" | {_mean_std(per_run[name])} | {kept} | {closed} | "
+                     f"{f'{max(eps):.2f}' if eps else '- (not private)'} | {mb} | {wall} |")
     return "\n".join(lines)
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return int(text)
 
 
 def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
@@ -185,7 +221,9 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--num-cases", type=int, default=90, help="training cases over all sites")
     p.add_argument("--num-test-cases", type=int, default=10)
     p.add_argument("--scale", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the public cohort and the first repeat")
+    p.add_argument("--repeats", type=_at_least_one, default=1, help="train every run this many times with training seeds "
+                   "--seed, --seed + 1, ... (same data, plan and public model); the table shows mean ± std")
 
 
 def run_all(a) -> str:
