@@ -51,9 +51,11 @@ def wait_all(procs: dict, timeout: float = 600) -> None:
     assert all(p.returncode == 0 for p in procs.values()), {n: p.returncode for n, p in procs.items()}
 
 
-def run_federation(work, run, trainer, mode, rounds, settings, n_proc_da="1", initial_weights=None):
+def run_federation(work, run, trainer, mode, rounds, settings, n_proc_da="1", initial_weights=None,
+                   release_ema_decay=None):
     lay = Layout(work, SITES, run)
-    new_run(lay, work / "planning", mode, rounds, 1, ITERATIONS, CONFIG, seed=0, initial_weights=initial_weights)
+    new_run(lay, work / "planning", mode, rounds, 1, ITERATIONS, CONFIG, seed=0, initial_weights=initial_weights,
+            release_ema_decay=release_ema_decay)
     procs = {"aggregator": start_aggregator(lay)}
     procs.update({s: start_site(lay, s, trainer, CONFIG, settings, n_proc_da) for s in SITES})
     return lay, procs
@@ -88,6 +90,21 @@ def test_npfl_federation(planned):
     manifest = ff.read_json(ff.global_paths(lay.fed, 2)[1])
     assert manifest["sites"] == SITES
     assert not (fold(lay, "A", pooled, "nnUNetTrainerFL") / "privacy_report.json").exists()
+
+
+@pytest.mark.slow  # ~2 min; the default suite checks the same end-of-training step without nnU-Net
+def test_released_model_is_the_ema_of_the_globals_at_every_site(planned):
+    work, pooled = planned
+    lay, procs = run_federation(work, "dpfl_ema", "nnUNetTrainerDPFL", "dpfl", 3, SHORT, release_ema_decay=0.5)
+    wait_all(procs)
+    g = [global_tensors(lay, r) for r in (1, 2, 3)]
+    expected = {k: 0.25 * g[0][k] + 0.25 * g[1][k] + 0.5 * g[2][k] if v.is_floating_point() else v
+                for k, v in g[2].items()}
+    for site in SITES:
+        w = final_weights(lay, site, pooled, "nnUNetTrainerDPFL")
+        assert all(torch.allclose(w[k].cpu(), expected[k], atol=1e-6) for k in expected), site
+        report = json.loads((fold(lay, site, pooled, "nnUNetTrainerDPFL") / "privacy_report.json").read_text())
+        assert "EMA of the global models" in report["released_model"]
 
 
 def uninterrupted(planned, trainer, mode, settings):

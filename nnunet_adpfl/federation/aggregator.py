@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import files as ff
+from .released import check_decay
 from .strategies import FedAvg
 from ..common.initial_weights import describe_file, load_weights_file
 from ..common.tensors import unique_state
@@ -25,10 +26,11 @@ def _positive_int(name: str, value) -> int:
 def create_federation(fed: Path, keys_dir: Path, sites: list[str], rounds: int, epochs_per_round: int,
                       mode: str, iterations_per_epoch: int | None = None, configuration: str = "3d_fullres",
                       quorum: int | None = None, round_timeout_s: float | None = None, seed: int = 0,
-                      initial_weights: str | Path | None = None) -> dict:
+                      initial_weights: str | Path | None = None, release_ema_decay: float | None = None) -> dict:
     """Write federation.json into the shared folder and one key per site into ``keys_dir`` (keep it off the
     shared folder: the aggregator needs all keys, each site only its own). ``initial_weights``: public weights
-    (an nnU-Net checkpoint or .safetensors, trained with the federation's plan) that become the round-0 model."""
+    (an nnU-Net checkpoint or .safetensors, trained with the federation's plan) that become the round-0 model.
+    ``release_ema_decay``: the sites' final model is the EMA of the global models (``released.py``), not the last one."""
     fed, keys_dir = Path(fed), Path(keys_dir)
     if (fed / ff.FEDERATION_FILE).exists():
         raise FileExistsError(f"{fed / ff.FEDERATION_FILE} exists already; use a new folder")
@@ -51,6 +53,7 @@ def create_federation(fed: Path, keys_dir: Path, sites: list[str], rounds: int, 
         "mode": mode, "configuration": configuration, "quorum": quorum, "round_timeout_s": round_timeout_s,
         "seed": seed, "strategy": FedAvg.name, "plans_sha256": None,
         "initial_weights": None if initial_weights is None else describe_file(initial_weights),
+        "release_ema_decay": check_decay(release_ema_decay),
     }
     keys_dir.mkdir(parents=True, exist_ok=True)
     for site in sites:

@@ -23,9 +23,12 @@ def fingerprint_path(fed: Path, site: str) -> Path:
 
 
 def cmd_init(a) -> int:
-    cfg = create_federation(Path(a.federation_dir), Path(a.keys_dir), [s for s in a.sites.split(",") if s], a.rounds,
-                            a.epochs_per_round, a.mode, a.iterations_per_epoch, a.configuration, a.quorum,
-                            a.round_timeout, a.seed, a.initial_weights)
+    try:
+        cfg = create_federation(Path(a.federation_dir), Path(a.keys_dir), [s for s in a.sites.split(",") if s],
+                                a.rounds, a.epochs_per_round, a.mode, a.iterations_per_epoch, a.configuration, a.quorum,
+                                a.round_timeout, a.seed, a.initial_weights, a.release_ema)
+    except (ValueError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"federation {cfg['id']} created in {a.federation_dir}: sites {cfg['sites']}, {cfg['rounds']} rounds x "
           f"{cfg['epochs_per_round']} epochs, mode {cfg['mode']}")
     print(f"site keys written to {a.keys_dir}: give each site ONLY its own <site>.key (out of band); the "
@@ -135,6 +138,9 @@ def add_cli(sub) -> None:
     q.add_argument("--initial-weights", default=None, help="public weights for round 0 (nnU-Net checkpoint_final.pth "
                    "or .safetensors trained with the federation's plan, e.g. by 'nnunet-adpfl pretrain-public'); "
                    "default: nnU-Net's random initialisation")
+    q.add_argument("--release-ema", type=float, default=None, metavar="DECAY",
+                   help="the sites' final model = EMA of the global models of rounds 1..R with this decay (free "
+                        "post-processing of released models); default: the last global model")
     q.set_defaults(func=cmd_init)
 
     p = sub.add_parser("fingerprint", help="at a site: share the aggregate fingerprint of dataset -d")

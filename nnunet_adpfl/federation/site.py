@@ -19,6 +19,7 @@ import torch
 
 from . import files as ff
 from .aggregator import load_federation
+from .released import ema_of_globals
 from ..common.config import SettingsError, load_settings
 from ..common.tensors import load_unique_state, unique_state
 
@@ -196,6 +197,19 @@ class FederatedTrainerMixin:
             if r < self.client.cfg["rounds"]:
                 self._start_round(r + 1)
         super().on_epoch_end()
+
+    def on_train_end(self):
+        """With the federation's ``release_ema_decay``, the final checkpoint (and nnU-Net's validation) hold the EMA
+        of the global models of the rounds this site finished, computed from the signed globals it holds."""
+        decay = self.client.cfg.get("release_ema_decay")
+        rounds = self.current_epoch // self.epochs_per_round
+        if decay is not None and rounds > 0:
+            spec = ff.tensor_spec(self._state())
+            ema = ema_of_globals((self.client.wait_global(r, spec) for r in range(1, rounds + 1)), decay)
+            load_unique_state(self._module(), {k: v.to(self.device) for k, v in ema.items()})
+            self.print_to_log_file(f"federation: final model = EMA of the global models of rounds 1..{rounds} "
+                                   f"(decay {decay})")
+        super().on_train_end()
 
     def _local_delta(self) -> dict[str, torch.Tensor]:
         """This round's local update: the weights now minus the global model the round started from."""

@@ -31,6 +31,11 @@ class FederatedDPTrainer(FederatedTrainerMixin, nnUNetTrainerDP):
                 "federation_initial_weights": public or f"random initialisation (aggregator, seed {cfg.get('seed')})",
                 **({"requirement": PUBLIC_REQUIREMENT} if public else {})}
 
+    def _report_extra(self) -> dict:
+        decay = self.client.cfg.get("release_ema_decay")
+        return {**super()._report_extra(), "released_model": "global model of the last round" if decay is None else
+                f"EMA of the global models of rounds 1..R (decay {decay}), post-processing"}
+
     def _local_delta(self) -> dict[str, torch.Tensor]:
         """Only the privately trained tensors: frozen ones (dp_trainable) did not change and are not uploaded."""
         params = self.privacy["params"] if self.privacy is not None else self._private_params()

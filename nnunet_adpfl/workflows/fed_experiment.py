@@ -90,7 +90,7 @@ def run_task(a, task: str) -> dict:
         lay = Layout(work, sites, slug)
         if not (lay.fed / ff.FEDERATION_FILE).exists():
             new_run(lay, plan_lay.fed, MODE_OF_TRAINER[trainer], a.rounds, 1, a.iterations, config, seed,
-                    public if run_name.endswith(FROM_PUBLIC) else None)
+                    public if run_name.endswith(FROM_PUBLIC) else None, a.release_ema)
         settings = {"num_val_iterations_per_epoch": 1} if extra is None else {**private, **extra}
         settings["seed"] = seed
         lr = a.lr if extra is None or a.private_lr is None else a.private_lr
@@ -110,6 +110,8 @@ def run_task(a, task: str) -> dict:
             # a model that diverged: a row of the table, not the end of the experiment
             summary = {"diverged": f"{DIVERGED} (nnU-Net's prediction); logs in {lay.logs}"}
         summary["settings"] = settings
+        if a.release_ema is not None:
+            summary["release_ema_decay"] = a.release_ema
         results[name] = summary
         results_file.write_text(json.dumps(results, indent=2))
         _log(f"{task}: {name}: " + (f"DIVERGED, {summary['diverged']}" if "diverged" in summary else
@@ -221,6 +223,8 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--num-cases", type=int, default=90, help="training cases over all sites")
     p.add_argument("--num-test-cases", type=int, default=10)
     p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--release-ema", type=float, default=None, metavar="DECAY", help="every run's final model = EMA of "
+                   "its global models with this decay (federation init --release-ema); use with --label")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the public cohort and the first repeat")
     p.add_argument("--repeats", type=_at_least_one, default=1, help="train every run this many times with training seeds "
                    "--seed, --seed + 1, ... (same data, plan and public model); the table shows mean ± std")

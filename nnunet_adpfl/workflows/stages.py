@@ -129,11 +129,12 @@ def start_site(lay: Layout, site: str, trainer: str, config: str, settings: dict
 
 
 def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_round: int, iterations: int,
-            config: str, seed: int, initial_weights: Path | None = None) -> None:
+            config: str, seed: int, initial_weights: Path | None = None,
+            release_ema_decay: float | None = None) -> None:
     """A federation folder for one more training run on the same data, reusing the plan of ``planned_fed``."""
     cfg = create_federation(lay.fed, lay.keys, lay.sites, rounds, epochs_per_round, mode,
                             iterations_per_epoch=iterations, configuration=config, seed=seed,
-                            initial_weights=initial_weights)
+                            initial_weights=initial_weights, release_ema_decay=release_ema_decay)
     shutil.copytree(Path(planned_fed) / "plans", lay.fed / "plans")
     cfg["plans_sha256"] = load_federation(planned_fed)["plans_sha256"]
     ff.write_json_atomic(lay.fed / ff.FEDERATION_FILE, cfg)
