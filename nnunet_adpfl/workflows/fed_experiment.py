@@ -50,6 +50,11 @@ def _log(msg: str) -> None:
     print(f"[fed-compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def run_slug(name: str) -> str:
+    """The folder name of a run (its federation folder and the sites' results) in a task's work dir."""
+    return "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
+
+
 def run_task(a, task: str) -> dict:
     work = Path(a.work_dir).resolve() / task
     sites = [chr(ord("A") + i) for i in range(a.sites)]
@@ -86,8 +91,7 @@ def run_task(a, task: str) -> dict:
             continue
         trainer, extra = RUNS[run_name]
         seed = a.seed + repeat  # training seed: sampling, augmentation, a from-scratch model's initialisation
-        slug = "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
-        lay = Layout(work, sites, slug)
+        lay = Layout(work, sites, run_slug(name))
         if not (lay.fed / ff.FEDERATION_FILE).exists():
             new_run(lay, plan_lay.fed, MODE_OF_TRAINER[trainer], a.rounds, 1, a.iterations, config, seed,
                     public if run_name.endswith(FROM_PUBLIC) else None, a.release_ema)
