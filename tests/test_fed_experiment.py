@@ -154,16 +154,18 @@ def test_repeats_train_each_run_again_with_the_next_training_seed(tmp_path, monk
     parser = argparse.ArgumentParser()
     fe.add_arguments(parser)
     a = parser.parse_args(["--work-dir", str(tmp_path), "--runs", "NP-FL", "DP-FL", "--rounds", "1", "--seed", "5",
-                           "--repeats", "2", "--private-settings", '{"dp_trainable": "head"}'])
+                           "--repeats", "2", "--private-settings", '{"dp_trainable": "head"}', "--release-ema", "0.8"])
     for name in ("stage_data", "stage_plan", "create_federation"):
         monkeypatch.setattr(fe, name, lambda *args, **kw: tmp_path)
-    initial_seeds, trained = [], []
-    monkeypatch.setattr(fe, "new_run", lambda lay, fed, mode, rounds, e, it, config, seed, public: initial_seeds.append(seed))
+    initial_seeds, trained, released = [], [], []
+    monkeypatch.setattr(fe, "new_run", lambda lay, fed, mode, rounds, e, it, config, seed, public, ema:
+                        initial_seeds.append(seed) or released.append(ema))
     monkeypatch.setattr(fe, "train_federated", lambda lay, trainer, config, settings, rounds: trained.append(settings))
     monkeypatch.setattr(fe, "summarise", lambda *args: {"global_test_dice": {"kidney": 0.8}})
     results = fe.run_task(a, "kidney")
     assert list(results) == ["NP-FL", "NP-FL #2", "DP-FL", "DP-FL #2"]
     assert initial_seeds == [5, 6, 5, 6] and [s["seed"] for s in trained] == [5, 6, 5, 6]
+    assert released == [0.8] * 4 and results["DP-FL #2"]["release_ema_decay"] == 0.8
     assert trained[3]["dp_trainable"] == "head" and trained[3]["target_epsilon"] == 8.0
     fe.run_task(a, "kidney")
     assert len(trained) == 4  # resumed: recorded repeats are not trained again
