@@ -20,11 +20,6 @@ from nnunet_adpfl.workflows.fed_experiment import run_slug
 from nnunet_adpfl.workflows.stages import CONFIGURATION, Layout, evaluate_folder
 
 
-def global_model(fed: Path, r: int) -> dict:
-    tensor_path, manifest_path = ff.global_paths(fed, r)
-    return ff.read_verified_tensors(tensor_path, ff.read_json(manifest_path), None)
-
-
 def probe(work: Path, task: str, name: str, trainer: str, decays: list[float]) -> dict:
     config = CONFIGURATION[task]
     lay = Layout(work / task, ["A", "B", "C"], run_slug(name))
@@ -36,7 +31,7 @@ def probe(work: Path, task: str, name: str, trainer: str, decays: list[float]) -
     dice = {}
     for decay in decays:
         net = build_network(plans, dataset_json, config)
-        load_unique_state(net, ema_of_globals((global_model(lay.fed, r) for r in range(1, rounds + 1)), decay))
+        load_unique_state(net, ema_of_globals((ff.stored_global(lay.fed, r) for r in range(1, rounds + 1)), decay))
         name_chk = f"checkpoint_release_ema_{decay}.pth"
         torch.save({**checkpoint, "network_weights": net.state_dict()}, fold / name_chk)
         out = lay.results / "predictions_release_ema" / str(decay)

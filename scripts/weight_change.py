@@ -11,11 +11,6 @@ from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.workflows.fed_experiment import run_slug
 
 
-def global_model(fed: Path, r: int) -> dict:
-    tensor_path, manifest_path = ff.global_paths(fed, r)
-    return ff.read_verified_tensors(tensor_path, ff.read_json(manifest_path), None)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", required=True, help="fed-compare's --work-dir")
@@ -24,7 +19,8 @@ def main() -> None:
     a = p.parse_args()
     for name in a.runs:
         fed = Path(a.work_dir) / a.task / run_slug(name)
-        start, end = global_model(fed, 0), global_model(fed, json.loads((fed / ff.FEDERATION_FILE).read_text())["rounds"])
+        rounds = json.loads((fed / ff.FEDERATION_FILE).read_text())["rounds"]
+        start, end = ff.stored_global(fed, 0), ff.stored_global(fed, rounds)
         moved = [k for k, v in start.items() if v.is_floating_point() and not end[k].equal(v)]
         change = sum((end[k].double() - start[k].double()).norm() ** 2 for k in moved) ** 0.5
         norm = sum(start[k].double().norm() ** 2 for k in moved) ** 0.5

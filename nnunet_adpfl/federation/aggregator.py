@@ -146,9 +146,6 @@ class Aggregator:
         return ff.write_tensors_with_manifest(tensor_path, manifest_path, tensors, manifest,
                                               ff.signed_for_sites(self.keys))
 
-    def _global_tensors(self, r: int) -> dict:
-        tensor_path, manifest_path = ff.global_paths(self.fed, r)
-        return ff.read_verified_tensors(tensor_path, ff.read_json(manifest_path), None)
 
     def run(self, max_rounds: int | None = None) -> int:
         """Run until the last round (or ``max_rounds`` more rounds) is closed; returns the last closed round."""
@@ -200,7 +197,7 @@ class Aggregator:
                 self.log(f"round {r}: REJECTED {path.name}: unknown site {path.stem!r}")
 
     def run_round(self, r: int) -> dict:
-        previous = self._global_tensors(r - 1)
+        previous = ff.stored_global(self.fed, r - 1)
         spec = ff.tensor_spec(previous)
         opened, timeout = self._opened_at(r), self.cfg.get("round_timeout_s")
         deadline = None if timeout is None else opened + timeout

@@ -241,6 +241,13 @@ def read_global(fed: Path, r: int, federation_id: str, site: str, key: bytes,
     return manifest, read_verified_tensors(tensor_path, manifest, spec)
 
 
+def stored_global(fed: Path, r: int) -> dict:
+    """The global model of round r as stored (size and sha256 checked against its manifest): the coordinator's view
+    and tools'; a site uses ``read_global``, which also checks the site's HMAC."""
+    tensor_path, manifest_path = global_paths(fed, r)
+    return read_verified_tensors(tensor_path, read_json(manifest_path), None)
+
+
 def log_rejection(fed: Path, r: int, site: str, reason: str) -> None:
     """Append-only record of rejections (one JSON object per line)."""
     path = round_dir(fed, r) / "rejections.jsonl"
