@@ -4,10 +4,10 @@ and relative to their norm at round 0 (theta_0: public or random initial weights
     python scripts/weight_change.py --work-dir work_dirs/seeds_kidney --task kidney --runs "DP-FL from public weights"
 """
 import argparse
-import json
 from pathlib import Path
 
 from nnunet_adpfl.federation import files as ff
+from nnunet_adpfl.federation.aggregator import load_federation
 from nnunet_adpfl.workflows.fed_experiment import run_slug
 
 
@@ -19,7 +19,7 @@ def main() -> None:
     a = p.parse_args()
     for name in a.runs:
         fed = Path(a.work_dir) / a.task / run_slug(name)
-        rounds = json.loads((fed / ff.FEDERATION_FILE).read_text())["rounds"]
+        rounds = load_federation(fed)["rounds"]
         start, end = ff.stored_global(fed, 0), ff.stored_global(fed, rounds)
         moved = [k for k, v in start.items() if v.is_floating_point() and not end[k].equal(v)]
         change = sum((end[k].double() - start[k].double()).norm() ** 2 for k in moved) ** 0.5

@@ -70,8 +70,7 @@ def final_weights(lay, site, pooled, trainer):
 
 
 def global_tensors(lay, r):
-    tensor_path, manifest_path = ff.global_paths(lay.fed, r)
-    return ff.read_verified_tensors(tensor_path, ff.read_json(manifest_path), None)
+    return ff.stored_global(lay.fed, r)
 
 
 def assert_sites_hold_global(lay, pooled, trainer, rounds):

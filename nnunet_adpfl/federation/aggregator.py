@@ -146,7 +146,6 @@ class Aggregator:
         return ff.write_tensors_with_manifest(tensor_path, manifest_path, tensors, manifest,
                                               ff.signed_for_sites(self.keys))
 
-
     def run(self, max_rounds: int | None = None) -> int:
         """Run until the last round (or ``max_rounds`` more rounds) is closed; returns the last closed round."""
         self.ensure_initial_model()
