@@ -8,7 +8,7 @@ from torch import nn
 from nnunet_adpfl.cli import main
 from nnunet_adpfl.common.tensors import unique_state
 from nnunet_adpfl.federation import files as ff
-from nnunet_adpfl.federation.aggregator import Aggregator, create_federation
+from nnunet_adpfl.federation.aggregator import Aggregator, create_federation, load_federation
 from nnunet_adpfl.federation.released import check_decay, ema_of_globals
 from nnunet_adpfl.federation.site import FederatedTrainerMixin, SiteClient
 
@@ -54,6 +54,14 @@ def test_federation_init_stores_the_decay_and_refuses_a_bad_one(tmp_path, capsys
         main(["federation", "init", str(tmp_path / "fed2"), "--keys-dir", str(tmp_path / "keys2"), "--sites", "A,B",
               "--rounds", "2", "--mode", "npfl", "--release-ema", "1"])
     assert not (tmp_path / "fed2").exists() and not (tmp_path / "keys2").exists()
+
+
+def test_a_bad_decay_in_federation_json_is_refused_when_the_folder_is_loaded(tmp_path):
+    create_federation(tmp_path / "fed", tmp_path / "keys", SITES, 2, 1, "npfl")
+    path = tmp_path / "fed" / ff.FEDERATION_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "release_ema_decay": "0.5"}))
+    with pytest.raises(ValueError, match="federation.json: release_ema_decay must be"):
+        load_federation(tmp_path / "fed")  # every party (aggregator, site at start-up) loads it this way
 
 
 class _Recorder:

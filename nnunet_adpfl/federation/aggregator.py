@@ -72,6 +72,10 @@ def load_federation(fed: Path) -> dict:
     missing = {"id", "sites", "rounds", "epochs_per_round", "mode", "configuration", "quorum"} - set(cfg)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}")
+    try:
+        check_decay(cfg.get("release_ema_decay"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return cfg
 
 
