@@ -52,3 +52,4 @@ def test_plan_train_predict_with_stock_commands(kidney_preprocessed, tmp_path):
     origin = json.loads((tuned / REPORT_NAME).read_text())["initial_weights"]
     assert origin["file_sha256"] == file_sha256(weights) and "must be public" in origin["requirement"]
     assert origin["state_sha256"] and json.loads((tuned / "initial_weights.json").read_text()) == origin
+    assert origin["segmentation_layers"].startswith("transferred")  # nnU-Net alone would leave them random

@@ -67,3 +67,19 @@ def test_record_is_kept_from_the_first_start(tmp_path):
     again = iw.initial_weights_record(net, str(tmp_path), fresh=False, origin={"source": "x"})
     assert again == first == json.loads((tmp_path / iw.RECORD_NAME).read_text())
     assert first["state_sha256"] != iw.state_sha256(net)
+
+
+def test_segmentation_layers_are_transferred_only_when_the_labels_fit(tmp_path):
+    public = build(2, out_ch=3, seed=1)
+    torch.save({"network_weights": public.state_dict()}, tmp_path / "public.pth")
+    seg = [k for k in public.state_dict() if iw.SEG_LAYERS in k]
+    assert seg
+    same_labels = build(2, out_ch=3, seed=0)
+    assert "transferred" in iw.transfer_segmentation_layers(same_labels, tmp_path / "public.pth")
+    got, want = same_labels.state_dict(), public.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in seg)
+
+    other_labels = build(2, out_ch=5, seed=0)
+    before = {k: v.clone() for k, v in other_labels.state_dict().items()}
+    assert iw.transfer_segmentation_layers(other_labels, tmp_path / "public.pth").startswith("random")
+    assert all(torch.equal(before[k], v) for k, v in other_labels.state_dict().items())

@@ -17,6 +17,7 @@ from .atomic import write_json_atomic
 from .tensors import unique_state
 
 RECORD_NAME = "initial_weights.json"
+SEG_LAYERS = ".seg_layers."
 PUBLIC_REQUIREMENT = ("the initial weights must be public (trained without this site's private cases); the "
                       "epsilon above does not cover data they were fitted on")
 
@@ -56,7 +57,20 @@ def pretrained_origin() -> dict:
     if path is None:
         return {"source": "random initialisation (nnU-Net's)"}
     return {"source": "pretrained", "file": os.path.abspath(path), "file_sha256": file_sha256(path),
-            "requirement": PUBLIC_REQUIREMENT, "note": "nnU-Net does not transfer the segmentation layers"}
+            "requirement": PUBLIC_REQUIREMENT}
+
+
+def transfer_segmentation_layers(network: torch.nn.Module, path: str | os.PathLike) -> str:
+    """nnU-Net's -pretrained_weights leaves the segmentation layers randomly initialised (for a new label set).
+    When the file's have this network's shapes (same labels), load them too: a private run that trains few
+    parameters (dp_trainable norm_bias) would otherwise keep a random head. Returns what was done."""
+    source = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    state = network.state_dict()
+    keys = [k for k in state if SEG_LAYERS in k]
+    if not keys or any(k not in source or tuple(source[k].shape) != tuple(state[k].shape) for k in keys):
+        return "random (nnU-Net's initialisation: the file's segmentation layers do not fit this network's labels)"
+    network.load_state_dict({k: source[k] for k in keys}, strict=False)
+    return "transferred from the file (same labels)"
 
 
 def initial_weights_record(network: torch.nn.Module, output_folder: str, fresh: bool, origin: dict) -> dict:

@@ -29,7 +29,7 @@ from ..privacy import report
 from ..privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_within_budget
 from ..common.atomic import write_bytes_atomic, write_json_atomic
 from .ema import WeightEMA
-from ..common.initial_weights import initial_weights_record, pretrained_origin
+from ..common.initial_weights import initial_weights_record, pretrained_origin, transfer_segmentation_layers
 from ..privacy.clipping import make_rule
 from ..common.config import SettingsError, apply_run_length, load_settings
 from .losses import PerCaseLoss
@@ -160,8 +160,11 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        self.initial_weights = initial_weights_record(self.network, self.output_folder, self.current_epoch == 0,
-                                                      self._initial_weights_origin())
+        fresh, origin = self.current_epoch == 0, self._initial_weights_origin()
+        if fresh and origin["source"] == "pretrained":
+            origin["segmentation_layers"] = transfer_segmentation_layers(self.network, origin["file"])
+            self.print_to_log_file(f"-pretrained_weights: segmentation layers {origin['segmentation_layers']}")
+        self.initial_weights = initial_weights_record(self.network, self.output_folder, fresh, origin)
         self._setup_privacy()
 
     def _initial_weights_origin(self) -> dict:
