@@ -18,7 +18,7 @@ from ..evaluation.metrics import nanmean
 from ..federation import files as ff
 from ..federation.aggregator import create_federation
 from ..nnunet.pipeline import DIVERGED, predict
-from .pretrain import TRAINER as STANDARD_TRAINER, pretrain_public, train_standard
+from .pretrain import TRAINER as STANDARD_TRAINER, calibrate_clip, pretrain_public, train_standard
 from .stages import (CONFIGURATION, MODE_OF_TRAINER, Layout, evaluate_folder, new_run, stage_data, stage_plan,
                      summarise, train_federated)
 
@@ -43,6 +43,7 @@ RUNS.update({name + FROM_PUBLIC: run for name, run in list(RUNS.items())})
 PUBLIC_ONLY = "public weights only (no private training)"
 STANDARD = "standard nnU-Net (all sites' data pooled)"  # the centralised, non-private reference
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
+PUBLIC_CLIP = "public"  # --clip public: C calibrated on the public cohort at the public weights
 REPEAT = " #"  # "<run> #2": the run's second repeat (training seed --seed + 1)
 
 
@@ -69,11 +70,14 @@ def run_task(a, task: str) -> dict:
                           iterations_per_epoch=a.iterations, configuration=config, seed=a.seed)
     stage_plan(plan_lay, pooled, config, a.max_features)
     private = {"target_epsilon": a.epsilon, "delta": a.delta, "expected_batch_size": a.batch_size,
-               "max_grad_norm": a.clip, "num_val_iterations_per_epoch": 1, **json.loads(a.private_settings or "{}")}
+               "max_grad_norm": 1.0 if a.clip == PUBLIC_CLIP else a.clip, "num_val_iterations_per_epoch": 1,
+               **json.loads(a.private_settings or "{}")}
     public = None
     if any(name.endswith(FROM_PUBLIC) for name in a.runs):
         public = pretrain_public(plan_lay.fed, task, work / "public", a.public_cases, a.scale, a.seed,
                                  a.public_epochs, a.iterations, a.lr)
+        if a.clip == PUBLIC_CLIP:
+            private["max_grad_norm"] = calibrate_clip(work / "public", public.parents[2].name, config, public, private)
         if PUBLIC_ONLY not in results:
             results[PUBLIC_ONLY] = _evaluate_standard(work / "public", public, config, pooled, "public")
             results_file.write_text(json.dumps(results, indent=2))
@@ -195,6 +199,18 @@ def format_task(task: str, results: dict) -> str:
     return "\n".join(lines)
 
 
+def _clip(text: str) -> float | str:
+    if text == PUBLIC_CLIP:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or '{PUBLIC_CLIP}', not {text!r}")
+    return value
+
+
 def _at_least_one(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
@@ -213,7 +229,9 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=8, help="expected (Poisson) batch size of the private runs")
-    p.add_argument("--clip", type=float, default=1.0, help="clip norm C (initial C with adaptive clipping)")
+    p.add_argument("--clip", type=_clip, default=1.0, help="clip norm C (initial C with adaptive clipping); 'public': "
+                   "the median per-case gradient norm of the public cohort at the public weights (runs from public "
+                   "weights only; no privacy cost)")
     p.add_argument("--max-features", type=int, default=32, help="network width cap of the shared plan")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate of every run (default nnU-Net's 0.01)")
     p.add_argument("--private-lr", type=float, default=None, help="learning rate of the private runs (default --lr)")
@@ -255,6 +273,15 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_cmd)
 
 
+def check_clip_choice(a) -> None:
+    """--clip public needs the public model: every private run must start from it."""
+    scratch = [n for n in a.runs if n in RUNS and RUNS[n][1] is not None and not n.endswith(FROM_PUBLIC)]
+    if a.clip == PUBLIC_CLIP and (scratch or not any(n.endswith(FROM_PUBLIC) for n in a.runs)):
+        raise SystemExit(f"error: --clip {PUBLIC_CLIP} is calibrated on the public model: use it with private runs "
+                         f"'...{FROM_PUBLIC}' only" + (f" (not {', '.join(scratch)})" if scratch else ""))
+
+
 def _cmd(a) -> int:
+    check_clip_choice(a)
     run_all(a)
     return 0

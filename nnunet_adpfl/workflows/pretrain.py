@@ -13,13 +13,18 @@ import json
 import time
 from pathlib import Path
 
+from ..common.atomic import write_json_atomic
 from ..federation.aggregator import load_federation
 from ..nnunet.pipeline import nnunet_command, nnunet_env, run
 from ..data.synthetic import TASKS, generate_dataset
+from ..training.clip_calibration import CALIBRATION_FILE, read_suggested_clip
 from .stages import install_plan_and_preprocess
 
 PUBLIC_DATASET_ID = 502
 TRAINER = "nnUNetTrainerBaselineBudget"
+CALIBRATION_TRAINER = "nnUNetTrainerDPClipCalibration"
+CALIBRATION_KEYS = ("dp_trainable", "augmentation_multiplicity", "expected_batch_size")  # what the norms depend on
+CALIBRATION_BATCHES = 25
 
 
 def _log(msg: str) -> None:
@@ -70,6 +75,33 @@ def pretrain_public(fed: Path, task: str, work: Path, num_cases: int, scale: flo
     checkpoint = train_standard(fed, raw, folder, work, epochs, iterations, lr)
     _log(f"public weights: {checkpoint}")
     return checkpoint
+
+
+def calibrate_clip(work: Path, dataset: str, config: str, checkpoint: Path, private_settings: dict) -> float:
+    """The clip norm for private runs from ``checkpoint``: median per-case gradient norm of the public cohort (trained
+    by :func:`pretrain_public` in ``work``) at those weights, with the private runs' trainable parameters,
+    augmentation multiplicity and expected batch (``nnUNetTrainerDPClipCalibration``; no private data, no privacy
+    cost). ``dataset``: the public dataset's folder name in ``work``'s nnU-Net folders. Kept: recomputed only when
+    those settings change."""
+    work = Path(work).resolve()
+    result = work / "nnUNet_results" / dataset / f"{CALIBRATION_TRAINER}__nnUNetPlans__{config}" / "fold_all" / \
+        CALIBRATION_FILE
+    wanted = {k: private_settings[k] for k in CALIBRATION_KEYS if private_settings.get(k) is not None}
+    if not result.exists() or json.loads(result.read_text()).get("settings") != wanted:
+        logs = work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        settings = logs / "calibration_settings.json"
+        settings.write_text(json.dumps({**wanted, "num_epochs": 1, "num_iterations_per_epoch": CALIBRATION_BATCHES},
+                                       indent=2))
+        _log(f"clip calibration: per-case gradient norms of the public cohort at {checkpoint} (log: "
+             f"{logs / 'calibration.log'})")
+        run([nnunet_command("nnUNetv2_train"), dataset[len("Dataset"):].split("_")[0], config, "all", "-tr",
+             CALIBRATION_TRAINER, "-pretrained_weights", str(checkpoint), "-device", "cpu"],
+            nnunet_env(work, settings), logs / "calibration.log")
+        write_json_atomic(result, {**json.loads(result.read_text()), "settings": wanted})
+    clip = read_suggested_clip(result)
+    _log(f"clip norm from the public cohort: {clip:.4g} (median per-case gradient norm; {result})")
+    return clip
 
 
 def add_cli(sub) -> None:
