@@ -49,3 +49,11 @@ def test_cli_prints_table_and_settings(capsys):
     out = capsys.readouterr().out
     assert "| 50 | 4 | 0.133 |" in out and '"dp_trainable": "all"' in out and "warning" in out
     assert not math.isnan(float(out.split("| 50 | 2 | 0.0667 | ")[1].split(" ")[0]))
+
+
+def test_fine_tuning_recipe_says_where_the_clip_norm_comes_from():
+    cands = recipe.candidates(64, 8.0, 1e-5, [100], [4])
+    counts = {"all": 10**6, "norm_bias": 2000}
+    tuned = recipe.format_recipe(cands, counts, 1.0, recipe.suggest(cands, counts, True, 8, 8.0), 8.0, 1e-5, 64)
+    scratch = recipe.format_recipe(cands, counts, 1.0, recipe.suggest(cands, counts, False, 8, 8.0), 8.0, 1e-5, 64)
+    assert "nnUNetTrainerDPClipCalibration" in tuned and "nnUNetTrainerDPClipCalibration" not in scratch

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from ..privacy.accounting import calibrate_noise_multiplier
 from ..training.trainable import CHOICES
 
-# Used in docs/FINETUNE.md's kidney fine-tuning (norm_bias from public weights: Dice 0.648 -> 0.723 at eps 8);
-# one setting tried, not a tuned optimum.
-FINETUNE_LR = 3e-3
+# docs/FINETUNE.md's kidney fine-tuning (norm_bias from public weights, C from the public cohort): 3e-2, the
+# non-private learning rate, beat 3e-3 (and lower ones) at C = 1. Tried on one task, not a tuned optimum.
+FINETUNE_LR = 3e-2
+CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data at the public weights, from "
+               "nnUNetv2_train <public dataset> <configuration> all -tr nnUNetTrainerDPClipCalibration "
+               "-pretrained_weights <weights> (with these settings). The SNR bounds above assume the cases' norms "
+               "reach C; with the default C = 1 and norm_bias, the kidney's were 0.04 (25x more noise than needed).")
 MOMENTUM = 0.9
 
 
@@ -105,6 +109,8 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     best, settings = suggestion
     lines += ["", "suggested settings (spread the steps over epochs or rounds as you like, same total):",
               json.dumps(settings, indent=2)]
+    if "initial_lr" in settings:
+        lines.append(CLIP_ADVICE)
     if best.snr_over_run(counts[settings["dp_trainable"]]) < 1:
         lines.append("warning: the run's signal-to-noise bound is below 1: training moves the weights little beyond "
                      "their start (more cases help most; from scratch, expect a model that learns little)")
