@@ -216,3 +216,10 @@ def test_bounded_tracker_uses_only_the_noisy_count(max_clip):
            for b in batches]
     assert new[0] == new[1] == new[2]
     assert (new[0] == max_clip) == (max_clip == 1.1)
+
+
+def test_count_noise_warning_when_the_count_is_mostly_noise():
+    from nnunet_adpfl.privacy.adaptive import count_noise_warning
+    assert count_noise_warning(3.0, 64) is None
+    warning = count_noise_warning(18.6, 4)
+    assert warning and "18.6" in warning and "expected_batch_size" in warning

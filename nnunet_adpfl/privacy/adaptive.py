@@ -240,6 +240,17 @@ def default_sigma_count(expected_batch_size: float, noise_multiplier: float, max
     return float(max(expected_batch_size / 20.0, floor))
 
 
+def count_noise_warning(sigma_count: float, expected_batch_size: float) -> str | None:
+    """A warning when the noisy count is mostly noise (std above the expected count): the clip norm then wanders
+    (kidney, expected batch 4, epsilon 1: count noise std 18.6, C fell to 0 and rose to its bound within a run)."""
+    if sigma_count <= expected_batch_size:
+        return None
+    return (f"adaptive clipping: the unclipped-case count has noise std {sigma_count:.3g} for an expected batch of "
+            f"{expected_batch_size:g} cases, so the clip norm will mostly follow noise; use a larger "
+            "expected_batch_size, a higher epsilon, or adpfl_adaptive_clip false with max_grad_norm measured on "
+            "public data (nnUNetTrainerDPClipCalibration)")
+
+
 @dataclass
 class QuantileClipTracker:
     """Private geometric tracking of the ``target_quantile`` of per-case gradient norms (Andrew et al. 2021).

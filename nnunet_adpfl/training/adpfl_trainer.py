@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from ..federation import files as ff
-from ..privacy.adaptive import NoiseSchedule, QuantileClipTracker, calibrate_schedule, default_sigma_count
+from ..privacy.adaptive import (NoiseSchedule, QuantileClipTracker, calibrate_schedule, count_noise_warning,
+                                 default_sigma_count)
 from ..common.atomic import write_bytes_atomic
 from ..common.config import SettingsError
 from .fed_trainers import FederatedDPTrainer
@@ -86,6 +87,9 @@ class FederatedADPTrainer(FederatedDPTrainer):
                 target_quantile=s["adpfl_clip_quantile"], learning_rate=s["adpfl_clip_lr"],
                 max_clip=None if s["adpfl_clip_max_ratio"] is None
                 else s["adpfl_clip_max_ratio"] * s["max_grad_norm"])
+            warning = count_noise_warning(pv["clip_tracker"].sigma_count, pv["expected_batch_size"])
+            if warning:
+                self.print_to_log_file(f"WARNING: {warning}")
 
     # ---- the private step -----------------------------------------------------------------------
     def _clip_norm(self) -> float:
