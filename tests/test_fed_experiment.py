@@ -171,3 +171,14 @@ def test_repeats_train_each_run_again_with_the_next_training_seed(tmp_path, monk
     assert len(trained) == 4  # resumed: recorded repeats are not trained again
     with pytest.raises(SystemExit):
         parser.parse_args(["--repeats", "0"])
+
+
+def test_labelled_runs_are_compared_with_dp_fl_of_the_same_label():
+    results = {"NP-FL": result({"kidney": 0.8}, None, 1.0), "DP-FL": result({"kidney": 0.4}, 7.9, 1.0),
+               "DP-FL [eps 1]": result({"kidney": 0.6}, 1.0, 1.0),
+               "ADP-FL (defaults) [eps 1]": result({"kidney": 0.7}, 1.0, 1.0),
+               "ADP-FL (defaults) [other]": result({"kidney": 0.6}, 1.0, 1.0)}
+    lines = format_task("kidney", results).splitlines()
+    row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert "| 0.700 | 88% | 50% |" in row["ADP-FL (defaults) [eps 1]"]  # (0.7 - 0.6) / (0.8 - 0.6)
+    assert "| 0.600 | 75% | 50% |" in row["ADP-FL (defaults) [other]"]  # no 'DP-FL [other]': the unlabelled DP-FL

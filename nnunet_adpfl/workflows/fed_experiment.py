@@ -141,9 +141,11 @@ def _evaluate_standard(root: Path, checkpoint: Path, config: str, pooled: Path, 
 
 
 def _reference(name: str, base: str, mean: dict) -> str | None:
-    """The row a private run is compared with: ``base`` (NP-FL / DP-FL) with the same start (public or not)."""
+    """The row a private run is compared with: ``base`` (NP-FL / DP-FL) with the same start (public or not) and the
+    same --label where such a row exists (e.g. the same epsilon), else without a label."""
     ref = base + (FROM_PUBLIC if FROM_PUBLIC in name else "")
-    return ref if ref in mean else None
+    label = name[name.index(" ["):] if " [" in name else ""
+    return next((r for r in (ref + label, ref) if r in mean), None)
 
 
 def group_repeats(results: dict) -> dict[str, list[dict]]:
