@@ -5,7 +5,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).parents[1]
-TRAINER_MODULES = {"nnunet_adpfl_dp_trainers.py", "nnunet_adpfl_baseline_trainers.py"}
+TRAINER_MODULES = {"nnunet_adpfl_dp_trainers.py", "nnunet_adpfl_baseline_trainers.py",
+                   "nnunet_adpfl_calibration_trainers.py"}
 
 
 def test_wheel_ships_trainers_and_nnunet_finds_them(tmp_path):
