@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from ..common.atomic import write_json_atomic
 from ..privacy.noisy_step import per_case_norms
@@ -88,17 +87,7 @@ class nnUNetTrainerDPClipCalibration(nnUNetTrainerDP):
             f"{result['trainable_parameters']:,} parameters): 10% {q['0.1']:.4g}, median {q['0.5']:.4g}, "
             f"90% {q['0.9']:.4g}; suggested max_grad_norm {result['suggested_max_grad_norm']:.4g} -> "
             f"{join(self.output_folder, CALIBRATION_FILE)}")
-        self._stop_loaders()
-
-    def _stop_loaders(self) -> None:
-        old_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
-        try:
-            for loader in (self.dataloader_train, self.dataloader_val):
-                if isinstance(loader, NonDetMultiThreadedAugmenter):
-                    loader._finish()
-        finally:
-            sys.stdout.close()
-            sys.stdout = old_stdout
+        nnUNetTrainer.on_train_end(self)  # loaders shut down; not the DP trainers' privacy report: nothing private ran
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         pass
