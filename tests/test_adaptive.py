@@ -7,7 +7,8 @@ import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from nnunet_adpfl.privacy.adaptive import (SCHEDULES, NoiseSchedule, QuantileClipTracker, calibrate_schedule,
-                                   default_sigma_count, schedule_epsilon, split_noise)
+                                   clip_wander, default_sigma_count, noise_aware_clip_lr, schedule_epsilon,
+                                   split_noise)
 
 DELTA, Q, STEPS_PER_ROUND, ROUNDS, TARGET = 1e-5, 0.05, 40, 4, 3.0
 
@@ -220,6 +221,35 @@ def test_bounded_tracker_uses_only_the_noisy_count(max_clip):
 
 def test_count_noise_warning_when_the_count_is_mostly_noise():
     from nnunet_adpfl.privacy.adaptive import count_noise_warning
-    assert count_noise_warning(3.0, 64) is None
-    warning = count_noise_warning(18.6, 4)
-    assert warning and "18.6" in warning and "expected_batch_size" in warning
+    assert count_noise_warning(0.2, 3.1, 4) is None            # kidney, epsilon 8
+    warning = count_noise_warning(0.2, 18.6, 4)                # kidney, epsilon 1
+    assert warning and "18.6" in warning and "adpfl_clip_lr" in warning
+    assert count_noise_warning(noise_aware_clip_lr(18.6, 4), 18.6, 4) is None
+
+
+def test_noise_aware_clip_lr():
+    assert noise_aware_clip_lr(3.1, 4) == 0.2                   # little count noise: Andrew et al.'s rate
+    assert noise_aware_clip_lr(18.6, 4) == pytest.approx(2 * 0.3 ** 2 / (18.6 / 4) ** 2)
+    assert clip_wander(noise_aware_clip_lr(18.6, 4), 18.6, 4) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        noise_aware_clip_lr(0.0, 4)
+
+
+def _log_clip_spread(learning_rate, sigma_count=18.6, batch=4, steps=20000):
+    """Std of log C over the second half of a run on norms LogNormal(log 0.04, 0.36) (the kidney public cohort's
+    spread), started at the true median."""
+    tracker = QuantileClipTracker(clip=0.04, sigma_count=sigma_count, expected_batch_size=batch,
+                                  learning_rate=learning_rate)
+    data, noise = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    logs = [math.log(tracker.update(0.04 * torch.exp(0.36 * torch.randn(batch, generator=data)), noise))
+            for _ in range(steps)]
+    return torch.tensor(logs[steps // 2:]).std().item(), torch.tensor(logs[steps // 2:]).mean().item()
+
+
+def test_noise_aware_rate_keeps_the_clip_near_the_quantile_where_the_fixed_rate_wanders():
+    """Epsilon 1 on the kidney (count noise std 18.6, expected batch 4): at rate 0.2 C wanders by factors > 3 in
+    a simulation as in the runs; the noise-aware rate keeps it near the median, as clip_wander predicts."""
+    fixed_spread, _ = _log_clip_spread(0.2)
+    auto_spread, auto_mean = _log_clip_spread(noise_aware_clip_lr(18.6, 4))
+    assert fixed_spread > 1.0
+    assert auto_spread < 0.45 and abs(auto_mean - math.log(0.04)) < 0.15

@@ -13,6 +13,7 @@ import torch
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.federation.aggregator import create_federation
 from nnunet_adpfl.nnunet.pipeline import nnunet_command
+from nnunet_adpfl.privacy.adaptive import noise_aware_clip_lr
 from nnunet_adpfl.workflows.stages import (Layout, stage_data, stage_plan, new_run, start_aggregator, start_site,
                                          summarise)
 
@@ -250,7 +251,10 @@ def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned, adpfl_re
         sigmas = report["adpfl"]["noise_schedule"]["noise_multiplier_per_round"]
         assert len(sigmas) == ROUNDS and sigmas[0] > sigmas[-1]  # decaying noise
         assert 0 < report["adpfl"]["adaptive_clipping"]["current_clip"] <= report["max_grad_norm"]
-        assert report["adpfl"]["adaptive_clipping"]["max_clip"] == report["max_grad_norm"]  # default ratio 1
+        clipping = report["adpfl"]["adaptive_clipping"]
+        assert clipping["max_clip"] == report["max_grad_norm"]  # default ratio 1
+        assert clipping["learning_rate"] == noise_aware_clip_lr(clipping["count_noise_multiplier"],
+                                                                report["expected_batch_size"])  # unset: auto
         for r in range(1, ROUNDS + 1):
             manifest = ff.read_json(ff.update_paths(lay.fed, r, site)[1])
             assert manifest["encoding"] == "topk"

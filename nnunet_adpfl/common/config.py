@@ -107,8 +107,9 @@ SETTINGS: dict[str, Setting] = {
                                    "private geometric update (Andrew et al.)"),
     "adpfl_clip_quantile": Setting(0.5, (int, float), "ADP-FL: target quantile of the adaptive clip norm",
                                    lambda v: 0 < v < 1, "in (0, 1)"),
-    "adpfl_clip_lr": Setting(0.2, (int, float), "ADP-FL: learning rate of the geometric clip update", _positive,
-                             "> 0"),
+    "adpfl_clip_lr": Setting(None, (int, float), "ADP-FL: learning rate of the geometric clip update; null = 0.2, "
+                             "lowered where the count noise would make the clip norm wander by more than a factor "
+                             "1.35", _positive, "> 0", nullable=True),
     "adpfl_clip_max_ratio": Setting(1.0, (int, float), "ADP-FL: upper bound of the adaptive clip norm as a multiple "
                                     "of max_grad_norm (1 = never above its start value; null = unbounded, which "
                                     "can diverge)",

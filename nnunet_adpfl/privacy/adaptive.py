@@ -240,15 +240,43 @@ def default_sigma_count(expected_batch_size: float, noise_multiplier: float, max
     return float(max(expected_batch_size / 20.0, floor))
 
 
-def count_noise_warning(sigma_count: float, expected_batch_size: float) -> str | None:
-    """A warning when the noisy count is mostly noise (std above the expected count): the clip norm then wanders
-    (kidney, expected batch 4, epsilon 1: count noise std 18.6, C fell to 0 and rose to its bound within a run)."""
-    if sigma_count <= expected_batch_size:
+def clip_wander(learning_rate: float, sigma_count: float, expected_batch_size: float) -> float:
+    """Standard deviation of log C that the count noise alone keeps up at equilibrium.
+
+    Near the target quantile the noisy fraction is b = gamma + f (log C - log C*) + s xi with s = sigma_count / B
+    (the noise of b) and f the density of the log-norms there (about 1: on the kidney's public cohort the
+    log-norms' interquartile range is 0.49, f = 1.1). The update log C <- log C - eta (b - gamma) is then an AR(1)
+    process with stationary variance eta s^2 / (f (2 - eta f)) ~ eta s^2 / 2 for f = 1."""
+    s = sigma_count / expected_batch_size
+    return float(math.sqrt(learning_rate / 2.0) * s)
+
+
+def noise_aware_clip_lr(sigma_count: float, expected_batch_size: float, max_lr: float = 0.2,
+                        log_clip_std: float = 0.3) -> float:
+    """Learning rate of the geometric clip update: ``max_lr`` (Andrew et al.'s 0.2) unless the count noise would
+    make C wander by more than ``log_clip_std`` in log (a factor e^0.3 = 1.35), then the rate with
+    :func:`clip_wander` = ``log_clip_std``: 2 log_clip_std^2 B^2 / sigma_count^2 (simulated: 0.34, the estimate
+    ignores the count's saturation far from the quantile). A function of public settings only. Kidney, expected
+    batch 4: 0.2 at epsilon 8 (count noise std 3.1), 0.1 at epsilon 4 (5.44), 0.008 at epsilon 1 (18.6), where 0.2
+    sent C to 0 and to its bound within a run. The price of a low rate: C moves slowly (at most eta / 2 in log per
+    step)."""
+    if not all(_finite_positive(x) for x in (sigma_count, expected_batch_size, max_lr, log_clip_std)):
+        raise ValueError("sigma_count, expected_batch_size, max_lr and log_clip_std must be finite numbers > 0")
+    s = sigma_count / expected_batch_size
+    return float(min(max_lr, 2.0 * log_clip_std ** 2 / s ** 2))
+
+
+def count_noise_warning(learning_rate: float, sigma_count: float, expected_batch_size: float) -> str | None:
+    """A warning when count noise alone makes the clip norm wander by more than a factor e^0.5 = 1.65 (kidney,
+    expected batch 4, epsilon 1, learning rate 0.2: count noise std 18.6, C fell to 0 and rose to its bound)."""
+    wander = clip_wander(learning_rate, sigma_count, expected_batch_size)
+    if wander <= 0.5:
         return None
     return (f"adaptive clipping: the unclipped-case count has noise std {sigma_count:.3g} for an expected batch of "
-            f"{expected_batch_size:g} cases, so the clip norm will mostly follow noise; use a larger "
-            "expected_batch_size, a higher epsilon, or adpfl_adaptive_clip false with max_grad_norm measured on "
-            "public data (nnUNetTrainerDPClipCalibration)")
+            f"{expected_batch_size:g} cases; with adpfl_clip_lr {learning_rate:g} the clip norm wanders by a factor "
+            f"of about {math.exp(wander):.3g} from noise alone; leave adpfl_clip_lr unset (null: lowered to fit the "
+            "noise), use a larger expected_batch_size or a higher epsilon, or adpfl_adaptive_clip false with "
+            "max_grad_norm measured on public data (nnUNetTrainerDPClipCalibration)")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from ..federation import files as ff
 from ..privacy.adaptive import (NoiseSchedule, QuantileClipTracker, calibrate_schedule, count_noise_warning,
-                                 default_sigma_count)
+                                 default_sigma_count, noise_aware_clip_lr)
 from ..common.atomic import write_bytes_atomic
 from ..common.config import SettingsError
 from .fed_trainers import FederatedDPTrainer
@@ -80,16 +80,22 @@ class FederatedADPTrainer(FederatedDPTrainer):
                               self.client.cfg.get("seed", 0), previous)
             pv["masks"] = [masks[n].to(self.device) for n in pv["params"]]
         if s["adpfl_adaptive_clip"] and "clip_tracker" not in pv:
-            pv["clip_tracker"] = self._restored_tracker or QuantileClipTracker(
-                clip=s["max_grad_norm"], expected_batch_size=pv["expected_batch_size"],
-                sigma_count=s["adpfl_count_noise"] or default_sigma_count(pv["expected_batch_size"],
-                                                                           max(self._schedule)),
-                target_quantile=s["adpfl_clip_quantile"], learning_rate=s["adpfl_clip_lr"],
-                max_clip=None if s["adpfl_clip_max_ratio"] is None
-                else s["adpfl_clip_max_ratio"] * s["max_grad_norm"])
-            warning = count_noise_warning(pv["clip_tracker"].sigma_count, pv["expected_batch_size"])
+            pv["clip_tracker"] = self._restored_tracker or self._new_clip_tracker()
+            tracker = pv["clip_tracker"]
+            self.print_to_log_file(f"adaptive clipping: count noise std {tracker.sigma_count:.3g} on an expected batch "
+                                   f"of {tracker.expected_batch_size:g}, clip learning rate {tracker.learning_rate:.3g}")
+            warning = count_noise_warning(tracker.learning_rate, tracker.sigma_count, tracker.expected_batch_size)
             if warning:
                 self.print_to_log_file(f"WARNING: {warning}")
+
+    def _new_clip_tracker(self) -> QuantileClipTracker:
+        s, batch = self.dp_settings, self.privacy["expected_batch_size"]
+        sigma_count = s["adpfl_count_noise"] or default_sigma_count(batch, max(self._schedule))
+        return QuantileClipTracker(
+            clip=s["max_grad_norm"], expected_batch_size=batch, sigma_count=sigma_count,
+            target_quantile=s["adpfl_clip_quantile"],
+            learning_rate=s["adpfl_clip_lr"] or noise_aware_clip_lr(sigma_count, batch),
+            max_clip=None if s["adpfl_clip_max_ratio"] is None else s["adpfl_clip_max_ratio"] * s["max_grad_norm"])
 
     # ---- the private step -----------------------------------------------------------------------
     def _clip_norm(self) -> float:
