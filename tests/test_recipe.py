@@ -25,11 +25,13 @@ def test_noise_and_snr_arithmetic():
     assert c.snr_over_run(10_000) == pytest.approx(c.snr(10_000) * 10)
 
 
-def test_suggestion_uses_norm_bias_when_fine_tuning_and_respects_memory():
+def test_suggestion_uses_the_decoder_when_fine_tuning_and_respects_memory():
     cands = recipe.candidates(64, 8.0, 1e-5, [100], [2, 4, 8, 16])
-    counts = {"all": 10**6, "norm_bias": 2000}
+    counts = {"all": 10**6, "decoder": 5 * 10**5, "norm_bias": 2000}
     best, settings = recipe.suggest(cands, counts, pretrained=True, max_batch=8, epsilon=8.0)
-    assert settings["dp_trainable"] == "norm_bias" and settings["initial_lr"] == recipe.FINETUNE_LR
+    assert settings["dp_trainable"] == "decoder" and settings["initial_lr"] == recipe.FINETUNE_LR
+    _, no_decoder = recipe.suggest(cands, {"all": 10**6, "norm_bias": 2000}, True, 8, 8.0)
+    assert no_decoder["dp_trainable"] == "norm_bias"
     assert best.batch <= 8 and settings["expected_batch_size"] == best.batch
     assert settings["num_epochs"] * settings["num_iterations_per_epoch"] == best.steps
     _, scratch = recipe.suggest(cands, counts, pretrained=False, max_batch=8, epsilon=8.0)
