@@ -59,4 +59,4 @@ def test_fine_tuning_recipe_says_where_the_clip_norm_comes_from():
     tuned = recipe.format_recipe(cands, counts, 1.0, recipe.suggest(cands, counts, True, 8, 8.0), 8.0, 1e-5, 64)
     scratch = recipe.format_recipe(cands, counts, 1.0, recipe.suggest(cands, counts, False, 8, 8.0), 8.0, 1e-5, 64)
     assert "nnUNetTrainerDPClipCalibration" in tuned and "nnUNetTrainerDPClipCalibration" not in scratch
-    assert "ADP-FL: keep dp_trainable norm_bias" in tuned
+    assert "ADP-FL with decoder: keep adpfl_clip_max_ratio at 1" in tuned

@@ -22,8 +22,8 @@ CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data 
                "nnUNetv2_train <public dataset> <configuration> all -tr nnUNetTrainerDPClipCalibration "
                "-pretrained_weights <weights> (with these settings). The SNR bounds above assume the cases' norms "
                "reach C; with the default C = 1 and norm_bias, the kidney's were 0.04 (25x more noise than needed). "
-               "ADP-FL: keep dp_trainable norm_bias; with decoder its adaptive C rose to 2-4x the public median and "
-               "the kidney's Dice fell (docs/FINETUNE.md).")
+               "ADP-FL with decoder: keep adpfl_clip_max_ratio at 1; at 4 its adaptive C rose to 2-4x the public "
+               "median and the kidney's Dice fell (docs/FINETUNE.md).")
 MOMENTUM = 0.9
 FINETUNE_TRAINABLE = ("decoder", "norm_bias")  # preferred dp_trainable when fine-tuning, first available
 
