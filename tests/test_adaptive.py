@@ -7,8 +7,8 @@ import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from nnunet_adpfl.privacy.adaptive import (SCHEDULES, NoiseSchedule, QuantileClipTracker, calibrate_schedule,
-                                   clip_wander, default_sigma_count, noise_aware_clip_lr, schedule_epsilon,
-                                   split_noise)
+                                   clip_wander, count_noise_warning, default_sigma_count, noise_aware_clip_lr,
+                                   schedule_epsilon, split_noise)
 
 DELTA, Q, STEPS_PER_ROUND, ROUNDS, TARGET = 1e-5, 0.05, 40, 4, 3.0
 
@@ -220,7 +220,6 @@ def test_bounded_tracker_uses_only_the_noisy_count(max_clip):
 
 
 def test_count_noise_warning_when_the_count_is_mostly_noise():
-    from nnunet_adpfl.privacy.adaptive import count_noise_warning
     assert count_noise_warning(0.2, 3.1, 4) is None            # kidney, epsilon 8
     warning = count_noise_warning(0.2, 18.6, 4)                # kidney, epsilon 1
     assert warning and "18.6" in warning and "adpfl_clip_lr" in warning

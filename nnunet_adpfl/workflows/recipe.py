@@ -70,10 +70,10 @@ def candidates(num_cases: int, epsilon: float, delta: float, steps: list[int], b
 def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, max_batch: int,
             epsilon: float) -> tuple[Candidate, dict]:
     """Settings with the best signal-to-noise over the run (the fewest steps and smallest batch within 10% of it)
-    among batches <= max_batch (memory): all parameters from scratch; normalisation affine + biases when
-    fine-tuning public weights, the decoder (encoder frozen): with C from the public cohort it kept more than
-    norm_bias where the public model was far from the task (docs/FINETUNE.md: kidney DP-FL 0.785 vs 0.740, 3 seeds;
-    skin 0.875 vs 0.826, one seed), although its SNR bound is lower."""
+    among batches <= max_batch (memory): all parameters from scratch; when fine-tuning public weights the first of
+    FINETUNE_TRAINABLE the network has. The decoder (encoder frozen) comes first: with C from the public cohort it
+    kept more than norm_bias where the public model was far from the task (docs/FINETUNE.md: kidney DP-FL 0.785 vs
+    0.740, 3 seeds; skin 0.875 vs 0.826, one seed), although its SNR bound is lower."""
     choice = next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
     fitting = [c for c in cands if c.batch <= max_batch] or [min(cands, key=lambda c: c.batch)]
     top = max(c.snr_over_run(counts[choice]) for c in fitting)
