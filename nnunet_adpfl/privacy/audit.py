@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accounting import MECHANISMS, PrivacyAccountant, calibrate_noise_multiplier
-from .adaptive import NoiseSchedule, QuantileClipTracker, calibrate_schedule, default_sigma_count
+from .adaptive import (NoiseSchedule, QuantileClipTracker, calibrate_schedule, default_sigma_count,
+                       noise_aware_clip_lr)
 from ..common.atomic import write_json_atomic
 from .audit_bound import count_correct, epsilon_lower_bound, top_bottom_guesses
 from .clipping import make_rule
@@ -176,8 +177,10 @@ def train(s: AuditSettings, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     rule, accountant = clipping_rule(s), PrivacyAccountant(s.accountant, s.delta)
     expected_batch = s.sample_rate * (s.cohort + s.canaries / 2)  # public: the coins' expected count
     adpfl = s.rule == "adpfl"
-    tracker = QuantileClipTracker(clip=s.clip, sigma_count=default_sigma_count(expected_batch, max(p[0] for p in plan)),
-                                  expected_batch_size=expected_batch, max_clip=s.clip) if adpfl else None
+    sigma_count = default_sigma_count(expected_batch, max(p[0] for p in plan))
+    tracker = QuantileClipTracker(clip=s.clip, sigma_count=sigma_count, expected_batch_size=expected_batch,
+                                  learning_rate=noise_aware_clip_lr(sigma_count, expected_batch),  # the trainer's
+                                  max_clip=s.clip) if adpfl else None
     feedback = ErrorFeedback() if adpfl else None
     for r, (sigma, steps) in enumerate(plan):
         masks = list(step_mask({n: p.detach() for n, p in params.items()}, ADPFL["step_density"], "random", r,
