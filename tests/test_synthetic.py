@@ -18,8 +18,9 @@ from nnunet_adpfl.data import synthetic
 from nnunet_adpfl.data.synthetic import TASKS, add_cli, generate_dataset, split_by_site
 
 SMALL = dict(num_cases=9, num_sites=3, num_test_cases=2, seed=0)
-NUM_FILES = {"skin": 1, "kidney": 1, "brain": 4}
-FOREGROUND = {"skin": {1}, "kidney": {1, 2, 3}, "brain": {1, 2, 3}}
+NUM_FILES = {"skin": 1, "kidney": 1, "brain": 4, "kidney_roi": 1}
+FOREGROUND = {"skin": {1}, "kidney": {1, 2, 3}, "brain": {1, 2, 3}, "kidney_roi": {1, 2, 3}}
+NAMES = {"skin": "SynthSkin", "kidney": "SynthKidney", "brain": "SynthBrain", "kidney_roi": "SynthKidneyRoi"}
 
 
 def read(path: Path) -> np.ndarray:
@@ -63,12 +64,13 @@ def test_deterministic_by_seed(task, tmp_path):
 def test_dataset_json_and_files(task, datasets):
     folder = datasets[task]
     dataset_json, meta = load_meta(folder)
-    assert folder.name == f"Dataset{510 + TASKS.index(task)}_Synth{task.capitalize()}"
+    assert folder.name == f"Dataset{510 + TASKS.index(task)}_{NAMES[task]}"
     assert {"channel_names", "labels", "numTraining", "file_ending"} <= dataset_json.keys()
     assert dataset_json["numTraining"] == SMALL["num_cases"]
     assert dataset_json["file_ending"] == (".png" if task == "skin" else ".nii.gz")
     assert ("regions_class_order" in dataset_json) == (task == "brain")
-    expected_channels = {"skin": ["R", "G", "B"], "kidney": ["CT"], "brain": ["T1", "T1ce", "T2", "FLAIR"]}[task]
+    expected_channels = {"skin": ["R", "G", "B"], "kidney": ["CT"], "brain": ["T1", "T1ce", "T2", "FLAIR"],
+                         "kidney_roi": ["CT"]}[task]
     assert list(dataset_json["channel_names"].values()) == expected_channels
 
     ending = dataset_json["file_ending"]
@@ -92,19 +94,30 @@ def test_geometry(datasets):
     assert len(images) == 1 and images[0].dtype == np.uint8 and images[0].ndim == 3 and images[0].shape[2] == 3
     assert label.shape == images[0].shape[:2] and 112 <= min(label.shape) <= max(label.shape) <= 144
 
-    for task, num_channels in (("kidney", 1), ("brain", 4)):
+    for task, num_channels in (("kidney", 1), ("brain", 4), ("kidney_roi", 1)):
         folder = datasets[task]
         for path in sorted((folder / "labelsTr").iterdir()):
             spacing = sitk.ReadImage(str(path)).GetSpacing()  # (x, y, z)
             channels = sorted((folder / "imagesTr").glob(path.name.replace(".nii.gz", "_????.nii.gz")))
             assert len(channels) == num_channels
             assert {sitk.ReadImage(str(p)).GetSpacing() for p in channels} == {spacing}
-            if task == "kidney":
+            if task.startswith("kidney"):
                 assert spacing[0] == spacing[1] and 0.75 <= spacing[0] <= 1.05 and 2.5 <= spacing[2] <= 5.0
             else:
                 assert spacing == (1.0, 1.0, 1.0)
-    kidney_shape = read(datasets["kidney"] / "labelsTr" / "A_0000.nii.gz").shape
-    assert 15 <= kidney_shape[0] <= 50 and 70 <= kidney_shape[1] == kidney_shape[2] <= 90
+    for task in ("kidney", "kidney_roi"):
+        kidney_shape = read(datasets[task] / "labelsTr" / "A_0000.nii.gz").shape
+        assert 15 <= kidney_shape[0] <= 50 and 70 <= kidney_shape[1] == kidney_shape[2] <= 90
+
+
+def test_kidney_region_makes_lesions_large_enough_to_learn(datasets):
+    """Same voxel budget, one kidney's region instead of the abdomen: several times more voxels per structure."""
+    def median_voxels(task: str, value: int) -> float:
+        labels = [read(p) for p in sorted((datasets[task] / "labelsTr").iterdir())]
+        return float(np.median([(label == value).sum() for label in labels if (label == value).any()]))
+
+    for value in (1, 2, 3):
+        assert median_voxels("kidney_roi", value) > 3 * median_voxels("kidney", value)
 
 
 @pytest.mark.parametrize("task", TASKS)

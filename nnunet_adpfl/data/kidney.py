@@ -1,7 +1,7 @@
 """Synthetic kidney CT: 3D KiTS-like abdominal volumes with kidneys, tumours and cysts (NIfTI)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -97,28 +97,38 @@ def _attached_lesion(rng: np.random.Generator, grid: Grid, kidney: _Kidney, size
     return radius(grid, local_to_world(center, offset, angle), lesion_semi, angle)
 
 
-def kidney_case(rng: np.random.Generator, site: SiteProfile, scale: float) -> Case:
+def _kidney_volume(rng: np.random.Generator, site: SiteProfile, scale: float, roi_side: float | None) -> Case:
+    """The abdomen (``roi_side`` None) or a box around the kidney on that side (-1 right, +1 left of the image),
+    sampled with the same number of voxels, so the kidney and its lesions span ~3x more voxels in-plane."""
     n = jittered_size(80 * scale, rng, 0.1)
     inplane = site["inplane"] * rng.uniform(0.97, 1.03)
     nz = max(8, int(round(112 * scale * rng.uniform(0.9, 1.1) / site["thickness"])))
     spacing = (site["thickness"], inplane, inplane)
     shape = (nz, n, n)
-    grid = unit_grid(shape)
+    if roi_side is None:
+        grid, zoom = unit_grid(shape), (1.0, 1.0, 1.0)
+    else:
+        center, half = (0.0, _ROI_Y, roi_side * _ROI_X), _ROI_HALF
+        grid = tuple(c + h * g for c, h, g in zip(center, half, unit_grid(shape)))
+        zoom = tuple(1.0 / h for h in half)
 
     def texture(sigma_mm: float, field_shape: tuple[int, ...] = shape) -> np.ndarray:  # sigma in mm at scale 1
-        return smooth_noise(rng, field_shape, tuple(sigma_mm * scale / s for s in spacing))
+        return smooth_noise(rng, field_shape, tuple(sigma_mm * scale * z / s for s, z in zip(spacing, zoom)))
 
     tex = _CtTextures(texture(1.0), texture(3.0), texture(4.0), texture(12.0, (1, n, n)))
     hu, inner = _abdomen(rng, grid, tex)
     label = np.zeros(shape, dtype=np.uint8)
     kidneys = _kidneys(rng, grid, inner, hu, label, tex, site["contrast"])
 
+    def lesion_kidney() -> _Kidney:
+        return kidneys[rng.integers(2)] if roi_side is None else kidneys[int(roi_side > 0)]
+
     for _ in range(rng.choice(3, p=[0.35, 0.45, 0.2])):  # simple cysts: round, homogeneous, water-like
-        cyst = inner & (_attached_lesion(rng, grid, kidneys[rng.integers(2)], (0.3, 0.6), (0.5, 1.0)) < 1.0)
+        cyst = inner & (_attached_lesion(rng, grid, lesion_kidney(), (0.3, 0.6), (0.5, 1.0)) < 1.0)
         _paint(hu, cyst, rng.uniform(3.0, 17.0))
         label[cyst] = 3
     if rng.random() < 0.85:  # tumour: lobulated, heterogeneous, sometimes with a necrotic centre
-        rho = _attached_lesion(rng, grid, kidneys[rng.integers(2)], (0.45, 1.0), (0.3, 0.9)) + 0.2 * tex.blobs
+        rho = _attached_lesion(rng, grid, lesion_kidney(), (0.45, 1.0), (0.3, 0.9)) + 0.2 * tex.blobs
         tumour = inner & (rho < 1.0)
         has_necrosis = rng.random() < 0.4
         necrotic = has_necrosis & (rho < 0.55) & (tex.lumps > 0.0)
@@ -128,6 +138,19 @@ def kidney_case(rng: np.random.Generator, site: SiteProfile, scale: float) -> Ca
     hu = ndimage.gaussian_filter(hu, (0.35, 0.6, 0.6))  # partial volume / reconstruction kernel
     hu += site["noise"] * smooth_noise(rng, shape, (0.3, 0.7, 0.7)) + site["hu_offset"]
     return Case([np.clip(np.round(hu), -1024, 3071).astype(np.int16)], label, spacing)
+
+
+# The kidney-region box (body coordinates): holds either kidney with its lesions whatever its random position.
+_ROI_Y, _ROI_X, _ROI_HALF = 0.32, 0.45, (0.9, 0.3, 0.3)
+
+
+def kidney_case(rng: np.random.Generator, site: SiteProfile, scale: float) -> Case:
+    return _kidney_volume(rng, site, scale, roi_side=None)
+
+
+def kidney_roi_case(rng: np.random.Generator, site: SiteProfile, scale: float) -> Case:
+    """One kidney's region, as KiTS pipelines crop it: tumours and cysts large enough to learn at scale 0.5."""
+    return _kidney_volume(rng, site, scale, roi_side=float(rng.choice((-1.0, 1.0))))
 
 
 SPEC = TaskSpec(
@@ -140,3 +163,5 @@ SPEC = TaskSpec(
                  "inplane": (0.8, 1.0), "contrast": (0.85, 1.15)},
     make_case=kidney_case,
 )
+
+ROI_SPEC = replace(SPEC, name="SynthKidneyRoi", make_case=kidney_roi_case)

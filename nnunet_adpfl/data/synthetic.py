@@ -1,8 +1,9 @@
 """Deterministic synthetic nnU-Net v2 raw datasets for multi-site (federated) experiments.
 
-Three tasks imitate real segmentation problems: ``skin`` (2D RGB dermoscopy lesions, PNG),
-``kidney`` (3D KiTS-like abdominal CT, NIfTI) and ``brain`` (3D BraTS-like 4-channel MRI, NIfTI,
-region-based labels). Training cases are spread unevenly over sites "A", "B", ... and every site
+The tasks imitate real segmentation problems: ``skin`` (2D RGB dermoscopy lesions, PNG), ``kidney`` (3D
+KiTS-like abdominal CT, NIfTI), ``kidney_roi`` (the same CT cropped to one kidney's region, as KiTS pipelines
+do: tumours and cysts span enough voxels to learn at small scales) and ``brain`` (3D BraTS-like 4-channel MRI,
+NIfTI, region-based labels). Training cases are spread unevenly over sites "A", "B", ... and every site
 has its own acquisition shift (intensity offset/scale, noise, blur, resolution, bias field).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from PIL import Image
 from . import brain, kidney, skin
 from .shapes import Case, TaskSpec, site_profiles
 
-TASKS = ("skin", "kidney", "brain")
+TASKS = ("skin", "kidney", "brain", "kidney_roi")
 
 _SITE_WEIGHTS = (1.0, 1.3, 0.8)  # relative site sizes, cycled when there are more than three sites
 _MIN_CASES_PER_SITE = 2
@@ -31,7 +32,7 @@ _STREAM_TRAIN, _STREAM_TEST, _STREAM_SITES = 0, 1, 2  # independent random strea
 _STREAM_PUBLIC, _STREAM_PUBLIC_SITES, _STREAM_PUBLIC_TEST = 3, 4, 5  # the public cohort: other cases, other scanners
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
-_SPECS = {"skin": skin.SPEC, "kidney": kidney.SPEC, "brain": brain.SPEC}
+_SPECS = {"skin": skin.SPEC, "kidney": kidney.SPEC, "brain": brain.SPEC, "kidney_roi": kidney.ROI_SPEC}
 
 # ----------------------------------------------------------------------------- dataset writing
 
@@ -254,7 +255,7 @@ def add_cli(subparsers) -> None:
     site, label counts)."""
     parser = subparsers.add_parser(
         "make-dataset", help="write a synthetic multi-site nnU-Net raw dataset",
-        description="Write a deterministic synthetic nnU-Net v2 raw dataset (skin, kidney or brain task).")
+        description="Write a deterministic synthetic nnU-Net v2 raw dataset (skin, kidney, kidney_roi or brain task).")
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--output-root", default=os.environ.get("nnUNet_raw"),
                         help="folder that receives DatasetXXX_<Name>/ (default: $nnUNet_raw)")

@@ -91,7 +91,7 @@ def format_table(rows: list[dict]) -> str:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="synthetic data -> plan -> train standard and DP nnU-Net -> predict -> table")
     p.add_argument("--work-dir", default="work_dirs/demo", help="folder for all data, models and results")
-    p.add_argument("--task", choices=TASKS, default="skin", help="skin (2D, fastest), kidney or brain (3D)")
+    p.add_argument("--task", choices=TASKS, default="skin", help="skin (2D, fastest), kidney, kidney_roi or brain (3D)")
     p.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS), help="comma-separated trainer names")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--iterations", type=int, default=20, help="steps per epoch")

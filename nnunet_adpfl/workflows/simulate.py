@@ -77,7 +77,7 @@ def run_simulation(work_dir: Path, task: str, trainer: str, num_sites: int, roun
 def add_cli(sub) -> None:
     p = sub.add_parser("simulate", help="a whole federation on this machine (aggregator + sites as processes)")
     p.add_argument("--work-dir", default="work_dirs/simulate")
-    p.add_argument("--task", choices=tuple(CONFIGURATION), default="skin", help="skin (2D, fastest), kidney or brain")
+    p.add_argument("--task", choices=tuple(CONFIGURATION), default="skin", help="skin (2D, fastest), kidney, kidney_roi or brain")
     p.add_argument("--trainer", default="nnUNetTrainerDPFL", help=f"one of {sorted(MODE_OF_TRAINER)}")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)

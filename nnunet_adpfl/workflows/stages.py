@@ -25,7 +25,7 @@ from ..federation.aggregator import create_federation, load_federation
 from ..nnunet.pipeline import nnunet_command, nnunet_env, predict, run, stop
 
 DATASET_ID = 501
-CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres"}
+CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres", "kidney_roi": "3d_fullres"}
 MODE_OF_TRAINER = {"nnUNetTrainerFL": "npfl", "nnUNetTrainerDPFL": "dpfl", "nnUNetTrainerADPFL": "adpfl"}
 
 
