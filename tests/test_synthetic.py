@@ -118,6 +118,7 @@ def test_kidney_region_makes_lesions_large_enough_to_learn(datasets):
 
     for value in (1, 2, 3):
         assert median_voxels("kidney_roi", value) > 3 * median_voxels("kidney", value)
+    assert all((read(p) == 1).any() for p in (datasets["kidney_roi"] / "labelsTr").iterdir())  # the box holds it
 
 
 @pytest.mark.parametrize("task", TASKS)

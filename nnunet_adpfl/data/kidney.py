@@ -98,33 +98,35 @@ def _attached_lesion(rng: np.random.Generator, grid: Grid, kidney: _Kidney, size
 
 
 def _kidney_volume(rng: np.random.Generator, site: SiteProfile, scale: float, roi_side: float | None) -> Case:
-    """The abdomen (``roi_side`` None) or a box around the kidney on that side (-1 right, +1 left of the image),
-    sampled with the same number of voxels, so the kidney and its lesions span ~3x more voxels in-plane."""
+    """The abdomen (``roi_side`` None), or the box around the kidney on that side (-1 right, +1 left of the image)
+    cut from the same abdomen drawn on a finer grid: as many voxels as the abdomen, the kidney and its lesions
+    spanning ~3x more of them in-plane, and cysts more frequent, larger and further inside the kidney."""
     n = jittered_size(80 * scale, rng, 0.1)
     inplane = site["inplane"] * rng.uniform(0.97, 1.03)
     nz = max(8, int(round(112 * scale * rng.uniform(0.9, 1.1) / site["thickness"])))
     spacing = (site["thickness"], inplane, inplane)
     shape = (nz, n, n)
-    if roi_side is None:
-        grid, zoom = unit_grid(shape), (1.0, 1.0, 1.0)
-    else:
-        center, half = (0.0, _ROI_Y, roi_side * _ROI_X), _ROI_HALF
-        grid = tuple(c + h * g for c, h, g in zip(center, half, unit_grid(shape)))
-        zoom = tuple(1.0 / h for h in half)
+    zoom = (1.0, 1.0, 1.0) if roi_side is None else tuple(1.0 / h for h in _ROI_HALF)
+    full = tuple(int(round(size * z)) for size, z in zip(shape, zoom))
+    grid = unit_grid(full)
 
-    def texture(sigma_mm: float, field_shape: tuple[int, ...] = shape) -> np.ndarray:  # sigma in mm at scale 1
+    def texture(sigma_mm: float, field_shape: tuple[int, ...] = full) -> np.ndarray:  # sigma in mm at scale 1
         return smooth_noise(rng, field_shape, tuple(sigma_mm * scale * z / s for s, z in zip(spacing, zoom)))
 
-    tex = _CtTextures(texture(1.0), texture(3.0), texture(4.0), texture(12.0, (1, n, n)))
+    tex = _CtTextures(texture(1.0), texture(3.0), texture(4.0), texture(12.0, (1, full[1], full[2])))
     hu, inner = _abdomen(rng, grid, tex)
-    label = np.zeros(shape, dtype=np.uint8)
+    label = np.zeros(full, dtype=np.uint8)
     kidneys = _kidneys(rng, grid, inner, hu, label, tex, site["contrast"])
+    if roi_side is None:
+        cysts, cyst_size, cyst_depth = (0.35, 0.45, 0.2), (0.3, 0.6), (0.5, 1.0)
+    else:
+        cysts, cyst_size, cyst_depth = (0.2, 0.5, 0.3), (0.4, 0.7), (0.2, 0.7)
 
     def lesion_kidney() -> _Kidney:
         return kidneys[rng.integers(2)] if roi_side is None else kidneys[int(roi_side > 0)]
 
-    for _ in range(rng.choice(3, p=[0.35, 0.45, 0.2])):  # simple cysts: round, homogeneous, water-like
-        cyst = inner & (_attached_lesion(rng, grid, lesion_kidney(), (0.3, 0.6), (0.5, 1.0)) < 1.0)
+    for _ in range(rng.choice(3, p=cysts)):  # simple cysts: round, homogeneous, water-like
+        cyst = inner & (_attached_lesion(rng, grid, lesion_kidney(), cyst_size, cyst_depth) < 1.0)
         _paint(hu, cyst, rng.uniform(3.0, 17.0))
         label[cyst] = 3
     if rng.random() < 0.85:  # tumour: lobulated, heterogeneous, sometimes with a necrotic centre
@@ -135,6 +137,9 @@ def _kidney_volume(rng: np.random.Generator, site: SiteProfile, scale: float, ro
         _paint(hu, tumour, np.where(necrotic, 35.0, rng.uniform(85.0, 115.0)) + 15.0 * tex.lumps)
         label[tumour] = 2
 
+    if roi_side is not None:
+        box = _box(full, shape, (0.0, _ROI_Y, roi_side * _ROI_X))
+        hu, label = hu[box], label[box]
     hu = ndimage.gaussian_filter(hu, (0.35, 0.6, 0.6))  # partial volume / reconstruction kernel
     hu += site["noise"] * smooth_noise(rng, shape, (0.3, 0.7, 0.7)) + site["hu_offset"]
     return Case([np.clip(np.round(hu), -1024, 3071).astype(np.int16)], label, spacing)
@@ -142,6 +147,12 @@ def _kidney_volume(rng: np.random.Generator, site: SiteProfile, scale: float, ro
 
 # The kidney-region box (body coordinates): holds either kidney with its lesions whatever its random position.
 _ROI_Y, _ROI_X, _ROI_HALF = 0.32, 0.45, (0.9, 0.3, 0.3)
+
+
+def _box(full: tuple[int, ...], size: tuple[int, ...], center: tuple[float, ...]) -> tuple[slice, ...]:
+    """Slices of ``size`` voxels centred on ``center`` (coordinates in [-1, 1]) of a grid of shape ``full``."""
+    starts = (int(round((c + 1.0) / 2.0 * (f - 1) - (s - 1) / 2.0)) for f, s, c in zip(full, size, center))
+    return tuple(slice(min(max(b, 0), f - s), min(max(b, 0), f - s) + s) for b, f, s in zip(starts, full, size))
 
 
 def kidney_case(rng: np.random.Generator, site: SiteProfile, scale: float) -> Case:
