@@ -25,13 +25,13 @@ def test_noise_and_snr_arithmetic():
     assert c.snr_over_run(10_000) == pytest.approx(c.snr(10_000) * 10)
 
 
-def test_suggestion_uses_the_decoder_when_fine_tuning_and_respects_memory():
+def test_suggestion_uses_norm_bias_when_fine_tuning_and_respects_memory():
     cands = recipe.candidates(64, 8.0, 1e-5, [100], [2, 4, 8, 16])
     counts = {"all": 10**6, "decoder": 5 * 10**5, "norm_bias": 2000}
     best, settings = recipe.suggest(cands, counts, pretrained=True, max_batch=8, epsilon=8.0)
-    assert settings["dp_trainable"] == "decoder" and settings["initial_lr"] == recipe.FINETUNE_LR
-    _, no_decoder = recipe.suggest(cands, {"all": 10**6, "norm_bias": 2000}, True, 8, 8.0)
-    assert no_decoder["dp_trainable"] == "norm_bias"
+    assert settings["dp_trainable"] == "norm_bias" and settings["initial_lr"] == recipe.FINETUNE_LR
+    _, no_norm_bias = recipe.suggest(cands, {"all": 10**6, "decoder": 5 * 10**5}, True, 8, 8.0)
+    assert no_norm_bias["dp_trainable"] == "decoder"
     assert best.batch <= 8 and settings["expected_batch_size"] == best.batch
     assert settings["num_epochs"] * settings["num_iterations_per_epoch"] == best.steps
     _, scratch = recipe.suggest(cands, counts, pretrained=False, max_batch=8, epsilon=8.0)
@@ -59,4 +59,4 @@ def test_fine_tuning_recipe_says_where_the_clip_norm_comes_from():
     tuned = recipe.format_recipe(cands, counts, 1.0, recipe.suggest(cands, counts, True, 8, 8.0), 8.0, 1e-5, 64)
     scratch = recipe.format_recipe(cands, counts, 1.0, recipe.suggest(cands, counts, False, 8, 8.0), 8.0, 1e-5, 64)
     assert "nnUNetTrainerDPClipCalibration" in tuned and "nnUNetTrainerDPClipCalibration" not in scratch
-    assert "ADP-FL with decoder: keep adpfl_clip_max_ratio at 1" in tuned
+    assert "use lr 0.01 with it, and for ADP-FL keep adpfl_clip_max_ratio at 1" in tuned
