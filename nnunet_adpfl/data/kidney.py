@@ -98,7 +98,7 @@ def _attached_lesion(rng: np.random.Generator, grid: Grid, kidney: _Kidney, size
 
 
 def _kidney_volume(rng: np.random.Generator, site: SiteProfile, scale: float, roi_side: float | None) -> Case:
-    """The abdomen (``roi_side`` None), or the box around the kidney on that side (-1 right, +1 left of the image)
+    """The abdomen (``roi_side`` None), or the box around the kidney on that side (-1 or +1 along the x axis)
     cut from the same abdomen drawn on a finer grid: as many voxels as the abdomen, the kidney and its lesions
     spanning ~3x more of them in-plane, and cysts more frequent, larger and further inside the kidney."""
     n = jittered_size(80 * scale, rng, 0.1)
