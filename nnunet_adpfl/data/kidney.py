@@ -151,8 +151,9 @@ _ROI_Y, _ROI_X, _ROI_HALF = 0.32, 0.45, (0.9, 0.3, 0.3)
 
 def _box(full: tuple[int, ...], size: tuple[int, ...], center: tuple[float, ...]) -> tuple[slice, ...]:
     """Slices of ``size`` voxels centred on ``center`` (coordinates in [-1, 1]) of a grid of shape ``full``."""
-    starts = (int(round((c + 1.0) / 2.0 * (f - 1) - (s - 1) / 2.0)) for f, s, c in zip(full, size, center))
-    return tuple(slice(min(max(b, 0), f - s), min(max(b, 0), f - s) + s) for b, f, s in zip(starts, full, size))
+    starts = (min(max(int(round((c + 1.0) / 2.0 * (f - 1) - (s - 1) / 2.0)), 0), f - s)
+              for f, s, c in zip(full, size, center))
+    return tuple(slice(b, b + s) for b, s in zip(starts, size))
 
 
 def kidney_case(rng: np.random.Generator, site: SiteProfile, scale: float) -> Case:
