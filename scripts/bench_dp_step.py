@@ -46,7 +46,8 @@ CONFIGURATION = "3d_fullres"
 FOLD = 0
 NUM_BATCHES = 4  # distinct batches drawn up front and cycled through
 NOISE_MULTIPLIER = 1.0  # fixed sigma: no epsilon calibration, no budget stop (cost does not depend on sigma)
-MARKS = ("<!-- bench_dp_step:start -->", "<!-- bench_dp_step:end -->")
+MARKS = {"cpu": ("<!-- bench_dp_step:start -->", "<!-- bench_dp_step:end -->"),  # one docs section per device
+         "cuda": ("<!-- bench_dp_step_cuda:start -->", "<!-- bench_dp_step_cuda:end -->")}
 STANDARD = "standard"
 SITE = "site1"  # the one site of the federated variants' federation
 # variant -> (trainer, per-case gradient engine, federation mode)
@@ -182,6 +183,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def autocast_in_step(trainer, batch: dict) -> bool:
+    """Whether the network's forward passes in one ``train_step`` ran under autocast (AMP), read from inside them."""
+    seen = []
+    hook = trainer.network.register_forward_pre_hook(
+        lambda module, args: seen.append(torch.is_autocast_enabled(trainer.device.type)))
+    try:
+        trainer.train_step(clone_batch(batch))
+    finally:
+        hook.remove()
+    return any(seen)
+
+
 def timed_step(trainer, batch: dict, device: torch.device) -> float:
     batch = clone_batch(batch)  # fresh copy, outside the timed region
     sync(device)
@@ -244,10 +257,11 @@ def memory_cuda(trainers: dict, batches: list, steps: int, device: torch.device)
 
 # ----------------------------------------------------------------------------- report
 
-def step_setup(trainer) -> str:
-    """What the variant's step does, read from the started trainer."""
+def step_setup(trainer, autocast: bool | None = None) -> str:
+    """What the variant's step does, read from the started trainer (and ``autocast``: measured in a step)."""
+    amp = "" if autocast is None else ("; AMP (autocast on)" if autocast else "; fp32 (autocast off)")
     if not hasattr(trainer, "privacy"):
-        return "nnU-Net's batched step" + (" (AMP)" if trainer.device.type == "cuda" else "")
+        return "nnU-Net's batched step" + amp
     pv, s = trainer.privacy, trainer.dp_settings
     rule = trainer.rule.describe()
     parts = [" ".join([rule.pop("rule")] + [f"{k}={v}" for k, v in rule.items()]) + " clipping"]
@@ -264,7 +278,7 @@ def step_setup(trainer) -> str:
     if hasattr(trainer, "_schedule"):  # ADP-FL
         parts.append(f"adaptive clip {'on' if 'clip_tracker' in pv else 'off'}, "
                      f"noise schedule {s['adpfl_noise_schedule'] if s['noise_multiplier'] is None else 'constant'}")
-    return "; ".join(parts)
+    return "; ".join(parts) + amp
 
 
 def summarise(times: dict[str, list[float]], peaks: dict[str, float] | None,
@@ -288,7 +302,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def docs_section(info: dict, table: str) -> str:
     return "\n".join([
-        "## DP step vs standard nnU-Net step (`scripts/bench_dp_step.py`)",
+        "## DP step vs standard nnU-Net step (`scripts/bench_dp_step.py`"
+        + (", GPU)" if info["device"] == "cuda" else ")"),
         "",
         f"- Date: {info['date']}",
         f"- Machine: {info['machine']}",
@@ -301,7 +316,8 @@ def docs_section(info: dict, table: str) -> str:
         "ratio = median over rounds of (variant time / standard time of the same round)",
         f"- Private variants: one `train_step` of the named trainer with noise multiplier {NOISE_MULTIPLIER} (fixed: "
         "no epsilon calibration), clip norm C = 1.0, the settings' defaults otherwise"
-        + ("; DP steps are fp32, the standard step uses AMP + GradScaler" if info["device"] == "cuda" else ""),
+        + ("; whether a step ran under autocast is read from inside its forward passes (step set-up column)"
+           if info["device"] == "cuda" else ""),
         "- Federated variants (dpfl, adpfl): the trainer as the one site of a fresh federation folder "
         "(`create_federation`, the benchmark's plan, round-0 global model from `Aggregator.ensure_initial_model`); "
         "the timed steps are local steps of round 1, no upload or aggregation",
@@ -398,7 +414,8 @@ def benchmark(args) -> None:
         else:
             peaks, method = memory_cpu(args, variants)
     info["memory_method"] = method
-    setups = {v: step_setup(t) for v, t in trainers.items()}
+    autocast = {v: autocast_in_step(t, batches[0]) for v, t in trainers.items()} if device.type == "cuda" else {}
+    setups = {v: step_setup(t, autocast.get(v)) for v, t in trainers.items()}
     for trainer in trainers.values():
         shut_down(trainer)
 
@@ -408,7 +425,7 @@ def benchmark(args) -> None:
     print()
     log(f"{steps} timed steps per variant after {warmup} warm-up; memory: {method}")
     if args.output:
-        update_section(Path(args.output), docs_section(info, table), MARKS)
+        update_section(Path(args.output), docs_section(info, table), MARKS[device.type])
         log(f"wrote section to {args.output}")
 
 

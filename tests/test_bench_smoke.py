@@ -22,7 +22,7 @@ def _load_script():
 
 
 def test_section_replaced_between_markers_only(tmp_path):
-    marks = _load_script().MARKS
+    marks = _load_script().MARKS["cpu"]
     doc = tmp_path / "docs" / "BENCHMARKS.md"
     update_section(doc, "first", marks)
     doc.write_text("# Benchmarks\n\nintro\n\n" + doc.read_text().split("\n", 2)[2] + "\nafter\n")
@@ -61,11 +61,13 @@ def test_variant_selection_covers_every_dp_trainer():
 def test_sections_of_both_scripts_coexist(tmp_path):
     doc = tmp_path / "BENCHMARKS.md"
     marks = ("<!-- bench_aggregator:start -->", "<!-- bench_aggregator:end -->")
-    update_section(doc, "dp step", _load_script().MARKS)
+    update_section(doc, "dp step", _load_script().MARKS["cpu"])
+    update_section(doc, "dp step on gpu", _load_script().MARKS["cuda"])
     update_section(doc, "aggregator 1", marks)
     update_section(doc, "aggregator 2", marks)
     text = doc.read_text()
-    assert "dp step" in text and "aggregator 2" in text and "aggregator 1" not in text
+    assert "dp step\n" in text and "dp step on gpu" in text  # a GPU run keeps the CPU section
+    assert "aggregator 2" in text and "aggregator 1" not in text
 
 
 def _aggregator_rows(stdout: str) -> dict[str, list[str]]:

@@ -18,18 +18,19 @@ CASES = [  # (dim, residual, deep_supervision, regions)
     (3, False, False, False),
     (3, False, True, True),
 ]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CI has no GPU; a GPU machine checks both
 
 
-def setup(dim, residual, ds, regions, batch=3, dtype=torch.float64):
+def setup(dim, residual, ds, regions, batch=3, dtype=torch.float64, device="cpu"):
     """float64: on CPU a float32 batch-of-one backward can itself be off by ~1e-2 (seen on case 1 here),
     so algorithmic equality is checked where round-off cannot hide a difference."""
-    net = build(dim, in_ch=2, out_ch=3, residual=residual, deep_supervision=ds).to(dtype)
+    net = build(dim, in_ch=2, out_ch=3, residual=residual, deep_supervision=ds).to(device, dtype)
     shape = (16, 16) if dim == 2 else (8, 16, 16)
-    x = torch.randn(batch, 2, *shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    x = torch.randn(batch, 2, *shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
     with torch.no_grad():
         out = net(x)
     y = ds_targets(out, 3, regions=regions)
-    y = [t.to(dtype) for t in y] if isinstance(y, list) else y.to(dtype)
+    y = [t.to(device, dtype) for t in y] if isinstance(y, list) else y.to(device, dtype)
     weights = deep_supervision_weights(len(out)) if ds else None
     loss = PerCaseLoss(regions, None, weights)
     return net, x, y, loss
@@ -58,8 +59,9 @@ def engine_grads(engine, net, loss, params, x, y, chunk=2):
 
 @pytest.mark.parametrize("dim,residual,ds,regions", CASES)
 @pytest.mark.parametrize("engine", ["loop", "vmap"])
-def test_per_case_gradients_match_per_case_loop(engine, dim, residual, ds, regions):
-    net, x, y, loss = setup(dim, residual, ds, regions)
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_case_gradients_match_per_case_loop(engine, dim, residual, ds, regions, device):
+    net, x, y, loss = setup(dim, residual, ds, regions, device=device)
     params = trainable_params_reached_by_loss(net, loss.per_case, x[:1], [t[:1] for t in y] if ds else y[:1])
     ref = reference_grads(net, loss, params, x, y)
     got = engine_grads(engine, net, loss, params, x, y)
