@@ -33,8 +33,8 @@ def group_cases(x: torch.Tensor, multiplicity: int) -> torch.Tensor:
 
 
 def resolve_engine(engine: str) -> str:
-    """'auto' -> 'loop': measured faster and leaner than 'vmap' (docs/BENCHMARKS.md; on GPU not yet measured,
-    run scripts/bench_dp_step.py --device cuda to choose there)."""
+    """'auto' -> 'loop': on CPU faster and leaner than 'vmap', on an H200 as fast with a third of its memory
+    (docs/BENCHMARKS.md)."""
     if engine == "auto":
         return "loop"
     if engine not in ("loop", "vmap"):
