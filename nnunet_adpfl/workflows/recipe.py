@@ -73,7 +73,8 @@ def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, ma
     """Settings with the best signal-to-noise over the run (the fewest steps and smallest batch within 10% of it)
     among batches <= max_batch (memory): all parameters from scratch; when fine-tuning public weights the first of
     FINETUNE_TRAINABLE the network has. norm_bias comes first: with C from the public cohort it improved on the
-    public model on every task measured, small lesions included (docs/FINETUNE.md, kidney_roi), where the decoder
+    public model at epsilon 8 and 4 on every task measured, small lesions included (docs/FINETUNE.md, kidney_roi;
+    at epsilon 1 the lesions fell below the public model), where the decoder
     at the same learning rate fell below the public model's tumour and cyst Dice; the decoder kept more only for
     large structures (kidney 0.785 vs 0.740, 3 seeds)."""
     choice = next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
