@@ -15,7 +15,7 @@ from nnunet_adpfl.federation.aggregator import create_federation
 from nnunet_adpfl.nnunet.pipeline import nnunet_command
 from nnunet_adpfl.privacy.adaptive import noise_aware_clip_lr
 from nnunet_adpfl.workflows.stages import (Layout, stage_data, stage_plan, new_run, start_aggregator, start_site,
-                                         summarise)
+                                         site_validation, summarise)
 
 SITES = ["A", "B", "C"]
 CONFIG = "2d"
@@ -259,8 +259,24 @@ def test_adpfl_federation_spends_the_target_and_uploads_sparse(planned, adpfl_re
             manifest = ff.read_json(ff.update_paths(lay.fed, r, site)[1])
             assert manifest["encoding"] == "topk"
             assert manifest["bytes"] < dense_bytes / 5  # 5% of the coordinates at 12 bytes each: ~1/6.7
+    # a site that died during its final validation: summarise finishes it with the stock --val
+    validation = fold(lay, "B", pooled, trainer) / "validation"
+    site_dice = json.loads((validation / "summary.json").read_text())["foreground_mean"]["Dice"]
+    shutil.rmtree(validation)
+    report = (fold(lay, "B", pooled, trainer) / "privacy_report.json").read_text()
     summary = summarise(lay, trainer, CONFIG, pooled, None)  # the final global model through nnUNetv2_predict
     assert set(summary["global_test_dice"]) == {"lesion"} and summary["bytes_uploaded"] > 0
+    assert summary["sites"]["B"]["validation_dice"] == pytest.approx(site_dice, abs=1e-6)
+    assert (validation / "summary.json").exists() and (lay.logs / "validate_B.log").exists()
+    assert (fold(lay, "B", pooled, trainer) / "privacy_report.json").read_text() == report  # no step, no spend
+
+
+def test_summarise_refuses_a_site_without_a_final_checkpoint(tmp_path):
+    lay = Layout(tmp_path, SITES, "unfinished")
+    fold_b = lay.results / "B" / "Dataset501_x" / f"nnUNetTrainerDPFL__nnUNetPlans__{CONFIG}" / "fold_0"
+    fold_b.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="site B: no final checkpoint.*train_B.log"):
+        site_validation(lay, "B", "nnUNetTrainerDPFL", CONFIG, fold_b)
 
 
 @pytest.mark.slow  # ~1.5 min; its parts are in the default suite (ADP-FL federations, DP-Morph train/predict)

@@ -5,7 +5,8 @@ and reused when present.
     stage_plan       per-site aggregate fingerprints -> one federated plan -> per-site preprocessing
     new_run          a federation folder for one more training run with that plan
     train_federated  the aggregator and every site's stock ``nnUNetv2_train``, as separate processes
-    summarise        per-site validation and privacy reports, the final global model on the test set, bytes exchanged
+    summarise        per-site validation (finished if a site died during it) and privacy reports, the final
+                     global model on the test set, bytes exchanged
 """
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ def summarise(lay: Layout, trainer: str, config: str, pooled: Path, wall: float 
     for site in lay.sites:
         fold = (Path(lay.site_env(site)["nnUNet_results"]) / pooled.name / f"{trainer}__nnUNetPlans__{config}" /
                 "fold_0")
-        val = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+        val = json.loads(site_validation(lay, site, trainer, config, fold).read_text())["foreground_mean"]["Dice"]
         report = fold / "privacy_report.json"
         eps = json.loads(report.read_text())["epsilon"] if report.exists() else None
         per_site[site] = {"validation_dice": val, "epsilon": eps}
@@ -197,6 +198,22 @@ def summarise(lay: Layout, trainer: str, config: str, pooled: Path, wall: float 
     return {"trainer": trainer, "mode": cfg["mode"], "rounds": cfg["rounds"], "sites": per_site,
             "global_test_dice": evaluate_folder(pooled, pred), "bytes_uploaded": up, "bytes_downloaded_per_site": down,
             "wall_time_s": wall}
+
+
+def site_validation(lay: Layout, site: str, trainer: str, config: str, fold: Path) -> Path:
+    """The site's validation summary. A site whose process ended during nnU-Net's final validation (after its
+    final checkpoint) gets it from the stock ``nnUNetv2_train ... --val`` with the run's settings."""
+    summary = fold / "validation" / "summary.json"
+    if summary.exists():
+        return summary
+    if not (fold / "checkpoint_final.pth").exists():
+        raise FileNotFoundError(f"site {site}: no final checkpoint in {fold}: its training did not finish "
+                                f"(log: {lay.logs / f'train_{site}.log'})")
+    _log(f"site {site}: final validation missing; running nnUNetv2_train --val")
+    env = lay.site_env(site, lay.logs / "settings" / f"{site}.json")
+    run(["nnUNetv2_train", str(lay.dataset_id), config, "0", "-tr", trainer, "-device", "cpu", "--val"], env,
+        lay.logs / f"validate_{site}.log")
+    return summary
 
 
 def predict_test(lay: Layout, trainer: str, config: str, pooled: Path) -> Path:
