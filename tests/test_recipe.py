@@ -36,6 +36,11 @@ def test_suggestion_uses_norm_bias_when_fine_tuning_and_respects_memory():
     assert settings["num_epochs"] * settings["num_iterations_per_epoch"] == best.steps
     _, scratch = recipe.suggest(cands, counts, pretrained=False, max_batch=8, epsilon=8.0)
     assert scratch["dp_trainable"] == "all" and "initial_lr" not in scratch
+    low = recipe.candidates(64, 1.0, 1e-5, [100], [2, 4, 8, 16])
+    _, at_eps1 = recipe.suggest(low, counts, pretrained=True, max_batch=8, epsilon=1.0)
+    assert at_eps1["initial_lr"] == recipe.LOW_EPSILON_FINETUNE_LR < recipe.FINETUNE_LR
+    _, at_eps4 = recipe.suggest(cands, counts, pretrained=True, max_batch=8, epsilon=4.0)
+    assert at_eps4["initial_lr"] == recipe.FINETUNE_LR
 
 
 @pytest.mark.parametrize("cases, epsilon, delta, match", [(1, 8, 1e-5, "at least 2"), (100, 8, 0.02, "delta"),

@@ -18,6 +18,9 @@ from ..training.trainable import CHOICES
 # docs/FINETUNE.md's kidney fine-tuning (from public weights, C from the public cohort): 3e-2, the
 # non-private learning rate, beat 3e-3 (and lower ones) at C = 1. Tried on one task, not a tuned optimum.
 FINETUNE_LR = 3e-2
+# below epsilon 4: kidney_roi at epsilon 1 (2 seeds each) kept tumour and cyst near the public model at 1e-2
+# (DP-FL 0.571, ADP-FL 0.585 mean Dice) and lost them at 3e-2 (0.465, 0.450); at epsilon 4 3e-2 kept them.
+LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data at the public weights, from "
                "nnUNetv2_train <public dataset> <configuration> all -tr nnUNetTrainerDPClipCalibration "
                "-pretrained_weights <weights> (with these settings). The SNR bounds above assume the cases' norms "
@@ -74,7 +77,7 @@ def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, ma
     among batches <= max_batch (memory): all parameters from scratch; when fine-tuning public weights the first of
     FINETUNE_TRAINABLE the network has. norm_bias comes first: with C from the public cohort it improved on the
     public model at epsilon 8 and 4 on every task measured, small lesions included (docs/FINETUNE.md, kidney_roi;
-    at epsilon 1 the lesions fell below the public model), where the decoder
+    at epsilon 1 it kept them near the public model only with the lower learning rate), where the decoder
     at the same learning rate fell below the public model's tumour and cyst Dice; the decoder kept more only for
     large structures (kidney 0.785 vs 0.740, 3 seeds)."""
     choice = next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
@@ -84,8 +87,12 @@ def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, ma
                key=lambda c: (c.steps, c.batch))
     settings = {"target_epsilon": epsilon, "expected_batch_size": best.batch, "num_epochs": 1,
                 "num_iterations_per_epoch": best.steps, "dp_trainable": choice, "momentum": MOMENTUM,
-                **({"initial_lr": FINETUNE_LR} if pretrained else {})}
+                **({"initial_lr": finetune_lr(epsilon)} if pretrained else {})}
     return best, settings
+
+
+def finetune_lr(epsilon: float) -> float:
+    return LOW_EPSILON_FINETUNE_LR if epsilon < LOW_EPSILON else FINETUNE_LR
 
 
 def parameter_counts(plans: str, dataset_json: str, configuration: str) -> dict[str, int]:
