@@ -18,8 +18,8 @@ from ..training.trainable import CHOICES
 # docs/FINETUNE.md's kidney fine-tuning (from public weights, C from the public cohort): 3e-2, the
 # non-private learning rate, beat 3e-3 (and lower ones) at C = 1. Tried on one task, not a tuned optimum.
 FINETUNE_LR = 3e-2
-# below epsilon 4: kidney_roi at epsilon 1 (2 seeds each) kept tumour and cyst near the public model at 1e-2
-# (DP-FL 0.571, ADP-FL 0.585 mean Dice) and lost them at 3e-2 (0.465, 0.450); at epsilon 4 3e-2 kept them.
+# below epsilon 4: kidney_roi at epsilon 1 (3 seeds each) kept tumour and cyst near the public model at 1e-2
+# (DP-FL 0.568, ADP-FL 0.577 mean Dice) and lost them at 3e-2 (0.465, 0.450, 2 seeds); at epsilon 4 3e-2 kept them.
 LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data at the public weights, from "
                "nnUNetv2_train <public dataset> <configuration> all -tr nnUNetTrainerDPClipCalibration "
