@@ -104,8 +104,17 @@ def stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None 
             install_plan_and_preprocess(lay.fed, lay.dataset_id, config, env, lay.logs / f"preprocess_{site}.log")
 
 
+def _settings_file(lay: Layout, site: str) -> Path:
+    return lay.logs / "settings" / f"{site}.json"
+
+
+def _train_command(lay: Layout, trainer: str, config: str) -> list[str]:
+    """The site's stock training command (fold 0, CPU)."""
+    return [nnunet_command("nnUNetv2_train"), str(lay.dataset_id), config, "0", "-tr", trainer, "-device", "cpu"]
+
+
 def _site_settings(lay: Layout, site: str, settings: dict) -> Path:
-    path = lay.logs / "settings" / f"{site}.json"
+    path = _settings_file(lay, site)
     path.parent.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // len(lay.sites))  # the sites share this machine's cores
     path.write_text(json.dumps({"federation_dir": str(lay.fed), "site_id": site, "num_threads": threads,
@@ -124,9 +133,8 @@ def start_site(lay: Layout, site: str, trainer: str, config: str, settings: dict
                n_proc_da: str = "1") -> subprocess.Popen:
     """The site's stock training command (the same command restarts it)."""
     env = lay.site_env(site, _site_settings(lay, site, settings), nnUNet_n_proc_DA=n_proc_da)
-    return subprocess.Popen([nnunet_command("nnUNetv2_train"), str(lay.dataset_id), config, "0", "-tr", trainer, "-device",
-                             "cpu"], stdout=open(lay.logs / f"train_{site}.log", "a"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    return subprocess.Popen(_train_command(lay, trainer, config), stdout=open(lay.logs / f"train_{site}.log", "a"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_round: int, iterations: int,
@@ -210,8 +218,7 @@ def site_validation(lay: Layout, site: str, trainer: str, config: str, fold: Pat
         raise FileNotFoundError(f"site {site}: no final checkpoint in {fold}: its training did not finish "
                                 f"(log: {lay.logs / f'train_{site}.log'})")
     _log(f"site {site}: final validation missing; running nnUNetv2_train --val")
-    env = lay.site_env(site, lay.logs / "settings" / f"{site}.json")
-    run(["nnUNetv2_train", str(lay.dataset_id), config, "0", "-tr", trainer, "-device", "cpu", "--val"], env,
+    run([*_train_command(lay, trainer, config), "--val"], lay.site_env(site, _settings_file(lay, site)),
         lay.logs / f"validate_{site}.log")
     return summary
 
