@@ -279,6 +279,15 @@ def test_summarise_refuses_a_site_without_a_final_checkpoint(tmp_path):
         site_validation(lay, "B", "nnUNetTrainerDPFL", CONFIG, fold_b)
 
 
+def test_summarise_refuses_a_missing_validation_without_the_site_settings(tmp_path):
+    lay = Layout(tmp_path, SITES, "settings_gone")
+    fold_b = lay.results / "B" / "Dataset501_x" / f"nnUNetTrainerDPFL__nnUNetPlans__{CONFIG}" / "fold_0"
+    fold_b.mkdir(parents=True)
+    (fold_b / "checkpoint_final.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="site B: final validation missing.*settings/B.json"):
+        site_validation(lay, "B", "nnUNetTrainerDPFL", CONFIG, fold_b)
+
+
 @pytest.mark.slow  # ~1.5 min; its parts are in the default suite (ADP-FL federations, DP-Morph train/predict)
 def test_adpfl_with_morphology_in_a_federation(planned):
     """The FL flavour of DP-Morph: every site trains ADP-FL through the morphology; the sites' plans still match

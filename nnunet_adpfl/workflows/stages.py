@@ -217,8 +217,12 @@ def site_validation(lay: Layout, site: str, trainer: str, config: str, fold: Pat
     if not (fold / "checkpoint_final.pth").exists():
         raise FileNotFoundError(f"site {site}: no final checkpoint in {fold}: its training did not finish "
                                 f"(log: {lay.logs / f'train_{site}.log'})")
+    settings = _settings_file(lay, site)
+    if not settings.exists():
+        raise FileNotFoundError(f"site {site}: final validation missing and the run's settings file {settings} is "
+                                "gone: nnUNetv2_train --val needs the settings the site trained with")
     _log(f"site {site}: final validation missing; running nnUNetv2_train --val")
-    run([*_train_command(lay, trainer, config), "--val"], lay.site_env(site, _settings_file(lay, site)),
+    run([*_train_command(lay, trainer, config), "--val"], lay.site_env(site, settings),
         lay.logs / f"validate_{site}.log")
     return summary
 
