@@ -185,12 +185,15 @@ def test_split_by_site(task, datasets, tmp_path):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_nnunet_verify_dataset_integrity(task, datasets, tmp_path, monkeypatch):
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(var, str(tmp_path / var))
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-
-    verify_dataset_integrity(str(datasets[task]), num_processes=1)
+def test_nnunet_verify_dataset_integrity(task, datasets, tmp_path):
+    """nnU-Net's own check, in its own interpreter as nnUNetv2_plan_and_preprocess runs it: its file listing forks a
+    Pool, which deadlocked (CI hung) when forked from this test process with its threads."""
+    env = {**os.environ, **{var: str(tmp_path / var) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    check = ("import sys\nfrom nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity\n"
+             "verify_dataset_integrity(sys.argv[1], num_processes=1)\n")
+    done = subprocess.run([sys.executable, "-c", check, str(datasets[task])], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def test_kidney_tumour_not_threshold_separable(datasets):
