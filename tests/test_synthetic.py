@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from nnunet_adpfl.data import synthetic
 from nnunet_adpfl.data.synthetic import TASKS, add_cli, generate_dataset, split_by_site
+from nnunet_adpfl.nnunet.pipeline import nnunet_env
 
 SMALL = dict(num_cases=9, num_sites=3, num_test_cases=2, seed=0)
 NUM_FILES = {"skin": 1, "kidney": 1, "brain": 4, "kidney_roi": 1}
@@ -188,11 +189,10 @@ def test_split_by_site(task, datasets, tmp_path):
 def test_nnunet_verify_dataset_integrity(task, datasets, tmp_path):
     """nnU-Net's own check, in its own interpreter as nnUNetv2_plan_and_preprocess runs it: its file listing forks a
     Pool, which deadlocked (CI hung) when forked from this test process with its threads."""
-    env = {**os.environ, **{var: str(tmp_path / var) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
     check = ("import sys\nfrom nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity\n"
              "verify_dataset_integrity(sys.argv[1], num_processes=1)\n")
-    done = subprocess.run([sys.executable, "-c", check, str(datasets[task])], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", check, str(datasets[task])], env=nnunet_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
