@@ -98,3 +98,25 @@ def test_failed_command_names_its_first_error(tmp_path):
     assert message.rstrip().endswith("KeyError: '7f0d'")  # the tail is still there
     from nnunet_adpfl.workflows.compare import _failure_reason
     assert _failure_reason(message).startswith("RuntimeError: Encountered inf")
+
+
+def test_killed_command_names_the_signal_and_the_likely_cause(tmp_path):
+    """A training killed by the out-of-memory killer leaves no Python error: the message must say what happened."""
+    with pytest.raises(RuntimeError) as e:
+        run(["bash", "-c", "echo epoch 3; kill -KILL $$"], dict(os.environ))
+    assert "killed by SIGKILL" in str(e.value) and "out-of-memory" in str(e.value)
+    with pytest.raises(RuntimeError, match=r"command failed \(exit status 3\)"):
+        run(["bash", "-c", "exit 3"], dict(os.environ))
+
+
+def test_federation_failure_names_each_sites_exit(tmp_path):
+    from nnunet_adpfl.workflows.compare import _failure_reason
+    from nnunet_adpfl.workflows.stages import _failure_message
+
+    (tmp_path / "train_A.log").write_text("epoch 3\nCurrent learning rate: 0.00462\n")
+    (tmp_path / "train_B.log").write_text("Traceback (most recent call last):\nValueError: bad plan\n")
+    message = _failure_message({"A": -9, "B": 1}, tmp_path)
+    assert message.splitlines()[0].startswith("['A', 'B'] failed (A: killed by SIGKILL (often the system's out-of-")
+    assert "B: exit status 1" in message.splitlines()[0]
+    assert message.splitlines()[1:] == ["A: Current learning rate: 0.00462", "B: ValueError: bad plan"]
+    assert "killed by SIGKILL" in _failure_reason(_failure_message({"A": -9}, tmp_path))

@@ -49,6 +49,25 @@ EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*)?(Error|Exception): ")  # a Pyt
 DIVERGED = "Encountered inf in predicted array"  # nnU-Net's predictor, on a model whose logits overflowed
 
 
+def exit_status(code: int) -> str:
+    """A finished command's return code in words; a negative code is the signal that killed it."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if code == -signal.SIGKILL:
+        name += (" (often the system's out-of-memory killer: run fewer trainings at once or give the machine "
+                 "more memory)")
+    return f"killed by {name}"
+
+
+def describe_exits(codes: dict[str, int]) -> str:
+    """``{name: return code}`` in words, e.g. "A: killed by SIGKILL (...); B: exit status 1"."""
+    return "; ".join(f"{name}: {exit_status(code)}" for name, code in codes.items())
+
+
 def stop(procs) -> None:
     """Terminate still-running commands started with ``start_new_session=True``, with their process groups
     (nnU-Net's data-loader workers included); SIGKILL after 30 s."""
@@ -95,7 +114,7 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
     if code != 0:
         tail = "".join(lines)
         cause = f"first error: {first_error}\n" if first_error else ""
-        raise RuntimeError(f"command failed ({code}): {' '.join(args)}\n{cause}--- last output ---\n{tail}")
+        raise RuntimeError(f"command failed ({exit_status(code)}): {' '.join(args)}\n{cause}--- last output ---\n{tail}")
     return time.time() - start
 
 

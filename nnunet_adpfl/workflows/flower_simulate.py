@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..federation import files as ff
 from ..federation.flower_local import FlowerNet
-from ..nnunet.pipeline import stop
+from ..nnunet.pipeline import describe_exits, stop
 from .stages import Layout, start_site
 
 
@@ -45,7 +45,7 @@ def train_federated_flower(lay: Layout, trainer: str, config: str, settings: dic
         while run.poll() is None or any(p.poll() is None for p in trainers.values()):
             failed = {n: p.returncode for n, p in net.procs.items() if p.poll() not in (None, 0)}
             if failed:
-                raise RuntimeError(f"{failed} failed; logs in {net.logs} and {lay.logs}")
+                raise RuntimeError(f"{list(failed)} failed ({describe_exits(failed)}); logs in {net.logs} and {lay.logs}")
             if time.time() - start > timeout_s:
                 raise TimeoutError(f"the federation over Flower did not finish in {timeout_s:.0f} s")
             closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())

@@ -23,7 +23,7 @@ from ..evaluation import evaluation
 from ..evaluation.evaluation import mean_per_label
 from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
-from ..nnunet.pipeline import nnunet_command, nnunet_env, predict, run, stop
+from ..nnunet.pipeline import describe_exits, nnunet_command, nnunet_env, predict, run, stop
 
 DATASET_ID = 501
 CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres", "kidney_roi": "3d_fullres"}
@@ -159,7 +159,7 @@ def train_federated(lay: Layout, trainer: str, config: str, settings: dict, roun
     reported = 0
     try:
         while any(p.poll() is None for p in procs.values()):
-            failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            failed = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
             if failed:
                 raise RuntimeError(_failure_message(failed, logs))
             closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())
@@ -169,15 +169,16 @@ def train_federated(lay: Layout, trainer: str, config: str, settings: dict, roun
             time.sleep(2)
     finally:
         stop(procs.values())
-    failed = [n for n, p in procs.items() if p.returncode != 0]
+    failed = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
     if failed:
         raise RuntimeError(_failure_message(failed, logs))
     return time.time() - start
 
 
-def _failure_message(failed: list[str], logs: Path) -> str:
-    """Which parties failed, with the last line of each one's log (usually the exception)."""
-    lines = [f"{failed} failed; see {logs}"]
+def _failure_message(failed: dict[str, int], logs: Path) -> str:
+    """Which parties failed and how (exit status or killing signal), with the last line of each one's log
+    (usually the exception)."""
+    lines = [f"{list(failed)} failed ({describe_exits(failed)}); see {logs}"]
     for name in failed:
         log = logs / ("aggregator.log" if name == "aggregator" else f"train_{name}.log")
         last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
