@@ -64,4 +64,5 @@ def test_fine_tuning_recipe_says_where_the_clip_norm_comes_from():
     tuned = recipe.format_recipe(cands, counts, 1.0, recipe.suggest(cands, counts, True, 8, 8.0), 8.0, 1e-5, 64)
     scratch = recipe.format_recipe(cands, counts, 1.0, recipe.suggest(cands, counts, False, 8, 8.0), 8.0, 1e-5, 64)
     assert "nnUNetTrainerDPClipCalibration" in tuned and "nnUNetTrainerDPClipCalibration" not in scratch
-    assert "use lr 0.01 with it, and for ADP-FL keep adpfl_clip_max_ratio at 1" in tuned
+    assert "decoder instead of norm_bias when the public model misses a class" in tuned
+    assert "For ADP-FL keep adpfl_clip_max_ratio at 1" in tuned
