@@ -5,7 +5,9 @@ import os
 from pathlib import Path
 
 from . import files as ff
-from .aggregator import Aggregator, create_federation, load_federation, plans_files
+from .aggregator import Aggregator, create_federation, plans_files
+from .federation_file import (PLAN_FILES, load_federation, open_federation, read_plan_files, sign_plan,
+                              site_federation)
 
 
 def _dataset_folder(root_env: str, dataset_id: int) -> Path:
@@ -41,8 +43,8 @@ def cmd_fingerprint(a) -> int:
     from .summary import site_summary_from_folders
     from ..nnunet.pipeline import run
 
-    cfg = load_federation(Path(a.federation_dir))
     key = ff.load_key(a.key_file)
+    cfg = _checked(lambda: site_federation(Path(a.federation_dir), a.site, key))
     raw = _dataset_folder("nnUNet_raw", a.dataset_id)
     local = Path(os.environ["nnUNet_preprocessed"]) / raw.name / "dataset_fingerprint.json"
     if not local.exists():
@@ -52,7 +54,7 @@ def cmd_fingerprint(a) -> int:
     summary = site_summary_from_folders(raw, local.parent)
     content = {"kind": "fingerprint", "federation": cfg["id"], "site": a.site, "summary": summary}
     content["hmac"] = ff.mac(key, content)
-    ff.write_json_atomic(fingerprint_path(Path(a.federation_dir), a.site), content)
+    ff.write_json_in(Path(a.federation_dir), fingerprint_path(Path(a.federation_dir), a.site), content)
     print(f"aggregate fingerprint of site {a.site} ({summary['num_cases']} cases) written to "
           f"{fingerprint_path(Path(a.federation_dir), a.site)}")
     return 0
@@ -60,19 +62,20 @@ def cmd_fingerprint(a) -> int:
 
 def cmd_plan(a) -> int:
     """Coordinator: merge the sites' aggregate fingerprints and run nnU-Net's planner once for everyone."""
-    from .aggregator import load_site_keys
     from .plan import cap_features, plan_federated, plans_digest
     from .summary import merge_summaries
 
     fed = Path(a.federation_dir)
-    cfg = load_federation(fed)
-    keys = load_site_keys(Path(a.keys_dir), cfg["sites"])
+    cfg, keys = _checked(lambda: open_federation(fed, Path(a.keys_dir)))
     summaries = []
     for site in cfg["sites"]:
         path = fingerprint_path(fed, site)
-        if not path.exists():
-            raise SystemExit(f"error: no fingerprint from site {site} yet ({path})")
-        content = ff.read_json(path)
+        try:
+            content = ff.read_manifest(fed, path)
+        except FileNotFoundError:
+            raise SystemExit(f"error: no fingerprint from site {site} yet ({path})") from None
+        except ff.Rejected as e:
+            raise SystemExit(f"error: fingerprint of site {site} refused: {e.reason}") from None
         if not ff.mac_ok(keys[site], content, content.get("hmac")) or content.get("federation") != cfg["id"]:
             raise SystemExit(f"error: fingerprint of site {site} fails its HMAC or belongs to another federation")
         summaries.append(content["summary"])
@@ -82,11 +85,10 @@ def cmd_plan(a) -> int:
         plans = cap_features(plans, a.max_features)
     plans_file, dataset_file = plans_files(fed)
     fingerprint, dataset_json = merge_summaries(summaries)
-    ff.write_json_atomic(plans_file, plans)
-    ff.write_json_atomic(dataset_file, dataset_json)
-    ff.write_json_atomic(merged_fingerprint_file(fed), fingerprint)
-    cfg["plans_sha256"] = plans_digest(plans)
-    ff.write_json_atomic(fed / ff.FEDERATION_FILE, cfg)
+    ff.write_json_in(fed, plans_file, plans)
+    ff.write_json_in(fed, dataset_file, dataset_json)
+    ff.write_json_in(fed, merged_fingerprint_file(fed), fingerprint)
+    cfg = sign_plan(fed, Path(a.keys_dir), plans_digest(plans))
     c = plans["configurations"][cfg["configuration"]]
     print(f"federation plan written to {plans_file} (sha256 {cfg['plans_sha256'][:12]}...): {cfg['configuration']} "
           f"patch {c['patch_size']}, batch {c['batch_size']}, spacing {[round(x, 3) for x in c['spacing']]}")
@@ -98,23 +100,42 @@ def merged_fingerprint_file(fed: Path) -> Path:
 
 
 def cmd_install_plan(a) -> int:
+    """The plan files are checked against federation.json, and that against the site's HMAC (--site/--key-file);
+    without them, only the trainer's check of the plans' digest (at training) stands between a forged plan and
+    the site."""
     from .plan import install_plans
 
-    plans_file, _ = plans_files(Path(a.federation_dir))
+    fed = Path(a.federation_dir)
+    if (a.site is None) != (a.key_file is None):
+        raise SystemExit("error: give both --site and --key-file (or neither)")
+    if a.site is not None:
+        cfg = _checked(lambda: site_federation(fed, a.site, ff.load_key(a.key_file)))
+    else:
+        cfg = _checked(lambda: load_federation(fed))
+        print("warning: plan not authenticated (pass --site and --key-file); the trainer still checks the plans' "
+              "digest against federation.json")
+    files = _checked(lambda: read_plan_files(fed, cfg))
     raw = _dataset_folder("nnUNet_raw", a.dataset_id)
     target = Path(os.environ["nnUNet_preprocessed"]) / raw.name
     # the merged fingerprint replaces the local one, so model folders a site releases carry no per-case values
-    path = install_plans(ff.read_json(plans_file), target, raw.name,
-                         fingerprint=ff.read_json(merged_fingerprint_file(Path(a.federation_dir))))
+    path = _checked(lambda: install_plans(files[PLAN_FILES[0]], target, raw.name, fingerprint=files[PLAN_FILES[2]]))
     print(f"federation plan installed as {path}; now run: nnUNetv2_preprocess -d {a.dataset_id} "
-          f"-c {load_federation(Path(a.federation_dir))['configuration']}")
+          f"-c {cfg['configuration']}")
     return 0
 
 
+def _checked(load):
+    """Run ``load``; a refused federation.json, plan or key file ends the command with its reason (no traceback)."""
+    try:
+        return load()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def cmd_aggregate(a) -> int:
-    agg = Aggregator(Path(a.federation_dir), Path(a.keys_dir), poll_interval=a.poll_interval,
-                     log=lambda msg: print(f"[aggregator {ff.now()}] {msg}", flush=True))
-    last = agg.run()
+    log = lambda msg: print(f"[aggregator {ff.now()}] {msg}", flush=True)  # noqa: E731
+    agg = _checked(lambda: Aggregator(Path(a.federation_dir), Path(a.keys_dir), poll_interval=a.poll_interval, log=log))
+    last = _checked(agg.run)
     print(f"[aggregator {ff.now()}] federation finished after round {last}", flush=True)
     return 0
 
@@ -164,6 +185,8 @@ def add_cli(sub) -> None:
     p = sub.add_parser("install-plan", help="at a site: install the federation plan before nnUNetv2_preprocess")
     p.add_argument("federation_dir")
     p.add_argument("-d", "--dataset-id", type=int, required=True)
+    p.add_argument("--site", default=None, help="this site's id: with --key-file, the plan is authenticated")
+    p.add_argument("--key-file", default=None, help="this site's key file")
     p.set_defaults(func=cmd_install_plan)
 
     p = sub.add_parser("aggregate", help="coordinator: run the aggregator (restartable)")

@@ -13,6 +13,11 @@ Tensors travel as safetensors (never pickle). Every file is written under a temp
 fsynced and renamed; a manifest is written after its tensors, so a manifest's presence means both are complete.
 HMAC-SHA256 over the canonical JSON of a manifest (without its MAC fields) with a per-site key: a site's
 update carries its HMAC; a global carries one HMAC per site, so no site can forge a global for the others.
+
+Everything in the folder may have been written by someone without a key: every read goes through
+``common.safe_io`` (regular files only, no symlink followed, bounded sizes, strict JSON) and every failure is a
+``Rejected`` with its reason; every write goes through ``common.atomic.write_bytes_in`` (confined to the folder,
+no symlink followed).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,11 +34,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from ..common.atomic import write_bytes_atomic, write_json_atomic  # noqa: F401  (re-exported: the protocol's file API)
+from ..common.atomic import append_line_in, write_bytes_atomic, write_bytes_in, write_json_atomic  # noqa: F401
+from ..common.safe_io import UnsafeInput, read_file, read_json_file
 from ..common.tensors import tensors_to_bytes
 
 FEDERATION_FILE = "federation.json"
 MAC_FIELDS = ("hmac", "hmacs")
+SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # every site id, checked with fullmatch at every load
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_KEY_FILE_BYTES = 4096
 
 
 class Rejected(Exception):
@@ -44,12 +54,22 @@ class Rejected(Exception):
 
 
 # ---- paths -------------------------------------------------------------------------------------------
+def check_site_id(site) -> str:
+    if not isinstance(site, str) or not SITE_ID.fullmatch(site):
+        raise ValueError(f"site id {str(site)[:80]!r} is not 1-64 letters, digits, '-' or '_' (starting with a "
+                         "letter or digit)")
+    return site
+
+
 def round_dir(fed: Path, r: int) -> Path:
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 9999:
+        raise ValueError(f"round must be an integer in 0..9999, got {r!r}")
     return Path(fed) / f"round_{r:04d}"
 
 
 def update_paths(fed: Path, r: int, site: str) -> tuple[Path, Path]:
     d = round_dir(fed, r) / "updates"
+    check_site_id(site)
     return d / f"{site}.safetensors", d / f"{site}.json"
 
 
@@ -60,8 +80,26 @@ def global_paths(fed: Path, r: int) -> tuple[Path, Path]:
 
 # ---- files -----------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
+    """A JSON file this party wrote itself or a tool reads (no checks); for the shared folder: read_manifest."""
     with open(path) as f:
         return json.load(f)
+
+
+def read_manifest(fed: Path, path: Path, max_bytes: int = MAX_MANIFEST_BYTES) -> dict:
+    """A JSON object from the shared folder: regular file below ``fed`` reached without a symlink, bounded size and
+    depth, finite numbers only. FileNotFoundError if absent; Rejected (with the reason) for anything else."""
+    try:
+        content = read_json_file(path, root=fed, max_bytes=max_bytes)
+    except UnsafeInput as e:
+        raise Rejected(e.reason) from None
+    if not isinstance(content, dict):
+        raise Rejected(f"{Path(path).name} is not a JSON object")
+    return content
+
+
+def exists(path: Path) -> bool:
+    """Whether something (even a dangling symlink) is at ``path``: such entries are judged, not skipped."""
+    return os.path.lexists(path)
 
 
 def now() -> str:
@@ -75,9 +113,11 @@ def generate_key() -> str:
 
 def load_key(path: str | Path) -> bytes:
     try:
-        text = Path(path).read_text().strip()
+        text = read_file(path, MAX_KEY_FILE_BYTES).decode("ascii").strip()
     except FileNotFoundError:
         raise FileNotFoundError(f"key file {path} does not exist") from None
+    except (UnsafeInput, UnicodeDecodeError) as e:
+        raise ValueError(f"key file {path}: {getattr(e, 'reason', e)}") from None
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -98,12 +138,36 @@ def mac(key: bytes, manifest: dict) -> str:
 
 
 def mac_ok(key: bytes, manifest: dict, value: str | None) -> bool:
-    return isinstance(value, str) and hmac.compare_digest(mac(key, manifest), value)
+    if not isinstance(value, str) or not isinstance(manifest, dict):
+        return False
+    try:
+        expected = mac(key, manifest)
+    except (TypeError, ValueError, RecursionError):  # not JSON-serialisable: nobody signed it
+        return False
+    return hmac.compare_digest(expected, value)
+
+
+def macs_ok(site_keys: dict[str, bytes], content: dict) -> bool:
+    """Every site's HMAC in ``content['hmacs']`` verifies (what the coordinator signs for all sites)."""
+    macs = content.get("hmacs") if isinstance(content, dict) else None
+    return isinstance(macs, dict) and set(macs) == set(site_keys) and bool(site_keys) and \
+        all(mac_ok(key, content, macs.get(site)) for site, key in site_keys.items())
 
 
 # ---- tensors -----------------------------------------------------------------------------------------
 def tensor_spec(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
     return {k: (tuple(v.shape), str(v.dtype)) for k, v in tensors.items()}
+
+
+def max_tensor_bytes(spec: dict[str, tuple]) -> int:
+    """The largest tensor file a model of this spec can need: dense, or top-k (int64 index + value per entry,
+    at most every entry), plus the safetensors header."""
+    dense = sum(torch.Size(shape).numel() * _itemsize(dtype) for shape, dtype in spec.values())
+    return 3 * dense + sum(2 * len(k) + 400 for k in spec) + 65536
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty(0, dtype=getattr(torch, dtype.removeprefix("torch."), torch.float64)).element_size()
 
 
 def signed_by_site(key: bytes):
@@ -116,26 +180,42 @@ def signed_for_sites(site_keys: dict[str, bytes]):
     return lambda manifest: {"hmacs": {site: mac(k, manifest) for site, k in sorted(site_keys.items())}}
 
 
+def write_json_in(fed: Path, path: Path, content: dict) -> None:
+    """JSON written atomically inside the federation folder ``fed``, no symlink followed."""
+    write_bytes_in(fed, path, json.dumps(content, indent=2, allow_nan=False).encode())
+
+
 def write_tensors_with_manifest(tensor_path: Path, manifest_path: Path, tensors: dict[str, torch.Tensor],
-                                manifest: dict, signer) -> dict:
-    """Write tensors, then the manifest (with sha256, size and MACs): the manifest appears last."""
+                                manifest: dict, signer, fed: Path) -> dict:
+    """Write tensors, then the manifest (with sha256, size and MACs): the manifest appears last. Both inside the
+    federation folder ``fed``, never through a symlink."""
     data = tensors_to_bytes(tensors)
-    write_bytes_atomic(tensor_path, data)
+    write_bytes_in(fed, tensor_path, data)
     manifest = {**manifest, "file": tensor_path.name, "sha256": hashlib.sha256(data).hexdigest(),
                 "bytes": len(data), "created": now()}
     manifest.update(signer(manifest))
-    write_json_atomic(manifest_path, manifest)
+    write_json_in(fed, manifest_path, manifest)
     return manifest
 
 
-def read_verified_tensors(tensor_path: Path, manifest: dict, spec: dict[str, tuple] | None) -> dict:
-    """Load tensors named by a (MAC-checked) manifest, checking size, sha256, keys/shapes/dtypes, finiteness."""
+def read_verified_tensors(tensor_path: Path, manifest: dict, spec: dict[str, tuple] | None,
+                          root: Path | None = None, max_bytes: int | None = None) -> dict:
+    """Load tensors named by a (MAC-checked) manifest, checking size, sha256, keys/shapes/dtypes, finiteness.
+    The file is read only up to the manifest's size, and at most ``max_bytes`` (what the model can need), from a
+    regular file reached without a symlink below ``root``."""
+    size = manifest.get("bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise Rejected(f"manifest gives no valid size ({str(size)[:40]!r})")
+    if max_bytes is not None and size > max_bytes:
+        raise Rejected(f"manifest claims {size} bytes, more than the {max_bytes} this model can need")
     try:
-        data = tensor_path.read_bytes()
+        data = read_file(tensor_path, size, root)
     except FileNotFoundError:
         raise Rejected(f"tensor file {tensor_path.name} is missing") from None
-    if len(data) != manifest.get("bytes"):
-        raise Rejected(f"truncated or altered file: {len(data)} bytes, manifest says {manifest.get('bytes')}")
+    except UnsafeInput as e:
+        raise Rejected(f"truncated or altered file: {e.reason}") from None
+    if len(data) != size:
+        raise Rejected(f"truncated or altered file: {len(data)} bytes, manifest says {size}")
     if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
         raise Rejected("sha256 of the tensor file does not match the manifest")
     try:
@@ -153,23 +233,23 @@ def read_verified_tensors(tensor_path: Path, manifest: dict, spec: dict[str, tup
 def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dict[str, bytes],
                 spec: dict[str, tuple]) -> tuple[dict, dict]:
     """A site's update for round r, fully checked; raises Rejected with the reason otherwise."""
-    tensor_path, manifest_path = update_paths(fed, r, site)
     if site not in site_keys:
-        raise Rejected(f"unknown site {site!r}")
+        raise Rejected(f"unknown site {str(site)[:80]!r}")
+    tensor_path, manifest_path = update_paths(fed, r, site)
     try:
-        manifest = read_json(manifest_path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Rejected(f"manifest is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise Rejected("manifest is not a JSON object")
+        manifest = read_manifest(fed, manifest_path)
+    except FileNotFoundError:
+        raise Rejected("manifest is missing") from None
     if not mac_ok(site_keys[site], manifest, manifest.get("hmac")):
         raise Rejected("bad HMAC (wrong key or altered manifest)")
     if manifest.get("federation") != federation_id:
-        raise Rejected(f"update belongs to another federation ({manifest.get('federation')!r})")
+        raise Rejected(f"update belongs to another federation ({str(manifest.get('federation'))[:80]!r})")
     if manifest.get("site") != site or manifest.get("kind") != "update":
-        raise Rejected(f"manifest names site {manifest.get('site')!r} / kind {manifest.get('kind')!r}")
+        raise Rejected(f"manifest names site {str(manifest.get('site'))[:80]!r} / kind "
+                       f"{str(manifest.get('kind'))[:40]!r}")
     if manifest.get("round") != r:
-        raise Rejected(f"wrong round: manifest says {manifest.get('round')!r}, folder is round {r} (replay?)")
+        raise Rejected(f"wrong round: manifest says {str(manifest.get('round'))[:40]!r}, folder is round {r} "
+                       "(replay?)")
     cases = manifest.get("num_cases")
     if not isinstance(cases, int) or isinstance(cases, bool) or cases < 1:
         raise Rejected(f"num_cases must be a positive integer, got {cases!r}")
@@ -180,7 +260,7 @@ def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dic
         raise Rejected(f"subset must be true or false, got {subset!r}")
     if manifest.get("encoding") not in (None, "topk"):
         raise Rejected(f"unknown encoding {manifest.get('encoding')!r}")
-    stored = read_verified_tensors(tensor_path, manifest, None)
+    stored = read_verified_tensors(tensor_path, manifest, None, fed, max_tensor_bytes(spec))
     if subset and not stored:
         raise Rejected("subset update holds no tensors")
     if manifest.get("encoding") == "topk":
@@ -228,31 +308,55 @@ def _decode_topk(encoded: dict, sent: dict[str, tuple], spec: dict[str, tuple]) 
     return _zero_filled(dense, spec)
 
 
+def check_global_manifest(manifest: dict, r: int, federation_id: str) -> None:
+    if manifest.get("federation") != federation_id or manifest.get("round") != r or manifest.get("kind") != "global":
+        raise Rejected(f"global model of round {r}: manifest is for federation "
+                       f"{str(manifest.get('federation'))[:80]!r}, round {str(manifest.get('round'))[:40]!r}")
+
+
 def read_global(fed: Path, r: int, federation_id: str, site: str, key: bytes,
                 spec: dict[str, tuple] | None = None) -> tuple[dict, dict]:
-    """The global model of round r as seen by ``site`` (its own HMAC entry checked)."""
+    """The global model of round r as seen by ``site`` (its own HMAC entry checked). FileNotFoundError while the
+    manifest is absent; Rejected for anything else that fails a check."""
     tensor_path, manifest_path = global_paths(fed, r)
-    manifest = read_json(manifest_path)
-    if not mac_ok(key, manifest, (manifest.get("hmacs") or {}).get(site)):
+    manifest = read_manifest(fed, manifest_path)
+    macs = manifest.get("hmacs")
+    if not mac_ok(key, manifest, macs.get(site) if isinstance(macs, dict) else None):
         raise Rejected(f"global model of round {r}: bad or missing HMAC for site {site!r}")
-    if manifest.get("federation") != federation_id or manifest.get("round") != r or manifest.get("kind") != "global":
-        raise Rejected(f"global model of round {r}: manifest is for federation {manifest.get('federation')!r}, "
-                       f"round {manifest.get('round')!r}")
-    return manifest, read_verified_tensors(tensor_path, manifest, spec)
+    check_global_manifest(manifest, r, federation_id)
+    return manifest, read_verified_tensors(tensor_path, manifest, spec, fed,
+                                           None if spec is None else max_tensor_bytes(spec))
+
+
+def own_global_manifest(fed: Path, r: int, federation_id: str, site_keys: dict[str, bytes]) -> dict:
+    """The aggregator's check of a global it wrote (after a restart): every site's HMAC, federation and round.
+    FileNotFoundError while absent; Rejected otherwise."""
+    manifest = read_manifest(fed, global_paths(fed, r)[1])
+    if not macs_ok(site_keys, manifest):
+        raise Rejected(f"global model of round {r} does not carry the aggregator's HMACs (altered or forged)")
+    check_global_manifest(manifest, r, federation_id)
+    return manifest
+
+
+def read_own_global(fed: Path, r: int, federation_id: str, site_keys: dict[str, bytes]) -> dict:
+    """The tensors of a global the aggregator wrote, every check of ``own_global_manifest`` plus sha256."""
+    manifest = own_global_manifest(fed, r, federation_id, site_keys)
+    return read_verified_tensors(global_paths(fed, r)[0], manifest, None, fed)
 
 
 def stored_global(fed: Path, r: int) -> dict:
-    """The global model of round r as stored (size and sha256 checked against its manifest): the coordinator's view
-    and tools'; a site uses ``read_global``, which also checks the site's HMAC."""
+    """The global model of round r as stored (size and sha256 checked against its manifest): for tools and tests;
+    the aggregator uses ``read_own_global``, a site ``read_global`` (both check HMACs)."""
     tensor_path, manifest_path = global_paths(fed, r)
-    return read_verified_tensors(tensor_path, read_json(manifest_path), None)
+    return read_verified_tensors(tensor_path, read_manifest(fed, manifest_path), None, fed)
 
 
-def log_rejection(fed: Path, r: int, site: str, reason: str) -> None:
-    """Append-only record of rejections (one JSON object per line)."""
-    path = round_dir(fed, r) / "rejections.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"time": now(), "site": site, "reason": reason}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def log_rejection(fed: Path, r: int, site: str, reason: str) -> str | None:
+    """Append-only record of rejections (one JSON object per line), never written through a symlink. Returns
+    why the record could not be written (the caller logs it), else None."""
+    line = json.dumps({"time": now(), "site": str(site)[:100], "reason": str(reason)[:2000]}) + "\n"
+    try:
+        append_line_in(fed, round_dir(fed, r) / "rejections.jsonl", line)
+    except (UnsafeInput, OSError) as e:
+        return f"rejections.jsonl of round {r} not written: {getattr(e, 'reason', e)}"
+    return None

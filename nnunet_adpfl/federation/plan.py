@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,9 +16,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from .summary import DATASET_FILE, FINGERPRINT_FILE, merge_summaries
+from ..common.atomic import write_bytes_in
 
 # plans fields that legitimately differ between sites; dp_morph is added by the DP-Morph trainers from the settings
 DIGEST_IGNORED_KEYS = ("dataset_name", "dp_morph")
+PLANS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a file name, nothing more
 
 
 def _full_dataset_name(dataset_id: int, dataset_name: str) -> str:
@@ -169,9 +172,13 @@ def install_plans(plans: dict, preprocessed_dataset_dir: str | Path, dataset_nam
                          f"the plans {num_channels}")
     if fingerprint is None and not (folder / FINGERPRINT_FILE).is_file():
         raise FileNotFoundError(f"{folder / FINGERPRINT_FILE} is missing: pass the federation's fingerprint")
-    _write_json(folder / DATASET_FILE, dataset_json)
-    if fingerprint is not None:
-        _write_json(folder / FINGERPRINT_FILE, fingerprint)
-    path = folder / f"{plans.get('plans_name', 'nnUNetPlans')}.json"
-    _write_json(path, {**plans, "dataset_name": dataset_name})
-    return path
+    plans_name = plans.get("plans_name", "nnUNetPlans")
+    if not isinstance(plans_name, str) or not PLANS_NAME.fullmatch(plans_name):
+        raise ValueError(f"plans_name {str(plans_name)[:80]!r} is not a plain file name (letters, digits, '_', '-', "
+                         "'.'): refused")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {DATASET_FILE: dataset_json, **({FINGERPRINT_FILE: fingerprint} if fingerprint is not None else {}),
+               f"{plans_name}.json": {**plans, "dataset_name": dataset_name}}
+    for name, content in written.items():  # only inside the dataset's folder, never through a symlink
+        write_bytes_in(folder, folder / name, (json.dumps(_plain(content), indent=2) + "\n").encode())
+    return folder / f"{plans_name}.json"

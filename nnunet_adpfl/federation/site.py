@@ -18,21 +18,25 @@ import numpy as np
 import torch
 
 from . import files as ff
-from .aggregator import load_federation
+from .federation_file import FederationFileError, site_federation
 from .released import ema_of_globals
 from ..common.config import SettingsError, load_settings
 from ..common.tensors import load_unique_state, unique_state
 
 
 class SiteClient:
+    """A site's side of the folder protocol. federation.json must carry this site's HMAC; a global model that
+    fails a check is refused (logged) and the site keeps waiting for a valid one."""
+
     def __init__(self, fed: str | Path, site: str, key_file: str | Path, wait_timeout_s: float = 86400,
                  poll_interval: float = 2.0, log=print):
         self.fed = Path(fed)
-        self.cfg = load_federation(self.fed)
-        if site not in self.cfg["sites"]:
-            raise SettingsError(f"site {site!r} is not a site of the federation in {fed} ({self.cfg['sites']})")
-        self.site = site
         self.key = ff.load_key(key_file)
+        try:
+            self.cfg = site_federation(self.fed, site, self.key)
+        except FederationFileError as e:
+            raise SettingsError(str(e)) from None
+        self.site = site
         self.wait_timeout_s = wait_timeout_s
         self.poll_interval = poll_interval
         self.log = log
@@ -42,32 +46,64 @@ class SiteClient:
         manifest = {"kind": "update", "federation": self.cfg["id"], "site": self.site, "round": r,
                     "num_cases": int(num_cases), **(privacy or {})}
         return ff.write_tensors_with_manifest(tensor_path, manifest_path, delta, manifest,
-                                              ff.signed_by_site(self.key))
+                                              ff.signed_by_site(self.key), self.fed)
 
     def own_update(self, r: int) -> dict | None:
         """This site's uploaded manifest for round r, if present and signed by this site."""
         _, manifest_path = ff.update_paths(self.fed, r, self.site)
-        if not manifest_path.exists():
+        try:
+            manifest = ff.read_manifest(self.fed, manifest_path)
+        except (FileNotFoundError, ff.Rejected):
             return None
-        manifest = ff.read_json(manifest_path)
         return manifest if ff.mac_ok(self.key, manifest, manifest.get("hmac")) and manifest.get("round") == r \
-            and manifest.get("federation") == self.cfg["id"] else None
+            and manifest.get("federation") == self.cfg["id"] and manifest.get("site") == self.site else None
+
+    def global_manifest(self, r: int) -> dict:
+        """The manifest of round r's global model, checked with this site's HMAC (its tensors are not read)."""
+        manifest = ff.read_manifest(self.fed, ff.global_paths(self.fed, r)[1])
+        macs = manifest.get("hmacs")
+        if not ff.mac_ok(self.key, manifest, macs.get(self.site) if isinstance(macs, dict) else None):
+            raise ff.Rejected(f"global model of round {r}: bad or missing HMAC for site {self.site!r}")
+        ff.check_global_manifest(manifest, r, self.cfg["id"])
+        return manifest
 
     def wait_global(self, r: int, spec: dict | None = None) -> dict[str, torch.Tensor]:
-        _, manifest_path = ff.global_paths(self.fed, r)
-        start, note = time.time(), 0.0
-        while not manifest_path.exists():
+        """Round r's global model once a valid one is in the folder; one that fails a check is refused (logged
+        once) and the wait goes on, until ``wait_timeout_s``."""
+        start, note, refused, refused_files = time.time(), 0.0, None, None
+        while True:
+            files = _identity(ff.global_paths(self.fed, r))
+            if files is not None and files != refused_files:
+                try:
+                    return ff.read_global(self.fed, r, self.cfg["id"], self.site, self.key, spec)[1]
+                except FileNotFoundError:
+                    pass
+                except Exception as e:  # noqa: BLE001  (Rejected, or anything else a hostile file causes)
+                    refused, refused_files = getattr(e, "reason", f"{type(e).__name__}: {str(e)[:200]}"), files
+                    self.log(f"site {self.site}: REFUSED the global model of round {r}: {refused} (waiting for a "
+                             "valid one)")
             waited = time.time() - start
             if waited > self.wait_timeout_s:
-                raise TimeoutError(f"site {self.site}: no global model for round {r} in {self.fed} after "
-                                   f"{waited:.0f} s. Is the aggregator running ('nnunet-adpfl aggregate {self.fed}')? "
-                                   "Restarting this command later resumes where it stopped.")
+                last = f" The last one found was refused: {refused}." if refused else ""
+                raise TimeoutError(f"site {self.site}: no valid global model for round {r} in {self.fed} after "
+                                   f"{waited:.0f} s.{last} Is the aggregator running ('nnunet-adpfl aggregate "
+                                   f"{self.fed}')? Restarting this command later resumes where it stopped.")
             if waited - note > 60:
                 self.log(f"site {self.site}: waiting for the global model of round {r} ({waited:.0f} s)")
                 note = waited
             time.sleep(self.poll_interval)
-        _, tensors = ff.read_global(self.fed, r, self.cfg["id"], self.site, self.key, spec)
-        return tensors
+
+
+def _identity(paths) -> tuple | None:
+    """Which files are at ``paths`` now (inode, size, mtime; not followed), None while the last is absent."""
+    out = []
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        out.append(None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
+    return None if out[-1] is None else tuple(out)
 
 
 def round_seed(seed: int, site: str, r: int) -> int:

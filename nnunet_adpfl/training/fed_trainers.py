@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from ..federation import files as ff
 from .dp_trainer import nnUNetTrainerDP
 from ..federation.site import FederatedTrainerMixin, round_seed
 from ..common.initial_weights import PUBLIC_REQUIREMENT
@@ -25,7 +24,7 @@ class FederatedDPTrainer(FederatedTrainerMixin, nnUNetTrainerDP):
 
     def _initial_weights_origin(self) -> dict:
         cfg = self.client.cfg
-        manifest = ff.read_json(ff.global_paths(self.client.fed, 0)[1])
+        manifest = self.client.global_manifest(0)
         public = cfg.get("initial_weights")
         return {"source": "the federation's round-0 global model", "round0_sha256": manifest["sha256"],
                 "federation_initial_weights": public or f"random initialisation (aggregator, seed {cfg.get('seed')})",

@@ -1,0 +1,193 @@
+"""federation.json and plans/: the federation's settings and plan, signed by the coordinator.
+
+federation.json carries one HMAC per site (``hmacs``, over its canonical JSON without the MAC fields), made with
+that site's key: the aggregator (which holds every key) checks all of them whenever it starts, a site checks its
+own. The plan files are covered through their sha256 in the signed ``plan_files`` (and the plans' digest in
+``plans_sha256``). So someone who can write the folder but holds no key cannot change a setting, add a site, or
+swap the plan; a site, holding one key, can forge the file only for itself.
+
+Every field is checked at every load (types, ranges, site ids against ``files.SITE_ID``), and key files are read
+only from ``<keys_dir>/<site id>.key``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from pathlib import Path
+
+from . import files as ff
+from .released import check_decay
+from ..common.safe_io import UnsafeInput, read_file
+
+MODES = ("npfl", "dpfl", "adpfl")
+PLAN_FILES = ("nnUNetPlans.json", "dataset.json", "dataset_fingerprint.json")
+MAX_PLAN_FILE_BYTES = 16 << 20
+DEFAULT_NORM_RATIO = 10.0
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class FederationFileError(ValueError):
+    """federation.json or a plan file is missing a field, malformed, or fails its HMAC."""
+
+
+def federation_path(fed: Path) -> Path:
+    return Path(fed) / ff.FEDERATION_FILE
+
+
+def plans_folder(fed: Path) -> Path:
+    return Path(fed) / "plans"
+
+
+def write_federation(fed: Path, cfg: dict, site_keys: dict[str, bytes]) -> dict:
+    """Sign ``cfg`` for every site and write it (atomically, inside ``fed``); returns the signed content."""
+    body = {k: v for k, v in cfg.items() if k not in ff.MAC_FIELDS}
+    check_federation(body, federation_path(fed))
+    if set(site_keys) != set(body["sites"]):
+        raise ValueError(f"keys for {sorted(site_keys)} cannot sign a federation of {body['sites']}")
+    signed = {**body, **ff.signed_for_sites(site_keys)(body)}
+    ff.write_json_in(fed, federation_path(fed), signed)
+    return signed
+
+
+def _int(cfg: dict, name: str, low: int, high: int, optional: bool = False):
+    value = cfg.get(name)
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise FederationFileError(f"{name} must be an integer in {low}..{high}, got {str(value)[:40]!r}")
+
+
+def check_federation(cfg: dict, path: Path) -> dict:
+    """Every field of a federation.json, or FederationFileError naming ``path`` and the field."""
+    try:
+        if not isinstance(cfg, dict):
+            raise FederationFileError("not a JSON object")
+        missing = {"id", "sites", "rounds", "epochs_per_round", "mode", "configuration", "quorum"} - set(cfg)
+        if missing:
+            raise FederationFileError(f"lacks {sorted(missing)}")
+        if not isinstance(cfg["id"], str) or not 0 < len(cfg["id"]) <= 100:
+            raise FederationFileError("id must be a string")
+        sites = cfg["sites"]
+        if not isinstance(sites, list) or not 1 <= len(sites) <= 1000 or len(set(map(str, sites))) != len(sites):
+            raise FederationFileError("sites must be a list of 1 to 1000 distinct site ids")
+        for site in sites:
+            ff.check_site_id(site)
+        _int(cfg, "rounds", 1, 9999)
+        _int(cfg, "epochs_per_round", 1, 10 ** 6)
+        _int(cfg, "iterations_per_epoch", 1, 10 ** 9, optional=True)
+        _int(cfg, "quorum", 1, len(sites))
+        _int(cfg, "seed", -2 ** 63, 2 ** 64, optional=True)
+        if cfg["mode"] not in MODES:
+            raise FederationFileError(f"mode must be one of {MODES}, got {str(cfg['mode'])[:40]!r}")
+        if not isinstance(cfg["configuration"], str) or not _NAME.fullmatch(cfg["configuration"]):
+            raise FederationFileError(f"configuration {str(cfg['configuration'])[:40]!r} is not a configuration name")
+        for name, low in (("round_timeout_s", 0.0), ("max_update_norm_ratio", 1.0)):
+            value = cfg.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or
+                                      not math.isfinite(value) or value < low):
+                raise FederationFileError(f"{name} must be a number >= {low} or null, got {str(value)[:40]!r}")
+        if cfg.get("plans_sha256") is not None and not _HEX64.fullmatch(str(cfg["plans_sha256"])):
+            raise FederationFileError("plans_sha256 must be a sha256 hex digest")
+        files = cfg.get("plan_files")
+        if files is not None and (not isinstance(files, dict) or set(files) != set(PLAN_FILES) or
+                                  not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in files.values())):
+            raise FederationFileError(f"plan_files must map {list(PLAN_FILES)} to sha256 hex digests")
+        weights = cfg.get("initial_weights")
+        if weights is not None and not (isinstance(weights, dict) and isinstance(weights.get("file"), str) and
+                                        _HEX64.fullmatch(str(weights.get("sha256")))):
+            raise FederationFileError("initial_weights must name a file and its sha256")
+        check_decay(cfg.get("release_ema_decay"))
+    except ValueError as e:
+        raise FederationFileError(f"{path}: {e}") from None
+    return cfg
+
+
+def load_federation(fed: Path) -> dict:
+    """federation.json with every field checked, NOT yet authenticated (``open_federation`` at the coordinator,
+    ``site_federation`` at a site also check its HMACs)."""
+    path = federation_path(fed)
+    try:
+        cfg = ff.read_manifest(Path(fed), path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: is {fed} a federation folder ('nnunet-adpfl federation init')?") \
+            from None
+    except ff.Rejected as e:
+        raise FederationFileError(f"{path}: {e.reason}") from None
+    return check_federation(cfg, path)
+
+
+def load_site_keys(keys_dir: Path, sites: list[str]) -> dict[str, bytes]:
+    """Each site's key, read from ``<keys_dir>/<site>.key`` only (site ids are checked first)."""
+    return {ff.check_site_id(site): ff.load_key(Path(keys_dir) / f"{site}.key") for site in sites}
+
+
+def open_federation(fed: Path, keys_dir: Path) -> tuple[dict, dict[str, bytes]]:
+    """The coordinator's view: federation.json checked with every site's HMAC, and the site keys."""
+    cfg = load_federation(fed)
+    keys = load_site_keys(keys_dir, cfg["sites"])
+    if not ff.macs_ok(keys, cfg):
+        raise FederationFileError(f"{federation_path(fed)} does not carry a valid HMAC for every site: it was "
+                                  "altered or not written by the coordinator (restore it, or re-create the federation)")
+    return cfg, keys
+
+
+def site_federation(fed: Path, site: str, key: bytes) -> dict:
+    """A site's view: federation.json checked with the site's own HMAC; the site must be one of its sites."""
+    cfg = load_federation(fed)
+    if site not in cfg["sites"]:
+        raise FederationFileError(f"site {str(site)[:80]!r} is not a site of the federation in {fed} "
+                                  f"({cfg['sites']})")
+    macs = cfg.get("hmacs")
+    if not ff.mac_ok(key, cfg, macs.get(site) if isinstance(macs, dict) else None):
+        raise FederationFileError(f"{federation_path(fed)} fails the HMAC of site {site} (wrong key, or the file was "
+                                  "altered or not written by the coordinator)")
+    return cfg
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+def _plan_file_bytes(fed: Path, name: str) -> bytes:
+    path = plans_folder(fed) / name
+    try:
+        return read_file(path, MAX_PLAN_FILE_BYTES, root=fed)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} missing: create the federation plan first ('nnunet-adpfl plan')") from None
+    except UnsafeInput as e:
+        raise FederationFileError(f"{path}: {e.reason}") from None
+
+
+def read_plan_files(fed: Path, cfg: dict) -> dict[str, dict]:
+    """The plan files (by name), each checked against its sha256 in the (authenticated) ``cfg``."""
+    digests = cfg.get("plan_files")
+    if digests is None:
+        raise FileNotFoundError(f"the federation in {fed} has no plan yet ('nnunet-adpfl plan')")
+    out = {}
+    for name in PLAN_FILES:
+        data = _plan_file_bytes(fed, name)
+        if hashlib.sha256(data).hexdigest() != digests[name]:
+            raise FederationFileError(f"{plans_folder(fed) / name} differs from the plan the coordinator signed "
+                                      "(sha256 mismatch)")
+        try:
+            out[name] = ff.read_manifest(fed, plans_folder(fed) / name, MAX_PLAN_FILE_BYTES)
+        except ff.Rejected as e:
+            raise FederationFileError(f"{plans_folder(fed) / name}: {e.reason}") from None
+    return out
+
+
+def sign_plan(fed: Path, keys_dir: Path, plans_sha256: str) -> dict:
+    """Record the plan now in ``fed/plans`` (its files' sha256 and the plans' digest) in federation.json, signed."""
+    cfg, keys = open_federation(fed, keys_dir)
+    digests = {name: hashlib.sha256(_plan_file_bytes(fed, name)).hexdigest() for name in PLAN_FILES}
+    return write_federation(fed, {**cfg, "plans_sha256": plans_sha256, "plan_files": digests}, keys)
+
+
+def adopt_plan(fed: Path, keys_dir: Path, planned_fed: Path) -> dict:
+    """Give a new federation the plan of ``planned_fed`` (same coordinator and keys): its files, checked against
+    its signed federation.json, copied into ``fed/plans``, and recorded in ``fed``'s signed federation.json."""
+    planned_cfg, _ = open_federation(planned_fed, keys_dir)
+    read_plan_files(planned_fed, planned_cfg)
+    for name in PLAN_FILES:
+        ff.write_bytes_in(fed, plans_folder(fed) / name, _plan_file_bytes(planned_fed, name))
+    return sign_plan(fed, keys_dir, planned_cfg["plans_sha256"])
+
