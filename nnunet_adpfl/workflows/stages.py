@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from ..evaluation import evaluation
 from ..evaluation.evaluation import mean_per_label
 from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
+from ..federation.federation_file import adopt_plan
 from ..nnunet.pipeline import describe_exits, nnunet_command, nnunet_env, predict, run, stop
 
 DATASET_ID = 501
@@ -77,9 +77,12 @@ def split_sites(lay: Layout, pooled: Path) -> None:
         split_by_site(pooled, lay.sites_raw)
 
 
-def install_plan_and_preprocess(fed: Path, dataset_id: int, config: str, env: dict, log: Path) -> None:
-    """The federation's plan into ``env``'s nnUNet_preprocessed, then nnU-Net's preprocessing with it."""
-    run(_cli("install-plan", str(fed), "-d", str(dataset_id)), env, log)
+def install_plan_and_preprocess(fed: Path, dataset_id: int, config: str, env: dict, log: Path,
+                                site: str | None = None, key_file: Path | None = None) -> None:
+    """The federation's plan into ``env``'s nnUNet_preprocessed (authenticated with the site's key when given),
+    then nnU-Net's preprocessing with it."""
+    key = [] if site is None else ["--site", site, "--key-file", str(key_file)]
+    run(_cli("install-plan", str(fed), "-d", str(dataset_id), *key), env, log)
     run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", config, "-np", "1"], env, log)
 
 
@@ -101,7 +104,8 @@ def stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None 
         marker = Path(env["nnUNet_preprocessed"]) / pooled.name / f"nnUNetPlans_{config}"
         if not marker.exists():
             _log(f"site {site}: installing the federation plan and preprocessing")
-            install_plan_and_preprocess(lay.fed, lay.dataset_id, config, env, lay.logs / f"preprocess_{site}.log")
+            install_plan_and_preprocess(lay.fed, lay.dataset_id, config, env, lay.logs / f"preprocess_{site}.log",
+                                        site, lay.keys / f"{site}.key")
 
 
 def _settings_file(lay: Layout, site: str) -> Path:
@@ -141,12 +145,10 @@ def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_r
             config: str, seed: int, initial_weights: Path | None = None,
             release_ema_decay: float | None = None) -> None:
     """A federation folder for one more training run on the same data, reusing the plan of ``planned_fed``."""
-    cfg = create_federation(lay.fed, lay.keys, lay.sites, rounds, epochs_per_round, mode,
-                            iterations_per_epoch=iterations, configuration=config, seed=seed,
-                            initial_weights=initial_weights, release_ema_decay=release_ema_decay)
-    shutil.copytree(Path(planned_fed) / "plans", lay.fed / "plans")
-    cfg["plans_sha256"] = load_federation(planned_fed)["plans_sha256"]
-    ff.write_json_atomic(lay.fed / ff.FEDERATION_FILE, cfg)
+    create_federation(lay.fed, lay.keys, lay.sites, rounds, epochs_per_round, mode,
+                      iterations_per_epoch=iterations, configuration=config, seed=seed,
+                      initial_weights=initial_weights, release_ema_decay=release_ema_decay)
+    adopt_plan(lay.fed, lay.keys, Path(planned_fed))  # the plan files, checked, and federation.json signed again
 
 
 def train_federated(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) -> float:
