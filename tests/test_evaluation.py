@@ -80,4 +80,6 @@ def test_labels_regions_and_mean():
     assert dataset_labels(js)["kidney"] == 1 and "foreground" not in dataset_labels(js)
     assert dataset_labels(js, {"mass": [2]}, add_foreground=True) == {"kidney": 1, "tumor": 2, "foreground": (1, 2),
                                                                        "mass": (2,)}
+    js = {"labels": {"background": 0, "kidney": 1, "tumor": 2, "ignore": 3}}  # nnU-Net's ignore label: no class
+    assert dataset_labels(js, add_foreground=True) == {"kidney": 1, "tumor": 2, "foreground": (1, 2)}
     assert nanmean([1.0, float("nan"), 3.0]) == 2.0 and math.isnan(nanmean([float("nan")]))

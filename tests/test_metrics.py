@@ -71,3 +71,21 @@ def test_hd95_and_nsd_match_monai():
                                             spacing=spacing).item()
             assert math.isclose(hd95(ref, pred, [1], spacing)[1], want_hd, rel_tol=1e-5)
             assert math.isclose(nsd(ref, pred, [1], 1.0, spacing)[1], want_nsd, rel_tol=1e-5)
+
+
+def test_ignored_voxels_count_in_no_metric():
+    """nnU-Net's ignore label: the prediction inside the ignored region, and the faces towards it, are not scored."""
+    from nnunet_adpfl.evaluation.metrics import hd95, nsd
+    ref = np.zeros((12, 12), dtype=np.uint8)
+    ref[3:7, 2:8] = 1  # touches the ignored columns 8-11
+    ignored = np.zeros_like(ref, dtype=bool)
+    ignored[:, 8:] = True
+    pred = ref.copy()
+    pred[2:8, 8:] = 1  # grows into the ignored region only
+    pred[11, 11] = 1  # a far speck there
+    assert dice(ref, pred, [1], ignored)[1] == 1.0 and dice(ref, pred, [1])[1] < 1
+    assert hd95(ref, pred, [1], ignore_mask=ignored)[1] == 0.0 and hd95(ref, pred, [1])[1] > 0
+    assert nsd(ref, pred, [1], 1.0, ignore_mask=ignored)[1] == 1.0 and nsd(ref, pred, [1])[1] < 1
+    enclosed = np.zeros_like(ref)
+    enclosed[5, 5] = 1  # every neighbour ignored: no surface to compare
+    assert math.isnan(hd95(enclosed, enclosed, [1], ignore_mask=enclosed == 0)[1])

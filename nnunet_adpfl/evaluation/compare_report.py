@@ -27,9 +27,11 @@ def _version(package: str) -> str | None:
 def metrics_provenance(tolerance_mm: float) -> str:
     monai = _version("monai")
     checked = f"MONAI {monai} (installed here)" if monai else "MONAI >= 1.4 (the test dependency)"
-    return (f"Metrics: `nnunet_adpfl.evaluation.metrics` of nnunet-adpfl {_version('nnunet-adpfl')}: Dice, HD95 (95th percentile "
+    return (f"Metrics: `nnunet_adpfl.evaluation.metrics` of nnunet-adpfl {_version('nnunet-adpfl')}: Dice (nnU-Net "
+            f"{_version('nnunetv2')}'s own counts, equal to `nnUNetv2_evaluate_folder`), HD95 (95th percentile "
             f"of the symmetric surface distances, mm, voxel spacing of the reference) and NSD (normalised surface "
-            f"Dice, tolerance {tolerance_mm:g} mm). HD95 and NSD are checked against {checked} "
+            f"Dice, tolerance {tolerance_mm:g} mm). Voxels of the dataset's ignore label count in no metric, and the "
+            f"ignore label is no class. HD95 and NSD are checked against {checked} "
             "(`compute_hausdorff_distance`, `compute_surface_dice`; tests/test_metrics.py) and against brute-force "
             "surface distances. Empty masks: a label absent from both reference and prediction is undefined (NaN, as "
             "in nnU-Net's evaluation) and left out of the means (n counts the cases used); absent from exactly one of "

@@ -1,5 +1,6 @@
 """Evaluate a folder of predicted label maps against a dataset's ``labelsTs``: Dice, HD95 and NSD per case and per
-label or region (``metrics.py``), read with nnU-Net's own reader for the dataset's file format."""
+label or region (``metrics.py``), read with nnU-Net's own reader for the dataset's file format. As in nnU-Net's
+evaluation, the reference's ignore label (``"ignore"`` in dataset.json) is no class: its voxels count in no metric."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,15 @@ import numpy as np
 from .metrics import dice, hd95, nanmean, nsd
 
 METRICS = ("dice", "hd95", "nsd")
+IGNORE = "ignore"  # nnU-Net's name of the ignore label in dataset.json
 
 
 def dataset_labels(dataset_json: dict, extra_regions: dict | None = None, add_foreground: bool = False) -> dict:
-    """{name: label or region tuple} of the dataset's foreground labels, plus ``extra_regions``. With
-    ``add_foreground``, a dataset of several plain labels also gets their union region ``foreground``."""
+    """{name: label or region tuple} of the dataset's foreground labels (the ignore label is none), plus
+    ``extra_regions``. With ``add_foreground``, a dataset of several plain labels also gets their union region
+    ``foreground``."""
     labels = {name: tuple(v) if isinstance(v, list) else v for name, v in dataset_json["labels"].items()
-              if name != "background"}
+              if name not in ("background", IGNORE)}
     plain = [v for v in labels.values() if isinstance(v, int)]
     if add_foreground and len(plain) > 1 and len(plain) == len(labels):
         labels["foreground"] = tuple(plain)
@@ -50,6 +53,7 @@ def evaluate_folder(dataset_folder: Path, prediction_folder: Path, metrics=METRI
     dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
     ending = dataset_json["file_ending"]
     labels = dataset_labels(dataset_json, extra_regions, add_foreground)
+    ignore_label = dataset_json["labels"].get(IGNORE)
     refs = sorted((dataset_folder / "labelsTs").glob(f"*{ending}"))
     if not refs:
         raise FileNotFoundError(f"no reference labels in {dataset_folder / 'labelsTs'}")
@@ -63,9 +67,11 @@ def evaluate_folder(dataset_folder: Path, prediction_folder: Path, metrics=METRI
         pred, _ = reader.read_seg(str(prediction_folder / ref_file.name))
         ref, spacing = squeeze(ref[0], props["spacing"])
         pred, _ = squeeze(pred[0], props["spacing"])
+        ignored = ref == ignore_label if ignore_label is not None else None
         values = list(labels.values())
-        scores = {"dice": lambda: dice(ref, pred, values), "hd95": lambda: hd95(ref, pred, values, spacing),
-                  "nsd": lambda: nsd(ref, pred, values, tolerance_mm, spacing)}
+        scores = {"dice": lambda: dice(ref, pred, values, ignored),
+                  "hd95": lambda: hd95(ref, pred, values, spacing, ignored),
+                  "nsd": lambda: nsd(ref, pred, values, tolerance_mm, spacing, ignored)}
         record = {"case": ref_file.name[:-len(ending)]}
         for metric in metrics:
             per_label = scores[metric]()
