@@ -1,6 +1,7 @@
 """The noisy step adds N(0, (sigma*C)^2) to the sum of clipped per-case gradients and divides by the expected
 batch size: checked statistically on the output of the real step functions."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -85,3 +86,35 @@ def test_cosine():
     assert cosine(a, a) == pytest.approx(1.0)
     assert cosine(a, [torch.tensor([0.0, 1.0]), torch.tensor([0.0])]) == pytest.approx(0.0)
     assert math.isnan(cosine(a, [torch.zeros(2), torch.zeros(1)]))
+
+
+class _FixedGradients:
+    """An engine whose per-case gradients are given: (m, 3) and (m, 2) tensors, one chunk."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+        self.params = [torch.zeros(3, dtype=rows.dtype), torch.zeros(2, dtype=rows.dtype)]
+
+    def chunks(self, data, target):
+        yield [self.rows[:, :3], self.rows[:, 3:]], torch.zeros(len(self.rows), dtype=self.rows.dtype)
+
+
+@pytest.mark.parametrize("rule", [ClippingRule("flat"), ClippingRule("autos", {"gamma": 0.01}),
+                                  ClippingRule("nsgd", {"r": 0.01}), ClippingRule("psac", {"r": 0.1})],
+                         ids=lambda r: r.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_non_finite_case_contributes_exactly_zero_and_counts_as_clipped(rule, dtype):
+    good = torch.tensor([[3.0, 0, 0, 4, 0], [0, 0.1, 0, 0, 0]], dtype=dtype)
+    bad = torch.tensor([[math.inf, 1, 1, 1, 1], [math.nan, 1, 1, 1, 1], [-math.inf, math.nan, 0, 0, 0]],
+                       dtype=dtype)
+    rows = torch.cat([good[:1], bad[:2], good[1:], bad[2:]])
+    clip = 0.5
+    with pytest.warns(RuntimeWarning, match=r"^3 case\(s\) of this step had a non-finite gradient"):
+        s = clipped_sum(_FixedGradients(rows), rule, clip, torch.zeros(5, 1), torch.zeros(5, 1))
+    expected = (rule.scales(good.norm(dim=1), clip)[:, None] * good).sum(0)
+    torch.testing.assert_close(torch.cat(s.clipped), expected)  # finite, and only the good cases
+    assert s.non_finite == 3 and s.batch_size == 5
+    assert torch.equal(s.norms <= clip, torch.tensor([False, False, False, True, False]))  # bad ones: clipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clipped_sum(_FixedGradients(good), rule, clip, torch.zeros(2, 1), torch.zeros(2, 1)).non_finite == 0

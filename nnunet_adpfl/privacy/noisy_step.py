@@ -8,6 +8,7 @@ with s_i from a clipping rule (||s_i g_i|| <= C) and B_expected = q * N, a data-
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,22 @@ def per_case_norms(grads: list[torch.Tensor]) -> torch.Tensor:
 class ClippedSum:
     clipped: list[torch.Tensor]        # sum_i s_i g_i
     raw: list[torch.Tensor] | None     # sum_i g_i (alignment diagnostics only)
-    norms: torch.Tensor                # per-case norms: stay inside the step, never logged
+    norms: torch.Tensor                # per-case norms (inf for a non-finite case): stay inside the step, never logged
     losses: torch.Tensor
     batch_size: int
+    non_finite: int = 0                # cases whose gradient was not finite (they contributed zero)
+
+
+def drop_non_finite(grads: list[torch.Tensor], norms: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Zero the gradient of every case whose norm is not finite (an inf or NaN entry, or a norm that overflows)
+    and set its norm to inf: such a case then contributes exactly zero under every rule, and counts as clipped.
+    Without this, scale 0 x inf = NaN (or a NaN scale) would turn the whole step's sum into NaN."""
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return grads, norms
+    safe = [torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device))
+            for g in grads]
+    return safe, torch.where(finite, norms, torch.full_like(norms, torch.inf))
 
 
 def clipped_sum(engine: PerCaseGradients, rule: ClippingRule, clip: float, data: torch.Tensor | None,
@@ -38,8 +52,8 @@ def clipped_sum(engine: PerCaseGradients, rule: ClippingRule, clip: float, data:
     norms, losses = [], []
     if data is not None and data.shape[0] > 0:
         for grads, loss in engine.chunks(data, target):
-            n = per_case_norms(grads)
-            s = rule.scales(n, clip)
+            grads, n = drop_non_finite(grads, per_case_norms(grads))
+            s = torch.where(torch.isfinite(n), rule.scales(n, clip), torch.zeros_like(n))
             for acc, g in zip(clipped, grads):
                 acc.add_(torch.tensordot(s.to(g.dtype), g, dims=1))
             if keep_raw:
@@ -49,7 +63,11 @@ def clipped_sum(engine: PerCaseGradients, rule: ClippingRule, clip: float, data:
             losses.append(loss)
     empty = torch.zeros(0, device=clipped[0].device if clipped else "cpu")
     all_norms = torch.cat(norms) if norms else empty
-    return ClippedSum(clipped, raw, all_norms, torch.cat(losses) if losses else empty, len(all_norms))
+    non_finite = int((~torch.isfinite(all_norms)).sum())
+    if non_finite:  # a count only, never which case
+        warnings.warn(f"{non_finite} case(s) of this step had a non-finite gradient: each contributes zero to the "
+                      "step (counted as clipped)", RuntimeWarning, stacklevel=2)
+    return ClippedSum(clipped, raw, all_norms, torch.cat(losses) if losses else empty, len(all_norms), non_finite)
 
 
 def make_noise_generator(device: torch.device, seed: int | None) -> torch.Generator:
