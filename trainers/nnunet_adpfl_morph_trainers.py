@@ -16,3 +16,4 @@ class nnUNetTrainerDPMorphAdaptive(DPMorphMixin, nnUNetTrainerDP):
 
 class nnUNetTrainerADPFLMorph(DPMorphMixin, FederatedADPTrainer):
     """ADP-FL (federated) with DP-Morph."""
+    single_site_trainer = "nnUNetTrainerDPMorph (DP-Morph)"

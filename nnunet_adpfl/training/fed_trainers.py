@@ -8,14 +8,16 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from .dp_trainer import nnUNetTrainerDP
 from ..federation.site import FederatedTrainerMixin, round_seed
 from ..common.initial_weights import PUBLIC_REQUIREMENT
+from .site_settings import SiteSettingsCheck
 
 
-class FederatedNPTrainer(FederatedTrainerMixin, nnUNetTrainer):
+class FederatedNPTrainer(SiteSettingsCheck, FederatedTrainerMixin, nnUNetTrainer):
     federation_mode = "npfl"
 
 
-class FederatedDPTrainer(FederatedTrainerMixin, nnUNetTrainerDP):
+class FederatedDPTrainer(SiteSettingsCheck, FederatedTrainerMixin, nnUNetTrainerDP):
     federation_mode = "dpfl"
+    single_site_trainer = "nnUNetTrainerDPSGD (DP-SGD)"
     supports_ema = False
 
     def _privacy_manifest(self) -> dict:
