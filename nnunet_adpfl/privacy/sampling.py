@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 
@@ -46,6 +46,18 @@ class PoissonDataLoader(nnUNetDataLoader):
             return {"data": None, "target": None, "keys": []}
         self.batch_size = len(self._draw)
         return super().generate_train_batch()
+
+
+def training_augmenter(loader, num_processes: int, pin_memory: bool) -> MultiThreadedAugmenter:
+    """Background workers for the training loader whose batches come out in a fixed order.
+
+    Worker w makes draws w, w + n, w + 2n, ... with its own numpy generator (batchgenerators seeds each worker from
+    the OS), and the batches are taken round-robin, so the steps are independent Poisson draws in an order that does
+    not depend on the data. nnU-Net's NonDetMultiThreadedAugmenter hands out batches as they finish: a draw that takes
+    longer (more or larger cases) is overtaken and the draws still in flight at the end are dropped, a data-dependent
+    selection of draws that the accountant does not assume."""
+    return MultiThreadedAugmenter(loader, None, num_processes, num_cached_per_queue=2, seeds=None,
+                                  pin_memory=pin_memory)
 
 
 def batch_to_device(batch: dict, device: torch.device):

@@ -35,19 +35,8 @@ from ..common.config import SettingsError, apply_run_length, load_settings
 from .losses import PerCaseLoss
 from ..privacy.noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
 from ..privacy.per_case_grads import PerCaseGradients, resolve_engine, trainable_params_reached_by_loss
-from ..privacy.sampling import PoissonDataLoader, batch_to_device
-from .trainable import count_parameters, select_trainable
-
-def make_dp_safe(network: nn.Module) -> nn.Module:
-    """Turn off in-place activations (they break per-case gradient hooks) and refuse batch statistics."""
-    for name, module in network.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise SettingsError(f"module {name!r} is {type(module).__name__}: batch statistics couple the cases of "
-                                "a batch and break per-case privacy; use a plan with InstanceNorm")
-        if getattr(module, "inplace", False):
-            module.inplace = False
-    return network
-
+from ..privacy.sampling import PoissonDataLoader, batch_to_device, training_augmenter
+from .trainable import count_parameters, make_dp_safe, select_trainable
 
 def deep_supervision_weights(num_outputs: int) -> list[float]:
     """nnU-Net's weights: 1/2^i, lowest resolution 0, normalised to sum 1."""
@@ -122,7 +111,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         if n_proc == 0:
             return SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
         pin = self.device.type == "cuda"
-        mt_tr = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin, 0.002)
+        mt_tr = training_augmenter(dl_tr, n_proc, pin)  # ordered: the steps are the draws in draw order
         mt_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None, pin,
                                               0.002)
         return mt_tr, mt_val

@@ -44,5 +44,20 @@ def select_trainable(model: nn.Module, choice: str) -> set[str]:
     return chosen
 
 
+def make_dp_safe(network: nn.Module) -> nn.Module:
+    """Turn off in-place activations (they break per-case gradient hooks) and refuse batch statistics."""
+    for name, module in network.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise SettingsError(f"module {name!r} is {type(module).__name__}: batch statistics couple the cases of "
+                                "a batch and break per-case privacy; use a plan with InstanceNorm")
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+            raise SettingsError(f"module {name!r} is {type(module).__name__} with track_running_stats=True: its "
+                                "running statistics are unnoised averages over the training cases and would ship "
+                                "in every checkpoint; use track_running_stats=False (nnU-Net's default)")
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    return network
+
+
 def count_parameters(params) -> int:
     return sum(p.numel() for p in params)
