@@ -58,7 +58,7 @@ def engine_grads(engine, net, loss, params, x, y, chunk=2):
 
 
 @pytest.mark.parametrize("dim,residual,ds,regions", CASES)
-@pytest.mark.parametrize("engine", ["loop", "vmap"])
+@pytest.mark.parametrize("engine", ["loop", "vmap", "hooks"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_per_case_gradients_match_per_case_loop(engine, dim, residual, ds, regions, device):
     net, x, y, loss = setup(dim, residual, ds, regions, device=device)

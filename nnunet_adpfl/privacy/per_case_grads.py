@@ -1,21 +1,29 @@
 """Per-case gradients of a per-case loss.
 
-Two engines, same result (tests compare both with an independent per-case loop):
-- ``loop``: one forward/backward per case (autograd). Lowest memory; on CPU as fast as a batched step.
+Three engines, same result (tests compare each with an independent per-case loop):
+- ``loop``: one forward/backward per case (autograd). Lowest memory.
 - ``vmap``: ``torch.func.vmap(grad(functional_call(..., tie_weights=False)))`` over chunks of cases.
-``tie_weights=False`` matters: with the default, functorch tensors stay in the model and nnU-Net's
-final validation crashes afterwards.
+  ``tie_weights=False`` matters: with the default, functorch tensors stay in the model and nnU-Net's
+  final validation crashes afterwards.
+- ``hooks``: one batched forward/backward per chunk of cases, per-case gradients from each layer's input and
+  output gradient (``grad_sample.py``); only for conv / transposed conv / affine InstanceNorm layers.
+``auto`` picks among them (``choose_engine``). ``autocast`` (e.g. torch.bfloat16) runs the per-case
+forward/backward under autocast; the per-case gradients stay in the parameters' dtype (fp32), and so do the
+norms, clipping and noise computed from them.
 
 Augmentation multiplicity K: the batch holds K consecutive patches per case; a case's gradient is the gradient of
 the mean of its K patch losses (= the mean of the K patch gradients), so it is still one case's contribution.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
+
+from .grad_sample import HookedGradSample, unsupported_layers
 
 Target = torch.Tensor | list[torch.Tensor]
 PerCaseLossFn = Callable[[object, Target], torch.Tensor]  # (outputs, targets) -> (b,) losses
@@ -32,32 +40,43 @@ def group_cases(x: torch.Tensor, multiplicity: int) -> torch.Tensor:
     return x.reshape(x.shape[0] // multiplicity, multiplicity, *x.shape[1:])
 
 
+ENGINES = ("loop", "vmap", "hooks")
+
+
 def resolve_engine(engine: str) -> str:
-    """'auto' -> 'loop': on CPU faster and leaner than 'vmap', on an H200 as fast with a third of its memory
-    (docs/BENCHMARKS.md)."""
-    if engine == "auto":
-        return "loop"
-    if engine not in ("loop", "vmap"):
-        raise ValueError(f"unknown per-case gradient engine {engine!r}")
+    """Checks the engine name; 'auto' is decided per model by ``PerCaseGradients`` (``choose_engine``)."""
+    if engine != "auto" and engine not in ENGINES:
+        raise ValueError(f"unknown per-case gradient engine {engine!r}; known: auto, {', '.join(ENGINES)}")
     return engine
+
+
+def choose_engine(model: nn.Module, params: list[nn.Parameter]) -> str:
+    """'auto': 'hooks' where every trained layer has a per-case rule (all of nnU-Net's), else 'loop'
+    (docs/BENCHMARKS.md: per-case gradients at the batch sizes DP needs)."""
+    return "loop" if unsupported_layers(model, params) else "hooks"
 
 
 class PerCaseGradients:
     """Yields (grads, losses) chunks: grads[k] has shape (m, *params[k].shape), losses shape (m,)."""
 
     def __init__(self, model: nn.Module, per_case_loss: PerCaseLossFn, params: dict[str, nn.Parameter],
-                 engine: str = "loop", chunk_size: int = 8, multiplicity: int = 1):
+                 engine: str = "loop", chunk_size: int = 8, multiplicity: int = 1,
+                 autocast: torch.dtype | None = None):
         if multiplicity < 1:
             raise ValueError(f"augmentation multiplicity must be >= 1, got {multiplicity}")
         self.model = model
         self.per_case_loss = per_case_loss
         self.names = list(params)
         self.params = list(params.values())
-        self.engine = engine
+        engine = resolve_engine(engine)
+        self.engine = choose_engine(model, self.params) if engine == "auto" else engine
         self.chunk_size = chunk_size
         self.multiplicity = multiplicity
-        if engine == "vmap":
+        self.autocast = autocast
+        if self.engine == "vmap":
             self._vmapped = vmap(grad_and_value(self._case_loss), in_dims=(None, 0, 0), randomness="different")
+        if self.engine == "hooks":
+            self._hooked = HookedGradSample(model, per_case_loss, self.params)
 
     def chunks(self, data: torch.Tensor, target: Target) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Per-case gradients and losses, ``chunk_size`` cases (loop: one case) at a time."""
@@ -65,20 +84,28 @@ class PerCaseGradients:
         if data.shape[0] % k:
             raise ValueError(f"batch of {data.shape[0]} patches is not {k} patches per case")
         step = k if self.engine == "loop" else self.chunk_size * k
+        run = {"loop": self._loop_case, "vmap": self._vmap_chunk, "hooks": self._hooks_chunk}[self.engine]
         for start in range(0, data.shape[0], step):
             stop = min(start + step, data.shape[0])
-            x, y = data[start:stop], slice_target(target, start, stop)
-            yield self._loop_case(x, y) if self.engine == "loop" else self._vmap_chunk(x, y)
+            yield run(data[start:stop], slice_target(target, start, stop))
+
+    def _amp(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
 
     def _loop_case(self, x: torch.Tensor, y: Target):
-        loss = self.per_case_loss(self.model(x), y).mean()  # the case's K patches (K = 1: that patch's loss)
+        with self._amp(x.device):
+            loss = self.per_case_loss(self.model(x), y).mean()  # the case's K patches (K = 1: that patch's loss)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-        return [g.unsqueeze(0) for g in grads], loss.detach().unsqueeze(0)
+        grads = [torch.zeros_like(p) if g is None else g.to(p.dtype) for g, p in zip(grads, self.params)]
+        return [g.unsqueeze(0) for g in grads], loss.detach().float().unsqueeze(0)
+
+    def _hooks_chunk(self, x: torch.Tensor, y: Target):
+        return self._hooked(x, y, self.multiplicity, self.autocast)
 
     def _case_loss(self, params: dict, x: torch.Tensor, y: Target) -> torch.Tensor:
-        out = functional_call(self.model, params, (x,), tie_weights=False)
-        return self.per_case_loss(out, y).mean()
+        with self._amp(x.device):
+            out = functional_call(self.model, params, (x,), tie_weights=False)
+            return self.per_case_loss(out, y).mean().float()
 
     def _vmap_chunk(self, x: torch.Tensor, y: Target):
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
