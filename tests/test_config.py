@@ -72,3 +72,9 @@ def test_every_setting_is_documented_in_the_readme():
 def test_bad_morph_settings_are_refused(bad):
     with pytest.raises(SettingsError):
         load_settings("", bad)
+
+
+def test_unknown_key_names_the_nearest_known_one():
+    with pytest.raises(SettingsError, match=r"did you mean 'noise_multiplier' \(not 'noise_multipler'\)\?") as e:
+        load_settings("", {"noise_multipler": 1.0, "zzz": 1})
+    assert "not 'zzz'" not in str(e.value)  # nothing close: no guess

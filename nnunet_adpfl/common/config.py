@@ -5,6 +5,7 @@ Every key is documented in ``SETTINGS`` (and in README.md). Unknown keys and bad
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -187,6 +188,13 @@ def _kind_name(kinds: tuple) -> str:
     return " or ".join(dict.fromkeys(names))  # (int, float) is one kind: "a number"
 
 
+def _did_you_mean(unknown: list[str]) -> str:
+    """": did you mean 'noise_multiplier' (not 'noise_multipler')?" for the unknown keys close to a known one."""
+    close = {key: difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.6) for key in unknown}
+    hints = [f"'{match[0]}' (not '{key}')" for key, match in close.items() if match]
+    return f": did you mean {', '.join(hints)}?" if hints else ""
+
+
 def load_settings(path: str | None = None, overrides: dict | None = None) -> dict:
     """Defaults, updated from the JSON file (``path`` or ``$nnUNet_adpfl_config``) and ``overrides``."""
     path = path if path is not None else os.environ.get(ENV_VAR)
@@ -204,7 +212,8 @@ def load_settings(path: str | None = None, overrides: dict | None = None) -> dic
     user.update(overrides or {})
     unknown = sorted(set(user) - set(SETTINGS))
     if unknown:
-        raise SettingsError(f"unknown setting(s) {unknown} in {path or 'overrides'}; known: {sorted(SETTINGS)}")
+        raise SettingsError(f"unknown setting(s) {unknown} in {path or 'overrides'}{_did_you_mean(unknown)}. "
+                            f"Known: {sorted(SETTINGS)}")
     settings = {k: s.default for k, s in SETTINGS.items()}
     settings.update({k: _validate(k, v) for k, v in user.items()})
     if settings["morph_thin_threshold"] > settings["morph_thick_threshold"]:
