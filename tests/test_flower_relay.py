@@ -31,7 +31,7 @@ def coordinator(tmp_path, rounds=ROUNDS):
     keyring = load_site_keys(keys, SITES)
     ff.write_tensors_with_manifest(*ff.global_paths(fed, 0), g0, {"kind": "global", "federation": cfg["id"],
                                    "round": 0, "strategy": "fedavg", "sites": [], "num_cases": 0},
-                                   ff.signed_for_sites(keyring))
+                                   ff.signed_for_sites(keyring), fed)
     return fed, keys, cfg, keyring, g0
 
 
@@ -54,33 +54,36 @@ def expected_final(g0, rounds=ROUNDS):
 def test_paths_match_the_folder_protocol(tmp_path):
     assert [str(p.relative_to(tmp_path)) for p in ff.global_paths(tmp_path, 7)] == fr.global_names(7)
     assert [str(p.relative_to(tmp_path)) for p in ff.update_paths(tmp_path, 7, "A")] == fr.update_names(7, "A")
+    from nnunet_adpfl.federation.flower_checks import SITE_ID
+    assert SITE_ID.pattern == ff.SITE_ID.pattern
 
 
 def test_site_refuses_unsigned_pushes_and_sends_only_its_own_files(tmp_path):
     fed, keys, cfg, keyring, _ = coordinator(tmp_path)
     site_dir = tmp_path / "site"
+    N1, N2, N3, N4, N5 = (f"{i:032x}" for i in range(1, 6))  # nonces
     files = {"federation.json": (fed / "federation.json").read_bytes()}
     with pytest.raises(fr.RelayError, match="valid coordinator HMAC"):
-        fr.site_exchange(site_dir, "A", keyring["A"], "n1", files, fr.relay_mac(keyring["B"], "push", "n1", "A",
+        fr.site_exchange(site_dir, "A", keyring["A"], N1, files, fr.relay_mac(keyring["B"], "push", N1, "A",
                          {"files": {k: fr.sha256(v) for k, v in files.items()}}), None)
     assert not (site_dir / "federation.json").exists()
-    ok = fr.relay_mac(keyring["A"], "push", "n1", "A", {"files": {k: fr.sha256(v) for k, v in files.items()}})
+    ok = fr.relay_mac(keyring["A"], "push", N1, "A", {"files": {k: fr.sha256(v) for k, v in files.items()}})
     with pytest.raises(fr.RelayError, match="valid coordinator HMAC"):  # a MAC is bound to its nonce
-        fr.site_exchange(site_dir, "A", keyring["A"], "n2", files, ok, None)
-    status, _, _ = fr.site_exchange(site_dir, "A", keyring["A"], "n1", files, ok, None)
+        fr.site_exchange(site_dir, "A", keyring["A"], N2, files, ok, None)
+    status, _, _ = fr.site_exchange(site_dir, "A", keyring["A"], N1, files, ok, None)
     assert "federation.json" in status["files"]
     evil = {"round_0001/updates/B.json": b"{}"}
-    evil_mac = fr.relay_mac(keyring["A"], "push", "n3", "A", {"files": {k: fr.sha256(v) for k, v in evil.items()}})
+    evil_mac = fr.relay_mac(keyring["A"], "push", N3, "A", {"files": {k: fr.sha256(v) for k, v in evil.items()}})
     with pytest.raises(fr.RelayError, match="not a path"):
-        fr.site_exchange(site_dir, "A", keyring["A"], "n3", evil, evil_mac, None)
+        fr.site_exchange(site_dir, "A", keyring["A"], N3, evil, evil_mac, None)
     # the reply brings only this site's own files the coordinator lacks
     for name in ("round_0001/updates/B.json", "round_0001/updates/A.json", "round_0002/updates/A.json"):
         (site_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (site_dir / name).write_text("{}")
         (site_dir / name.replace(".json", ".safetensors")).write_bytes(b"x")
-    _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], "n4", {}, None, None)
+    _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], N4, {}, None, None)
     assert sent == {}  # the coordinator does not know this node yet
-    _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], "n5", {}, None, {"updates": [1], "fingerprint": None})
+    _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], N5, {}, None, {"updates": [1], "fingerprint": None})
     assert sorted(sent) == sorted(fr.update_names(2, "A"))
 
 

@@ -21,7 +21,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .flower_relay import FEDERATION_FILE, Relay, RelayError, site_exchange
+from .flower_checks import MAX_FILES_PER_MESSAGE, RelayError, parse_field, text
+from .flower_relay import FEDERATION_FILE, Relay, site_exchange
 
 MESSAGE_TYPE = "query"
 STATS_FILE = "relay_stats.json"
@@ -31,16 +32,36 @@ LOG_FILE = "relay.log"
 # ---- wire format: a ConfigRecord of small fields, an ArrayRecord of raw byte strings ------------------
 def pack(fields: dict, files: dict[str, bytes]) -> RecordDict:
     names = list(files)
-    record = ConfigRecord({k: json.dumps(v) for k, v in {**fields, "names": names}.items()})
+    record = ConfigRecord({k: json.dumps(v, allow_nan=False) for k, v in {**fields, "names": names}.items()})
     arrays = ArrayRecord({f"f{i}": Array(dtype="uint8", shape=(len(files[n]),), stype="raw", data=files[n])
                           for i, n in enumerate(names)})
     return RecordDict({"relay": record, "files": arrays})
 
 
-def unpack(content: RecordDict) -> tuple[dict, dict[str, bytes]]:
-    fields = {k: json.loads(v) for k, v in content["relay"].items()}
-    arrays = content["files"] if "files" in content else {}
-    files = {n: bytes(arrays[f"f{i}"].data) for i, n in enumerate(fields.pop("names", []))}
+def unpack(content, fields_expected: set[str]) -> tuple[dict, dict[str, bytes]]:
+    """Fields and files of a relay message from a peer; RelayError for anything malformed, never another
+    exception: each field is bounded JSON (flower_checks.parse_field), the names a list of strings, one raw
+    byte array per name. Fields outside ``fields_expected`` are refused."""
+    if not isinstance(content, RecordDict) or not isinstance(content.get("relay"), ConfigRecord):
+        raise RelayError("no 'relay' ConfigRecord in the message")
+    raw = dict(content["relay"])
+    unknown = set(raw) - fields_expected - {"names"}
+    if unknown or len(raw) > len(fields_expected) + 1:
+        raise RelayError(f"unexpected fields {sorted(map(str, unknown))[:5]}")
+    fields = {k: parse_field(k, v) for k, v in raw.items()}
+    names = fields.pop("names", [])
+    if not isinstance(names, list) or len(names) > MAX_FILES_PER_MESSAGE or \
+            not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise RelayError(f"'names' is not a list of at most {MAX_FILES_PER_MESSAGE} distinct file names")
+    arrays = content.get("files", ArrayRecord())
+    if not isinstance(arrays, ArrayRecord) or set(arrays) != {f"f{i}" for i in range(len(names))}:
+        raise RelayError("the file arrays do not match 'names'")
+    files = {}
+    for i, name in enumerate(names):
+        array = arrays[f"f{i}"]
+        if not isinstance(array, Array) or not isinstance(array.data, bytes):
+            raise RelayError(f"file {name[:80]!r} is not a byte array")
+        files[name] = array.data
     return fields, files
 
 
@@ -54,21 +75,23 @@ def read_key(path: str | Path) -> bytes:
 
 # ---- ClientApp ---------------------------------------------------------------------------------------
 client_app = ClientApp()
+REQUEST_FIELDS = {"nonce", "push_mac", "held"}
+REPLY_FIELDS = {"site", "status", "mac", "error"}
 
 
 @client_app.query()
 def relay_query(msg: Message, context: Context) -> Message:
     cfg = context.node_config
     site, fed = str(cfg["site"]), Path(str(cfg["federation-dir"]))
-    fields, push = unpack(msg.content)
     try:
+        fields, push = unpack(msg.content, REQUEST_FIELDS)
         key = read_key(str(cfg["key-file"]))
-        status, files, mac = site_exchange(fed, site, key, fields["nonce"], push, fields.get("push_mac"),
+        status, files, mac = site_exchange(fed, site, key, fields.get("nonce"), push, fields.get("push_mac"),
                                            fields.get("held"))
         reply = {"site": site, "status": status, "mac": mac}
-    except (RelayError, OSError, ValueError) as e:
+    except (RelayError, OSError, ValueError) as e:  # UnsafeInput is a ValueError
         print(f"site {site}: relay request refused: {e}", flush=True)
-        reply, files = {"site": site, "error": str(e)}, {}
+        reply, files = {"site": site, "error": str(e)[:2000]}, {}
     return Message(pack(reply, files), reply_to=msg)
 
 
@@ -111,34 +134,61 @@ def _write_stats(fed: Path, relay: Relay, start: float, cycles: int, messages: i
                                          "refused_nodes": {str(k): v for k, v in relay.refused.items()}})
 
 
-def relay_cycle(grid: Grid, relay: Relay, reply_timeout: float) -> int:
-    """One request to every connected node, replies handled; returns the number of messages sent."""
-    nodes = [n for n in sorted(grid.get_node_ids()) if relay.may_ask(n)]
-    messages = [Message(pack(*_split(relay.request(n))), dst_node_id=n, message_type=MESSAGE_TYPE,
-                        ttl=reply_timeout + 30, group_id=str(n)) for n in nodes]
-    for reply in grid.send_and_receive(messages, timeout=reply_timeout) if messages else []:
-        node = int(reply.metadata.group_id)  # the request's node (errors made by the SuperLink come from node 1)
-        if reply.has_error() or not reply.has_content():
-            relay.log(f"relay: no answer from node {node}: {reply.error if reply.has_error() else 'empty reply'}")
-            relay.pending.pop(node, None)
-            continue
-        if reply.metadata.src_node_id != node:  # the SuperLink authenticated the sender: it must be the addressee
-            relay.refuse(reply.metadata.src_node_id, f"answered a request sent to node {node}")
-            relay.pending.pop(node, None)
-            continue
+def relay_cycle(grid: Grid, relay: Relay, reply_timeout: float, poll: float = 1.0) -> int:
+    """One request to every connected node, replies handled; returns the number of messages sent.
+    A peer's reply is pulled and handled on its own: one that cannot be read or fails a check is refused and
+    logged, and the other nodes' replies are handled as usual (nothing a peer sends ends the cycle)."""
+    messages = {}
+    for node in (n for n in sorted(grid.get_node_ids()) if relay.may_ask(n)):
         try:
-            fields, files = unpack(reply.content)
-        except (KeyError, ValueError, TypeError) as e:
-            relay.refuse(node, f"malformed reply: {e}")
-            continue
-        if "error" in fields:
-            relay.log(f"relay: site {fields.get('site')!r} (node {node}) refused our request: {fields['error']}")
+            fields, push = _split(relay.request(node))
+        except (OSError, ValueError) as e:  # the coordinator's own folder (UnsafeInput is a ValueError)
+            relay.log(f"relay: no request for node {node} this cycle: {e}")
             relay.pending.pop(node, None)
             continue
-        relay.handle_reply(node, str(fields.get("site")), fields.get("status") or {}, files, fields.get("mac"))
-    for node in [n for n in relay.pending if n in nodes]:  # no reply in time: asked again next cycle
-        relay.pending.pop(node)
+        messages[node] = Message(pack(fields, push), dst_node_id=node, message_type=MESSAGE_TYPE,
+                                 ttl=reply_timeout + 30, group_id=str(node))
+    ids = list(grid.push_messages(list(messages.values()))) if messages else []
+    waiting = {mid: node for mid, node in zip(ids, messages) if mid}
+    deadline = time.time() + reply_timeout
+    while waiting and time.time() < deadline:
+        for mid, node in list(waiting.items()):
+            try:
+                replies = list(grid.pull_messages([mid]))
+            except Exception as e:  # noqa: BLE001 (a reply Flower cannot inflate: the node's, not ours)
+                relay.refuse(node, f"unreadable reply: {type(e).__name__}: {str(e)[:300]}")
+                waiting.pop(mid)
+                continue
+            if replies:
+                waiting.pop(mid)
+                _handle(relay, node, replies[0])
+        if waiting:
+            time.sleep(poll)
+    for node in messages:  # no reply in time: asked again next cycle
+        relay.pending.pop(node, None)
     return len(messages)
+
+
+def _handle(relay: Relay, node: int, reply: Message) -> None:
+    if reply.has_error() or not reply.has_content():
+        relay.log(f"relay: no answer from node {node}: {reply.error if reply.has_error() else 'empty reply'}")
+        return
+    if reply.metadata.src_node_id != node:  # the SuperLink authenticated the sender: it must be the addressee
+        relay.refuse(reply.metadata.src_node_id, f"answered a request sent to node {node}")
+        return
+    try:
+        fields, files = unpack(reply.content, REPLY_FIELDS)
+    except RelayError as e:
+        relay.refuse(node, f"malformed reply: {e}")
+        return
+    if "error" in fields:
+        relay.log(f"relay: site {text(fields.get('site'))} (node {node}) refused our request: "
+                  f"{text(fields['error'])}")
+        return
+    try:
+        relay.handle_reply(node, fields.get("site"), fields.get("status"), files, fields.get("mac"))
+    except (OSError, ValueError) as e:  # writing to the coordinator's folder (UnsafeInput is a ValueError)
+        relay.log(f"relay: files of node {node} not written: {e}")
 
 
 def _split(request: dict) -> tuple[dict, dict[str, bytes]]:

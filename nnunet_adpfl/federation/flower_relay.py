@@ -22,12 +22,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
+import stat
 import time
 from pathlib import Path
 
-from ..common.atomic import write_bytes_atomic
+from ..common.atomic import write_bytes_in
+from ..common.safe_io import UnsafeInput, read_file
+from . import flower_checks as check
+from .flower_checks import MAX_FILES_PER_MESSAGE, RelayError
+
+__all__ = ["RelayError", "Relay", "site_exchange", "folder_status", "pullable", "relay_mac"]
 
 # Not built on files.py (paths, mac): it imports torch, ~3 s for each message (the SuperNode starts a new
 # flwr-clientapp process per message). tests/test_flower_relay.py checks the names against files.py's paths.
@@ -37,19 +44,19 @@ PLAN_FILES = ("plans/nnUNetPlans.json", "plans/dataset.json", "plans/dataset_fin
 MAX_GLOBALS_PER_MESSAGE = 2
 MAX_UPDATES_PER_MESSAGE = 2
 RETRY_REFUSED_S = 30.0
-_ROUND = r"round_\d{4}"
-_PUSHABLE = re.compile(rf"^(federation\.json|plans/(nnUNetPlans|dataset|dataset_fingerprint)\.json|"
-                       rf"{_ROUND}/global\.(safetensors|json))$")
-
-
-class RelayError(Exception):
-    """A relay message failed a check (bad HMAC, a path the sender may not write, ...)."""
+MAX_JSON_FILE_BYTES = 16 << 20          # federation.json, plans, manifests, fingerprints
+MIN_TENSOR_FILE_BYTES = 64 << 20
+MAX_TENSOR_FILE_BYTES = 4 << 30
+_ROUND = r"round_(\d{4})"
+# names are matched with fullmatch: "$" would also let a name with a trailing newline through
+_PUSHABLE = re.compile(rf"federation\.json|plans/(nnUNetPlans|dataset|dataset_fingerprint)\.json|"
+                       rf"{_ROUND}/global\.(safetensors|json)")
 
 
 def pullable(site: str) -> re.Pattern:
     """The files of a site the coordinator may pull (and write into its folder): its updates and fingerprint."""
     s = re.escape(site)
-    return re.compile(rf"^({_ROUND}/updates/{s}\.(safetensors|json)|fingerprints/{s}\.json)$")
+    return re.compile(rf"{_ROUND}/updates/{s}\.(safetensors|json)|fingerprints/{s}\.json")
 
 
 def round_name(r: int) -> str:
@@ -68,6 +75,11 @@ def fingerprint_name(site: str) -> str:
     return f"fingerprints/{site}.json"
 
 
+def small_names(site: str) -> set[str]:
+    """The files a status lists by sha256."""
+    return {FEDERATION_FILE, *PLAN_FILES, fingerprint_name(site)}
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -79,7 +91,7 @@ def new_nonce() -> str:
 def relay_mac(key: bytes, direction: str, nonce: str, site: str, body: dict) -> str:
     """HMAC-SHA256 with the site's key over one message of the relay (direction 'push' or 'reply')."""
     text = json.dumps({"protocol": PROTOCOL, "direction": direction, "nonce": nonce, "site": site, **body},
-                      sort_keys=True, separators=(",", ":"))
+                      sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
@@ -87,17 +99,52 @@ def _digests(files: dict[str, bytes]) -> dict[str, str]:
     return {name: sha256(data) for name, data in files.items()}
 
 
+def tensor_limit(fed: Path) -> int:
+    """Largest .safetensors file the relay reads, sends or writes: 4 x the round-0 global model of this folder
+    (a top-k upload at full density, int64 indices + float32 values, is 3 x a dense float32 update), within
+    [64 MiB, 4 GiB]."""
+    try:
+        st = os.lstat(Path(fed) / global_names(0)[0])
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+    except OSError:
+        size = 0
+    return min(MAX_TENSOR_FILE_BYTES, max(MIN_TENSOR_FILE_BYTES, 4 * size + (1 << 20)))
+
+
+def file_limit(fed: Path, name: str) -> int:
+    return tensor_limit(fed) if name.endswith(".safetensors") else MAX_JSON_FILE_BYTES
+
+
+def _read(fed: Path, name: str) -> bytes | None:
+    """A file of the folder, bounded, no symlink followed; None if absent (UnsafeInput if not a safe file)."""
+    try:
+        return read_file(Path(fed) / name, file_limit(fed, name), root=fed)
+    except FileNotFoundError:
+        return None
+
+
 def _rounds(fed: Path, pattern: str) -> list[int]:
-    return sorted(int(p.parts[-3 if "updates" in pattern else -2].removeprefix("round_"))
-                  for p in fed.glob(pattern))
+    """Rounds of the files matching ``pattern`` (round_*/...); folders not named round_NNNN are ignored."""
+    found = set()
+    for p in Path(fed).glob(pattern):
+        m = re.fullmatch(_ROUND, p.relative_to(fed).parts[0])
+        if m:
+            found.add(int(m.group(1)))
+    return sorted(found)
 
 
 def folder_status(fed: Path, site: str) -> dict:
-    """What a folder holds, as the relay compares it: sha256 of the small files, rounds of the written-once ones."""
-    fed = Path(fed)
-    small = [FEDERATION_FILE, *PLAN_FILES, fingerprint_name(site)]
-    return {"files": {n: sha256((fed / n).read_bytes()) for n in small if (fed / n).is_file()},
-            "globals": _rounds(fed, "round_*/global.json"),
+    """What a folder holds, as the relay compares it: sha256 of the small files, rounds of the written-once ones.
+    A small file that is not a safe regular file (a symlink, too large) counts as missing."""
+    fed, files = Path(fed), {}
+    for name in sorted(small_names(site)):
+        try:
+            data = _read(fed, name)
+        except UnsafeInput:
+            data = None
+        if data is not None:
+            files[name] = sha256(data)
+    return {"files": files, "globals": _rounds(fed, "round_*/global.json"),
             "updates": _rounds(fed, f"round_*/updates/{site}.json")}
 
 
@@ -106,42 +153,74 @@ def _ordered(names) -> list[str]:
     return sorted(names, key=lambda n: (n.endswith(".json") and "round_" in n, n == FEDERATION_FILE, n))
 
 
-def _write_files(fed: Path, files: dict[str, bytes], allowed: re.Pattern, overwrite=lambda name: True) -> list[str]:
-    bad = [n for n in files if not allowed.match(n) or ".." in n.split("/")]
+def check_files(fed: Path, files, allowed: re.Pattern) -> dict[str, bytes]:
+    """The files of a message: at most MAX_FILES_PER_MESSAGE, names this sender may write (fullmatch), sizes
+    within file_limit; RelayError otherwise."""
+    if not isinstance(files, dict) or len(files) > MAX_FILES_PER_MESSAGE:
+        raise RelayError(f"more than {MAX_FILES_PER_MESSAGE} files in one message")
+    bad = [n for n in files if not (isinstance(n, str) and allowed.fullmatch(n))]
     if bad:
-        raise RelayError(f"refused to write {bad[:3]}: not a path this sender may write")
+        raise RelayError(f"refused to write {[str(n)[:80] for n in bad[:3]]}: not a path this sender may write")
+    big = [n for n, data in files.items() if not isinstance(data, bytes) or len(data) > file_limit(fed, n)]
+    if big:
+        raise RelayError(f"{big[:3]} larger than the relay's limit ({file_limit(fed, big[0]):,} bytes)")
+    return files
+
+
+def _write_files(fed: Path, files: dict[str, bytes], overwrite=lambda name: True) -> list[str]:
+    """Write checked files (check_files) below ``fed``, never through a symlink."""
     written = []
     for name in _ordered(files):
-        path = Path(fed) / name
-        if path.exists() and (not overwrite(name) or path.read_bytes() == files[name]):
+        if not overwrite(name) and os.path.lexists(Path(fed) / name):
             continue
-        write_bytes_atomic(path, files[name])
+        try:
+            if _read(fed, name) == files[name]:
+                continue
+        except UnsafeInput:
+            pass  # not a safe file: replaced below
+        write_bytes_in(fed, Path(fed) / name, files[name])
         written.append(name)
     return written
 
 
 # ---- the site side (ClientApp) --------------------------------------------------------------------------
-def site_exchange(fed: Path, site: str, key: bytes, nonce: str, push: dict[str, bytes], push_mac: str | None,
-                  held: dict | None) -> tuple[dict, dict[str, bytes], str]:
+def site_exchange(fed: Path, site: str, key: bytes, nonce, push: dict[str, bytes], push_mac,
+                  held) -> tuple[dict, dict[str, bytes], str]:
     """Apply one request of the coordinator to the site's local folder; returns (status, files, reply MAC).
     ``held``: what the coordinator holds of this site (update rounds, fingerprint sha256); the reply brings this
-    site's own files it lacks (None: the coordinator does not know this node yet, nothing is sent)."""
+    site's own files it lacks (None: the coordinator does not know this node yet, nothing is sent).
+    Every argument from the message is checked first: RelayError (and nothing written) if one is malformed."""
     fed = Path(fed)
+    nonce, held = check.nonce(nonce), check.held(held)
+    push_mac = check.mac_or_none(push_mac, "push_mac")
+    check_files(fed, push, _PUSHABLE)
     if push:
         expected = relay_mac(key, "push", nonce, site, {"files": _digests(push)})
-        if not (isinstance(push_mac, str) and hmac.compare_digest(expected, push_mac)):
+        if push_mac is None or not hmac.compare_digest(expected, push_mac):
             raise RelayError("files pushed without a valid coordinator HMAC for this site: nothing written")
-        _write_files(fed, push, _PUSHABLE)
+        fed.mkdir(parents=True, exist_ok=True)
+        _write_files(fed, push)
     status, files = folder_status(fed, site), {}
     if held is not None:
-        missing = [r for r in status["updates"] if r not in set(held.get("updates", []))]
+        missing = [r for r in status["updates"] if r not in set(held["updates"])]
         for r in missing[:MAX_UPDATES_PER_MESSAGE]:
-            for name in update_names(r, site):
-                files[name] = (fed / name).read_bytes()
+            pair = {name: _read_or_none(fed, name) for name in update_names(r, site)}
+            if None not in pair.values():
+                files.update(pair)
         theirs = status["files"].get(fingerprint_name(site))
-        if theirs is not None and theirs != held.get("fingerprint"):
-            files[fingerprint_name(site)] = (fed / fingerprint_name(site)).read_bytes()
+        if theirs is not None and theirs != held["fingerprint"]:
+            data = _read_or_none(fed, fingerprint_name(site))
+            if data is not None:
+                files[fingerprint_name(site)] = data
     return status, files, relay_mac(key, "reply", nonce, site, {"status": status, "files": _digests(files)})
+
+
+def _read_or_none(fed: Path, name: str) -> bytes | None:
+    """A file to send, or None if it is missing or not a safe regular file within the limits (not sent)."""
+    try:
+        return _read(fed, name)
+    except UnsafeInput:
+        return None
 
 
 # ---- the coordinator side (ServerApp) --------------------------------------------------------------------
@@ -164,22 +243,23 @@ class Relay:
     def _push_plan(self, site: str, status: dict) -> dict[str, bytes]:
         push, have = {}, status["files"]
         for name in (*PLAN_FILES, FEDERATION_FILE):
-            path = self.fed / name
-            if path.is_file():
-                data = path.read_bytes()
-                if have.get(name) != sha256(data):
-                    push[name] = data
+            data = _read(self.fed, name)
+            if data is not None and have.get(name) != sha256(data):
+                push[name] = data
         held = set(status["globals"])
         missing = [r for r in _rounds(self.fed, "round_*/global.json") if r not in held]
         for r in missing[:MAX_GLOBALS_PER_MESSAGE]:
             for name in global_names(r):
-                push[name] = (self.fed / name).read_bytes()
+                data = _read(self.fed, name)
+                if data is None:
+                    raise UnsafeInput(f"{name} is missing")
+                push[name] = data
         return push
 
     def _held(self, site: str) -> dict:
-        mine = self.fed / fingerprint_name(site)
+        mine = _read_or_none(self.fed, fingerprint_name(site))
         return {"updates": _rounds(self.fed, f"round_*/updates/{site}.json"),
-                "fingerprint": sha256(mine.read_bytes()) if mine.is_file() else None}
+                "fingerprint": sha256(mine) if mine is not None else None}
 
     def request(self, node: int) -> dict:
         """The content of the next request to ``node``: nonce, files to write (with their HMAC), what we hold."""
@@ -204,29 +284,16 @@ class Relay:
         """A refused node is asked again only every RETRY_REFUSED_S seconds (it may have been reconfigured)."""
         return time.time() - self.refused_at.get(node, 0.0) >= RETRY_REFUSED_S
 
-    def handle_reply(self, node: int, site: str, status: dict, files: dict[str, bytes], mac: str) -> list[str]:
-        """Check a node's reply (its site's HMAC over our nonce) and write the files it brought."""
+    def handle_reply(self, node: int, site, status, files: dict[str, bytes], mac) -> list[str]:
+        """Check a node's reply (its site's HMAC over our nonce) and write the files it brought. Anything
+        malformed or unverified refuses the node (logged); nothing it sent is used."""
         nonce, expected_site = self.pending.pop(node, (None, None))
         if nonce is None:
             return []
-        if site not in self.keys:
-            self.refuse(node, f"claims unknown site {site!r}")
-            return []
-        if not (isinstance(mac, str) and hmac.compare_digest(
-                relay_mac(self.keys[site], "reply", nonce, site, {"status": status, "files": _digests(files)}),
-                mac)):
-            self.refuse(node, f"reply for site {site!r} without a valid HMAC of that site's key")
-            return []
-        if expected_site is not None and site != expected_site:
-            self.refuse(node, f"was site {expected_site!r}, now claims {site!r}")
-            return []
-        if expected_site is None and files:
-            self.refuse(node, f"site {site!r} sent files before it was known")
-            return []
-        allowed = pullable(site)
-        foreign = sorted(n for n in files if not allowed.match(n) or ".." in n.split("/"))
-        if foreign:
-            self.refuse(node, f"site {site!r} sent files that are not its own to send: {foreign[:3]}")
+        try:
+            site, status = self._check_reply(nonce, expected_site, site, status, files, mac)
+        except RelayError as e:
+            self.refuse(node, str(e))
             return []
         if node not in self.sites:
             self.log(f"relay: node {node} is site {site}")
@@ -234,15 +301,39 @@ class Relay:
         self.sites[node] = site
         self.status[site] = status
         self.bytes_pulled += sum(len(v) for v in files.values())
-        written = _write_files(self.fed, files, allowed,
+        written = _write_files(self.fed, files,
                                overwrite=lambda name: name == fingerprint_name(site))  # updates: first one only
         for name in written:
             self.log(f"relay: received {name} from site {site} ({len(files[name]):,} bytes)")
         return written
 
+    def _check_reply(self, nonce: str, expected_site, site, status, files, mac) -> tuple[str, dict]:
+        site = check.site_id(site)
+        if site not in self.keys:
+            raise RelayError(f"claims unknown site {site!r}")
+        status = check.status(status, small_names(site))
+        mac = check.mac_or_none(mac, "mac")
+        if not isinstance(files, dict) or not all(isinstance(v, bytes) for v in files.values()):
+            raise RelayError("files are not byte strings")
+        expected = relay_mac(self.keys[site], "reply", nonce, site, {"status": status, "files": _digests(files)})
+        if mac is None or not hmac.compare_digest(expected, mac):
+            raise RelayError(f"reply for site {site!r} without a valid HMAC of that site's key")
+        if expected_site is not None and site != expected_site:
+            raise RelayError(f"was site {expected_site!r}, now claims {site!r}")
+        if expected_site is None and files:
+            raise RelayError(f"site {site!r} sent files before it was known")
+        try:
+            check_files(self.fed, files, pullable(site))
+        except RelayError as e:
+            raise RelayError(f"site {site!r} sent files that are not its own to send: {e}") from None
+        late = [n for n in files if n.startswith("round_") and not 1 <= int(n[6:10]) <= self.rounds]
+        if late:
+            raise RelayError(f"site {site!r} sent updates of rounds outside 1..{self.rounds}: {late[:3]}")
+        return site, status
+
     def finished(self) -> bool:
         """The last round's global model is at the coordinator and every site holds it."""
-        if not (self.fed / global_names(self.rounds)[1]).exists():
+        if not (self.fed / global_names(self.rounds)[1]).is_file():
             return False
         sites = set(self.keys)
         return all(self.rounds in self.status.get(s, {}).get("globals", []) for s in sites)
