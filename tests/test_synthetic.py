@@ -162,8 +162,8 @@ def test_sites_json(task, datasets):
 
 
 def test_default_site_sizes_are_unequal():
-    assert synthetic._site_sizes(24, 3) == [8, 10, 6]
-    assert min(synthetic._site_sizes(10, 5)) == 2 and sum(synthetic._site_sizes(10, 5)) == 10
+    assert synthetic.site_sizes(24, 3) == [8, 10, 6]
+    assert min(synthetic.site_sizes(10, 5)) == 2 and sum(synthetic.site_sizes(10, 5)) == 10
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -15,24 +15,22 @@ import re
 import shutil
 import string
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from . import brain, kidney, skin
-from .shapes import Case, TaskSpec, site_profiles
+from .shapes import TaskSpec, site_profiles
+from .tasks import (COHORT_SIZES, MAX_SITES, MIN_CASES_PER_SITE, PUBLISHED, SPECS, TASKS, published_cohort,
+                    site_sizes)
+from .writing import (CaseJob, finish_folder, prepare_folder, reset_dataset_folder, write_cases, write_json)
 
-TASKS = ("skin", "kidney", "brain", "kidney_roi")
-
-_SITE_WEIGHTS = (1.0, 1.3, 0.8)  # relative site sizes, cycled when there are more than three sites
-_MIN_CASES_PER_SITE = 2
 _STREAM_TRAIN, _STREAM_TEST, _STREAM_SITES = 0, 1, 2  # independent random streams per seed
 _STREAM_PUBLIC, _STREAM_PUBLIC_SITES, _STREAM_PUBLIC_TEST = 3, 4, 5  # the public cohort: other cases, other scanners
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-_SPECS = {"skin": skin.SPEC, "kidney": kidney.SPEC, "brain": brain.SPEC, "kidney_roi": kidney.ROI_SPEC}
+_DEFAULT_NUM_CASES, _DEFAULT_NUM_SITES = 24, 3
 
 # ----------------------------------------------------------------------------- dataset writing
 
@@ -44,64 +42,42 @@ def _check_int(name: str, value: object, minimum: int, maximum: int | None = Non
         raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
 
 
-def _validate(task: str, dataset_id: int, num_cases: int, num_sites: int, num_test_cases: int, seed: int,
-              scale: float, dataset_name: str | None) -> TaskSpec:
-    if task not in _SPECS:
+def _sites_sizes(num_cases: int | None, num_sites: int | None, site_cases: Sequence[int] | None) -> list[int]:
+    """Training cases per site: ``site_cases`` as given, else ``num_cases`` split unevenly over ``num_sites``."""
+    if site_cases is None:
+        num_cases = _DEFAULT_NUM_CASES if num_cases is None else num_cases
+        num_sites = _DEFAULT_NUM_SITES if num_sites is None else num_sites
+        _check_int("num_cases", num_cases, 1)
+        _check_int("num_sites", num_sites, 1, MAX_SITES)
+        if num_cases < MIN_CASES_PER_SITE * num_sites:
+            raise ValueError(f"num_cases={num_cases} is too small for num_sites={num_sites}: every site needs at "
+                             f"least {MIN_CASES_PER_SITE} training cases, so use num_cases >= "
+                             f"{MIN_CASES_PER_SITE * num_sites}")
+        return site_sizes(num_cases, num_sites)
+    sizes = list(site_cases)
+    _check_int("the number of sites in site_cases", len(sizes), 1, MAX_SITES)
+    for size in sizes:
+        _check_int("every entry of site_cases (a site's training cases)", size, MIN_CASES_PER_SITE)
+    if num_cases is not None and num_cases != sum(sizes):
+        raise ValueError(f"num_cases={num_cases} disagrees with site_cases={sizes} (total {sum(sizes)})")
+    if num_sites is not None and num_sites != len(sizes):
+        raise ValueError(f"num_sites={num_sites} disagrees with site_cases={sizes} ({len(sizes)} sites)")
+    return [int(size) for size in sizes]
+
+
+def _validate(task: str, dataset_id: int, num_test_cases: int, seed: int, scale: float,
+              dataset_name: str | None, workers: int) -> TaskSpec:
+    if task not in SPECS:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     _check_int("dataset_id", dataset_id, 1, 999)
-    _check_int("num_cases", num_cases, 1)
-    _check_int("num_sites", num_sites, 1, len(string.ascii_uppercase))
     _check_int("num_test_cases", num_test_cases, 0)
     _check_int("seed", seed, 0)
-    if num_cases < _MIN_CASES_PER_SITE * num_sites:
-        raise ValueError(f"num_cases={num_cases} is too small for num_sites={num_sites}: every site needs at least "
-                         f"{_MIN_CASES_PER_SITE} training cases, so use num_cases >= {_MIN_CASES_PER_SITE * num_sites}")
+    _check_int("workers", workers, 1)
     if not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale < 0.25:
         raise ValueError(f"scale must be a finite number >= 0.25, got {scale!r}")
     if dataset_name is not None and not _NAME_PATTERN.match(dataset_name):
         raise ValueError(f"dataset_name must be letters, digits, '_' or '-' (no spaces/paths), got {dataset_name!r}")
-    return _SPECS[task]
-
-
-def _site_sizes(num_cases: int, num_sites: int) -> list[int]:
-    """Unequal site sizes ~ 1 : 1.3 : 0.8 (largest remainder), at least two cases per site."""
-    weights = np.array([_SITE_WEIGHTS[i % 3] * (1 + 0.15 * (i // 3)) for i in range(num_sites)])
-    ideal = num_cases * weights / weights.sum()
-    sizes = np.floor(ideal).astype(int)
-    sizes[np.argsort(sizes - ideal, kind="stable")[: num_cases - sizes.sum()]] += 1
-    while sizes.min() < _MIN_CASES_PER_SITE:
-        sizes[sizes.argmax()] -= 1
-        sizes[sizes.argmin()] += 1
-    return sizes.tolist()
-
-
-def _reset_dataset_folder(folder: Path) -> None:
-    """Create the raw-dataset sub-folders, removing stale cases from an earlier run."""
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        if (folder / sub).exists():
-            shutil.rmtree(folder / sub)
-        (folder / sub).mkdir(parents=True)
-
-
-def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
-
-
-def _write_nifti(array: np.ndarray, spacing: tuple[float, ...], path: Path) -> None:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(tuple(float(s) for s in reversed(spacing)))  # SimpleITK order is (x, y, z)
-    sitk.WriteImage(image, str(path), useCompression=True)
-
-
-def _write_case(case: Case, case_id: str, folder: Path, split: str, file_ending: str) -> None:
-    images, labels = folder / f"images{split}", folder / f"labels{split}"
-    if file_ending == ".png":
-        Image.fromarray(case.channels[0]).save(images / f"{case_id}_0000.png")
-        Image.fromarray(case.label).save(labels / f"{case_id}.png")
-        return
-    for channel, array in enumerate(case.channels):
-        _write_nifti(array, case.spacing, images / f"{case_id}_{channel:04d}{file_ending}")
-    _write_nifti(case.label, case.spacing, labels / f"{case_id}{file_ending}")
+    return SPECS[task]
 
 
 def _dataset_json(spec: TaskSpec, name: str, task: str, num_training: int, seed: int) -> dict:
@@ -120,46 +96,55 @@ def _dataset_json(spec: TaskSpec, name: str, task: str, num_training: int, seed:
     return content
 
 
-def generate_dataset(task: str, output_root: str | Path, dataset_id: int = 501, num_cases: int = 24,
-                     num_sites: int = 3, num_test_cases: int = 6, seed: int = 0, scale: float = 1.0,
-                     dataset_name: str | None = None, public: bool = False) -> Path:
+def generate_dataset(task: str, output_root: str | Path, dataset_id: int = 501, num_cases: int | None = None,
+                     num_sites: int | None = None, num_test_cases: int = 6, seed: int = 0, scale: float = 1.0,
+                     dataset_name: str | None = None, public: bool = False, site_cases: Sequence[int] | None = None,
+                     workers: int = 1, progress: bool = False) -> Path:
     """Write output_root/DatasetXXX_<Name>/ in nnU-Net raw format and return that folder.
 
-    Training cases are named ``<site>_<index>`` and spread unevenly over sites A, B, ...; test cases
-    ``test_<index>`` cycle through the sites' acquisition profiles. ``sites.json`` records the split.
+    Training cases are named ``<site>_<index>`` and spread over sites A, B, ...: ``site_cases`` cases per site
+    when given, else ``num_cases`` (default 24) split unevenly (~ 1 : 1.3 : 0.8) over ``num_sites`` (default 3);
+    ``published_cohort(task)`` gives the sizes of the task's public dataset. Test cases ``test_<index>`` cycle
+    through the sites' acquisition profiles. ``sites.json``, written last, records the split.
     ``public``: the task's public cohort for the same seed instead (default name <Name>Public): cases from
     random streams disjoint from the private cohort's and its test set's, acquired with their own site profiles
     (a scanner shift), for pretraining the weights that private training starts from.
+    ``workers``: processes that draw and write cases (the output does not depend on it); ``progress``: a
+    progress bar on stderr. A run interrupted with the same arguments resumes: its complete cases are kept.
     """
-    spec = _validate(task, dataset_id, num_cases, num_sites, num_test_cases, seed, scale, dataset_name)
+    sizes = _sites_sizes(num_cases, num_sites, site_cases)
+    spec = _validate(task, dataset_id, num_test_cases, seed, scale, dataset_name, workers)
     name = dataset_name or (spec.name + "Public" if public else spec.name)
     folder = Path(output_root) / f"Dataset{dataset_id:03d}_{name}"
-    _reset_dataset_folder(folder)
-    site_names = list(string.ascii_uppercase[:num_sites])
+    site_names = list(string.ascii_uppercase[:len(sizes)])
     stream_train, stream_test, stream_sites = (_STREAM_PUBLIC, _STREAM_PUBLIC_TEST, _STREAM_PUBLIC_SITES) if public \
         else (_STREAM_TRAIN, _STREAM_TEST, _STREAM_SITES)
-    profiles = site_profiles(spec.site_ranges, np.random.default_rng([seed, stream_sites]), num_sites)
+    profiles = site_profiles(spec.site_ranges, np.random.default_rng([seed, stream_sites]), len(sizes))
 
     sites: dict[str, list[str]] = {site: [] for site in site_names}
-    site_of_case = np.repeat(np.arange(num_sites), _site_sizes(num_cases, num_sites))
-    for index, site_index in enumerate(site_of_case):
+    jobs = []
+    for index, site_index in enumerate(np.repeat(np.arange(len(sizes)), sizes)):
         case_id = f"{site_names[site_index]}_{index:04d}"
-        case = spec.make_case(np.random.default_rng([seed, stream_train, index]), profiles[site_index], scale)
-        _write_case(case, case_id, folder, "Tr", spec.file_ending)
+        jobs.append(CaseJob(task, "Tr", case_id, (seed, stream_train, index), profiles[site_index], scale))
         sites[site_names[site_index]].append(case_id)
-
     test_sites = {}
     for index in range(num_test_cases):
-        case_id, site_index = f"test_{index:04d}", index % num_sites
-        case = spec.make_case(np.random.default_rng([seed, stream_test, index]), profiles[site_index], scale)
-        _write_case(case, case_id, folder, "Ts", spec.file_ending)
+        case_id, site_index = f"test_{index:04d}", index % len(sizes)
+        jobs.append(CaseJob(task, "Ts", case_id, (seed, stream_test, index), profiles[site_index], scale))
         test_sites[case_id] = site_names[site_index]
 
-    _write_json(folder / "dataset.json", _dataset_json(spec, name, task, num_cases, seed))
-    _write_json(folder / "sites.json", {
+    params = {"task": task, "name": name, "seed": seed, "scale": scale, "public": public, "site_cases": sizes,
+              "num_test_cases": num_test_cases}
+    resuming = prepare_folder(folder, params)
+    written = write_cases(jobs, folder, workers, progress, description=f"{folder.name} cases")
+    if resuming and progress:
+        print(f"resumed {folder.name}: kept {len(jobs) - written} complete cases, wrote {written}", file=sys.stderr)
+    write_json(folder / "dataset.json", _dataset_json(spec, name, task, sum(sizes), seed))
+    write_json(folder / "sites.json", {
         "sites": sites, "test": list(test_sites), "test_sites": test_sites, "task": task, "seed": seed,
-        "profiles": dict(zip(site_names, profiles)), "cohort": "public" if public else "private",
+        "scale": scale, "profiles": dict(zip(site_names, profiles)), "cohort": "public" if public else "private",
     })
+    finish_folder(folder)
     return folder
 
 
@@ -168,6 +153,16 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def _image_files_by_case(folder: Path, file_ending: str) -> dict[str, list[str]]:
+    """{case id: its image files <case>_XXXX<ending>, sorted}, from one listing of the folder."""
+    pattern = re.compile(rf"^(.+)_\d{{4}}{re.escape(file_ending)}$")
+    files: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+        if match := pattern.match(name):
+            files.setdefault(match.group(1), []).append(name)
+    return files
 
 
 def split_by_site(dataset_folder: str | Path, output_root: str | Path) -> dict[str, Path]:
@@ -181,22 +176,23 @@ def split_by_site(dataset_folder: str | Path, output_root: str | Path) -> dict[s
     meta = json.loads((source / "sites.json").read_text())
     dataset_json = json.loads((source / "dataset.json").read_text())
     file_ending = dataset_json["file_ending"]
+    images = {split: _image_files_by_case(source / f"images{split}", file_ending) for split in ("Tr", "Ts")}
 
     folders = {}
     for site, cases in meta["sites"].items():
         target = Path(output_root) / site / source.name
         if target.resolve() == source.resolve():
             raise ValueError(f"output_root would overwrite the pooled dataset itself: {target}")
-        _reset_dataset_folder(target)
+        reset_dataset_folder(target)
         for split, case_ids in (("Tr", cases), ("Ts", meta.get("test", []))):
             for case_id in case_ids:
-                for image in sorted((source / f"images{split}").glob(f"{case_id}_????{file_ending}")):
-                    _link_or_copy(image, target / f"images{split}" / image.name)
+                for image in images[split].get(case_id, []):
+                    _link_or_copy(source / f"images{split}" / image, target / f"images{split}" / image)
                 label = f"labels{split}/{case_id}{file_ending}"
                 _link_or_copy(source / label, target / label)
-        _write_json(target / "dataset.json", {**dataset_json, "numTraining": len(cases)})
+        write_json(target / "dataset.json", {**dataset_json, "numTraining": len(cases)})
         profile = {"profiles": {site: meta["profiles"][site]}} if "profiles" in meta else {}
-        _write_json(target / "sites.json", {**meta, "sites": {site: cases}, **profile})
+        write_json(target / "sites.json", {**meta, "sites": {site: cases}, **profile})
         folders[site] = target
     return folders
 
@@ -221,7 +217,7 @@ def _label_presence(folder: Path, file_ending: str) -> dict[int, int]:
 
 def _summary(folder: Path, split: dict[str, Path]) -> str:
     meta = json.loads((folder / "sites.json").read_text())
-    spec = _SPECS[meta["task"]]
+    spec = SPECS[meta["task"]]
     num_training = sum(len(cases) for cases in meta["sites"].values())
     lines = [f"wrote {folder} ({meta['task']}, seed {meta['seed']}): "
              f"{num_training} training cases, {len(meta['test'])} test cases"]
@@ -233,13 +229,38 @@ def _summary(folder: Path, split: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def _site_cases(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of cases, e.g. 3231,4200,2584; got "
+                                         f"{text!r}") from None
+
+
+def dataset_options(args: argparse.Namespace) -> dict:
+    """generate_dataset's keyword arguments from make-dataset's options: the cohort size's sizes, test cases and
+    scale, each replaced by the option given explicitly."""
+    options = {"num_cases": args.num_cases, "num_sites": args.num_sites, "site_cases": args.site_cases}
+    if args.cohort_size == "published":
+        if args.num_cases is not None or args.site_cases is not None:
+            raise ValueError("--cohort-size published sets the training cases; leave out --num-cases and "
+                             "--site-cases (or use them without --cohort-size)")
+        options = {**published_cohort(args.task, 3 if args.num_sites is None else args.num_sites),
+                   "num_cases": None, "num_sites": None}
+    else:
+        options.update(num_test_cases=6, scale=1.0)
+    explicit = {"num_test_cases": args.num_test_cases, "scale": args.scale}
+    options.update({key: value for key, value in explicit.items() if value is not None})
+    return {**options, "workers": args.workers, "progress": not args.no_progress}
+
+
 def _run_make_dataset(args: argparse.Namespace) -> int:
     if not args.output_root:
         print("make-dataset: error: give --output-root or set nnUNet_raw", file=sys.stderr)
         return 2
     try:
-        folder = generate_dataset(args.task, args.output_root, args.dataset_id, args.num_cases, args.num_sites,
-                                  args.num_test_cases, args.seed, args.scale, args.dataset_name, args.public)
+        folder = generate_dataset(args.task, args.output_root, args.dataset_id, seed=args.seed,
+                                  dataset_name=args.dataset_name, public=args.public, **dataset_options(args))
         split = split_by_site(folder, args.split_sites) if args.split_sites else {}
     except ValueError as error:
         print(f"make-dataset: error: {error}", file=sys.stderr)
@@ -250,9 +271,9 @@ def _run_make_dataset(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> None:
     """Register a `make-dataset` sub-command on an argparse subparsers object (options mirroring
-    generate_dataset, plus --split-sites OUTPUT_ROOT); its handler is set with set_defaults(func=...),
-    taking the parsed args and returning an int exit code; prints a short summary (folder, cases per
-    site, label counts)."""
+    generate_dataset, plus --cohort-size and --split-sites OUTPUT_ROOT); its handler is set with
+    set_defaults(func=...), taking the parsed args and returning an int exit code; prints a short summary
+    (folder, cases per site, label counts)."""
     parser = subparsers.add_parser(
         "make-dataset", help="write a synthetic multi-site nnU-Net raw dataset",
         description="Write a deterministic synthetic nnU-Net v2 raw dataset (skin, kidney, kidney_roi or brain task).")
@@ -260,16 +281,28 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--output-root", default=os.environ.get("nnUNet_raw"),
                         help="folder that receives DatasetXXX_<Name>/ (default: $nnUNet_raw)")
     parser.add_argument("--dataset-id", type=int, default=501)
-    parser.add_argument("--num-cases", type=int, default=24, help="training cases over all sites")
-    parser.add_argument("--num-sites", type=int, default=3)
-    parser.add_argument("--num-test-cases", type=int, default=6)
+    published = ", ".join(f"{task} {c.num_cases} (+{c.num_test_cases} test) at scale {c.scale}"
+                          for task, c in PUBLISHED.items())
+    parser.add_argument("--cohort-size", choices=COHORT_SIZES, default="small",
+                        help="small: 24 training cases, 6 test cases, scale 1; published: the size of the public "
+                        f"dataset the task imitates, at a scale that trains on 2 CPU cores ({published}); "
+                        "options given explicitly win")
+    parser.add_argument("--num-cases", type=int, default=None, help="training cases over all sites, split unevenly")
+    parser.add_argument("--num-sites", type=int, default=None, help="default 3")
+    parser.add_argument("--site-cases", type=_site_cases, default=None, metavar="N,N,...",
+                        help="training cases of each site (instead of --num-cases and --num-sites)")
+    parser.add_argument("--num-test-cases", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the spatial size")
+    parser.add_argument("--scale", type=float, default=None, help="multiplies the spatial size")
     parser.add_argument("--dataset-name", default=None, help="default: SynthSkin / SynthKidney / SynthBrain")
     parser.add_argument("--public", action="store_true", help="the task's public cohort (disjoint cases, another "
                         "scanner) for pretraining, instead of the private multi-site one")
     parser.add_argument("--split-sites", metavar="OUTPUT_ROOT", default=None,
                         help="also write one dataset per site to OUTPUT_ROOT/<site>/DatasetXXX_<Name>/")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that write cases (default: the CPUs, at most 8); the output does not "
+                        "depend on it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=_run_make_dataset)
 
 
