@@ -296,3 +296,39 @@ def test_bad_subset_update_is_rejected(fed, tensors, privacy, reason):
     clients["B"].upload(1, delta(2), 4, None)
     assert agg.run_round(1)["sites"] == ["B"]
     assert reason in rejections(fed_dir, 1)[0]["reason"]
+
+
+def test_stale_temporaries_of_killed_writers_are_removed_when_the_aggregator_starts(fed):
+    import os
+    import time
+    fed_dir, keys, _, _, _ = fed
+    stale, fresh = ff.round_dir(fed_dir, 1) / ".A.json.1a2b.tmp", ff.round_dir(fed_dir, 1) / ".B.json.3c4d.tmp"
+    stale.parent.mkdir(parents=True)
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    Aggregator(fed_dir, keys, poll_interval=0.01, log=lambda *_: None)
+    assert not stale.exists() and fresh.exists()  # a writer may still be writing the fresh one
+
+
+def test_an_update_changed_after_it_was_accepted_is_not_averaged(fed):
+    fed_dir, _, _, agg, clients = fed
+    for s in SITES:
+        clients[s].upload(1, delta(ord(s)), 3, None)
+    previous = ff.stored_global(fed_dir, 0)
+    accepted, norms = {}, {}
+    agg._judge(1, ff.tensor_spec(previous), accepted, norms, {})
+    assert sorted(accepted) == SITES
+    clients["C"].upload(1, {**delta(9), "w": delta(9)["w"] * 1e6}, 3, None)  # swapped after the check
+    manifest = agg._close(1, previous, ff.tensor_spec(previous), accepted, norms)
+    assert manifest["sites"] == ["A", "B"]
+    assert "changed since it was accepted" in rejections(fed_dir, 1)[0]["reason"]
+
+
+def test_a_folder_planted_where_a_file_belongs_is_moved_aside(fed):
+    fed_dir, _, _, _, clients = fed
+    tensor_path, manifest_path = ff.update_paths(fed_dir, 1, "A")
+    (manifest_path / "inner").mkdir(parents=True)
+    clients["A"].upload(1, delta(1), 3, None)
+    assert clients["A"].own_update(1) is not None

@@ -106,21 +106,19 @@ def write_bytes_in(root: str | Path, path: str | Path, data: bytes, mode: int | 
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except IsADirectoryError:  # a folder planted where the file belongs: moved aside, not written into
+                os.rename(name, f".{name}.{secrets.token_hex(6)}.moved-aside", src_dir_fd=dfd, dst_dir_fd=dfd)
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             try:
                 os.unlink(tmp, dir_fd=dfd)
             except FileNotFoundError:
                 pass
             raise
-    except IsADirectoryError:
-        raise UnsafeInput(f"{path} is a folder") from None
     finally:
         os.close(dfd)
-
-
-def write_json_in(root: str | Path, path: str | Path, content: dict) -> None:
-    write_bytes_in(root, path, json.dumps(content, indent=2, allow_nan=False).encode())
 
 
 def append_line_in(root: str | Path, path: str | Path, line: str) -> None:

@@ -306,6 +306,8 @@ class Aggregator:
         for site in self._within_norm_bound(r, norms):  # sorted: the result does not depend on arrival order
             try:
                 manifest, delta = ff.read_update(self.fed, r, site, self.cfg["id"], self.keys, spec)
+                if manifest["sha256"] != accepted[site]["sha256"]:  # the norm bound was checked on the accepted one
+                    raise ff.Rejected("the update changed since it was accepted")
             except Exception as e:  # noqa: BLE001  changed after it was accepted
                 self.reject(r, site, f"at aggregation: {getattr(e, 'reason', e)}")
                 del accepted[site], norms[site]
