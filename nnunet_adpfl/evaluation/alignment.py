@@ -1,7 +1,8 @@
 """Gradient-alignment analysis over several training runs (DESIGN.md §2): one PNG per metric plus a table.
 
-Reads the per-epoch logs a DP trainer writes with ``log_alignment: true`` (in the nnU-Net checkpoint's logging):
-cos(mean raw gradient, mean clipped gradient) and cos(mean raw gradient, noisy step), next to epsilon.
+Reads the per-epoch logs a DP trainer writes with ``log_alignment: true`` (in the fold's local_only_log.json: they
+are unnoised, so never in a checkpoint): cos(mean raw gradient, mean clipped gradient) and cos(mean raw gradient,
+noisy step), next to epsilon (from the checkpoint).
 
     nnunet-adpfl alignment <fold folder> [<fold folder> ...] --names flat autos ... -o alignment/
 """
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..privacy.local_log import read_local_log
+
 METRICS = {"cos_raw_clipped": "cos(raw, clipped)", "cos_raw_noisy": "cos(raw, noisy step)"}
 
 
 def read_logs(fold: str | Path) -> dict[str, list[float]]:
-    """Per-epoch alignment (and epsilon) of one run, from checkpoint_final.pth (else checkpoint_latest.pth)."""
+    """Per-epoch alignment of one run (local_only_log.json) and epsilon (checkpoint_final.pth, else _latest)."""
     import torch
 
     fold = Path(fold)
@@ -26,11 +29,11 @@ def read_logs(fold: str | Path) -> dict[str, list[float]]:
             break
     else:
         raise FileNotFoundError(f"no checkpoint_final.pth or checkpoint_latest.pth in {fold}")
-    missing = [k for k in METRICS if k not in logging]
+    local = read_local_log(fold)
+    missing = [k for k in METRICS if k not in local]
     if missing:
         raise ValueError(f"{fold}: no alignment logs {missing}; train with the setting log_alignment: true")
-    return {k: [float("nan") if v is None else float(v) for v in logging[k]] for k in (*METRICS, "epsilon")
-            if k in logging}
+    return {**{k: local[k] for k in METRICS}, "epsilon": [float(v) for v in logging.get("epsilon", [])]}
 
 
 def _summary(values: list[float]) -> tuple[float, float]:

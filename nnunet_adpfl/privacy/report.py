@@ -25,7 +25,8 @@ def package_versions() -> dict:
 def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sample_rate: float, clipping: dict,
                    max_grad_norm: float, num_cases: int, expected_batch_size: float, target_epsilon: float | None,
                    planned_steps: int, budget_exhausted: bool, trainer: str, final: bool,
-                   deterministic_noise: bool, extra: dict | None = None) -> dict:
+                   deterministic_noise: bool, deterministic_sampling: bool = False,
+                   extra: dict | None = None) -> dict:
     eps = accountant.epsilon()
     content = {
         "epsilon": eps if math.isfinite(eps) else None,
@@ -45,6 +46,7 @@ def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sa
         "sampling": "Poisson: each case included independently with probability sample_rate per step",
         "history": [list(h) for h in accountant.history],
         "guarantee_void_deterministic_noise": deterministic_noise,
+        "guarantee_void_deterministic_sampling": deterministic_sampling,
         "trainer": trainer,
         "final": final,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -32,9 +32,11 @@ from .ema import WeightEMA
 from ..common.initial_weights import initial_weights_record, pretrained_origin, transfer_segmentation_layers
 from ..privacy.clipping import make_rule
 from ..common.config import SettingsError, apply_run_length, load_settings
+from ..privacy.local_log import describe, epoch_values, record_epoch
 from .losses import PerCaseLoss
 from ..privacy.noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
 from ..privacy.per_case_grads import PerCaseGradients, resolve_engine, trainable_params_reached_by_loss
+from ..privacy.resume import EARLIER_KEY, describe_earlier, earlier_accounts, refuse_uncovered_resume
 from ..privacy.sampling import PoissonDataLoader, batch_to_device, training_augmenter
 from .trainable import count_parameters, make_dp_safe, select_trainable
 
@@ -64,6 +66,9 @@ class nnUNetTrainerDP(nnUNetTrainer):
         if self.dp_settings["ema_decay"] is not None and not self.supports_ema:
             raise SettingsError(f"ema_decay is for single-site trainers, not {type(self).__name__}")
         self.ema: WeightEMA | None = None
+        self._local_log: dict = {}  # local_only_log.json's series (unnoised values, never released)
+        self._resumed_from: str | None = None  # the checkpoint this run continues (privacy/resume.py)
+        self._earlier_accounts: list[dict] = []
         self._restored_ema: dict | None = None
         self._ensure_log_keys()
 
@@ -148,6 +153,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         return optimizer, scheduler
 
     def on_train_start(self):
+        refuse_uncovered_resume(self._resumed_from)
+        self._earlier_accounts = earlier_accounts(self.output_folder, resumed=self._resumed_from is not None)
         super().on_train_start()
         fresh, origin = self.current_epoch == 0, self._initial_weights_origin()
         if fresh and origin["source"] == "pretrained":
@@ -204,8 +211,11 @@ class nnUNetTrainerDP(nnUNetTrainer):
             f"parameters in {len(params)} tensors ({n_frozen} tensors frozen); noise std per coordinate "
             f"{sigma * s['max_grad_norm'] / self._expected_batch_size():.3g} (sigma*C/B); momentum {s['momentum']}; "
             f"initial weights: {self.initial_weights['source']}")
-        if s["noise_seed"] is not None:
-            self.print_to_log_file("WARNING: noise_seed is set: the noise is predictable, no privacy guarantee.")
+        for key, what in (("noise_seed", "the noise"), ("seed", "the Poisson draws")):
+            if s[key] is not None:
+                self.print_to_log_file(f"WARNING: {key} is set: {what} are predictable, no privacy guarantee.")
+        if describe_earlier(self._earlier_accounts):
+            self.print_to_log_file(describe_earlier(self._earlier_accounts))
 
     def _private_params(self) -> dict[str, nn.Parameter]:
         """The parameters the private step trains (dp_trainable, and reached by the loss); all others frozen.
@@ -291,8 +301,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     # ---- logging, report, checkpoint ----------------------------------------------------------------
     def _dp_log_key_names(self) -> list[str]:
-        keys = ["epsilon", "dp_steps", "privacy_accountant"]
-        return keys + (["cos_raw_clipped", "cos_raw_noisy"] if self.dp_settings["log_alignment"] else [])
+        return ["epsilon", "dp_steps", "privacy_accountant"]
 
     def _ensure_log_keys(self):
         logs = self.logger.local_logger.my_fantastic_logging
@@ -305,27 +314,25 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.logger.local_logger.log("privacy_accountant", self.accountant.state_dict(), self.current_epoch)
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        losses = [float(o["loss"]) for o in train_outputs]
-        finite = [x for x in losses if not math.isnan(x)]
-        self.logger.log("train_losses", float(np.mean(finite)) if finite else math.nan, self.current_epoch)
+        # every checkpoint carries the logger: no unnoised value goes there (local_log.py)
+        self.logger.log("train_losses", math.nan, self.current_epoch)
+        alignment = self.privacy["alignment"] if self.dp_settings["log_alignment"] else None
+        local = epoch_values([float(o["loss"]) for o in train_outputs], alignment)
+        self.privacy["alignment"] = []
+        self._local_log = record_epoch(self.output_folder, self.current_epoch, local)
         eps = self.accountant.epsilon()
         self.logger.log("epsilon", eps, self.current_epoch)
         self.logger.log("dp_steps", self.accountant.steps, self.current_epoch)
         self._log_epoch_state()
-        msg = f"epsilon spent: {eps:.4f} (delta={self.accountant.delta}) after {self.accountant.steps} steps"
-        if self.dp_settings["log_alignment"]:
-            al = np.array(self.privacy["alignment"]) if self.privacy["alignment"] else np.full((1, 2), np.nan)
-            self.logger.log("cos_raw_clipped", float(np.nanmean(al[:, 0])), self.current_epoch)
-            self.logger.log("cos_raw_noisy", float(np.nanmean(al[:, 1])), self.current_epoch)
-            self.privacy["alignment"] = []
-            msg += f"; alignment cos(raw, clipped)={np.nanmean(al[:, 0]):.3f} cos(raw, noisy)={np.nanmean(al[:, 1]):.3f}"
-        self.print_to_log_file(msg)
+        self.print_to_log_file(f"epsilon spent: {eps:.4f} (delta={self.accountant.delta}) after "
+                               f"{self.accountant.steps} steps; {describe(local)}")
         self.write_privacy_report(final=False)
 
     def on_epoch_end(self):
         super().on_epoch_end()
         if self.local_rank == 0:
-            report.plot_privacy_progress(self.logger.local_logger.my_fantastic_logging, self.output_folder)
+            report.plot_privacy_progress({**self.logger.local_logger.my_fantastic_logging, **self._local_log},
+                                         self.output_folder)
 
     def on_train_end(self):
         if self.ema is not None:  # the released model is the average of the noisy iterates (post-processing)
@@ -345,6 +352,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
+        self._resumed_from = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "a checkpoint"
         path = self._ema_path(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) else None
         if self.dp_settings["ema_decay"] is not None and path is not None and os.path.isfile(path):
             with safe_open(path, "pt") as f:
@@ -357,7 +365,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
     def _report_extra(self) -> dict:
         """Mechanism-specific report fields (ADP-FL add theirs)."""
         s = self.dp_settings
-        return {"initial_weights": self.initial_weights, "trainable_parameters": self.privacy["parameters"],
+        return {EARLIER_KEY: self._earlier_accounts, "initial_weights": self.initial_weights,
+                "trainable_parameters": self.privacy["parameters"],
                 "augmentation_multiplicity": s["augmentation_multiplicity"], "momentum": s["momentum"],
                 "released_model": "weights" if s["ema_decay"] is None else f"EMA of the weights (decay "
                                                                              f"{s['ema_decay']}), post-processing"}
@@ -372,6 +381,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
             expected_batch_size=pv["expected_batch_size"], target_epsilon=s["target_epsilon"],
             planned_steps=self._planned_steps(), budget_exhausted=self.privacy_budget_spent(),
             trainer=self.__class__.__name__, final=final, deterministic_noise=s["noise_seed"] is not None,
+            deterministic_sampling=s["seed"] is not None,
             extra=self._report_extra())
         write_json_atomic(join(self.output_folder, report.REPORT_NAME), content)
         return content
