@@ -33,7 +33,11 @@ def epoch_values(losses: list[float], alignment: list[tuple[float, float]] | Non
 
 
 def describe(values: dict[str, float]) -> str:
-    return "local only (never in a checkpoint): " + ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+    text = f"local only (never in a checkpoint): train loss {values['train_loss']:.4f}"
+    if "cos_raw_clipped" in values:
+        text += (f"; alignment cos(raw, clipped) {values['cos_raw_clipped']:.3f}, "
+                 f"cos(raw, noisy) {values['cos_raw_noisy']:.3f}")
+    return text
 
 
 def read_local_log(folder: str | Path) -> dict[str, list[float]]:
