@@ -30,5 +30,16 @@ if ! torch_ok; then
   say "ERROR: 'import torchvision' (with its compiled ops) fails in $venv; reinstall a matching torch/torchvision pair"
   exit 1
 fi
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  # nginx: the Flower transport's Fleet-only proxy (docs/FLOWER.md). Installed here only where installing starts
+  # no service (a container whose policy-rc.d denies it), so that setting up never starts a web server on :80.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -x /usr/sbin/policy-rc.d ]; then
+    say "installing nginx (the Flower transport's proxy)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx >&2 \
+      || say "WARNING: nginx not installed; the Flower proxy test will be skipped"
+  else
+    say "nginx not found: 'apt-get install nginx' for the Flower transport's proxy (its test is skipped without it)"
+  fi
+fi
 "$venv/bin/python" -c "import torch, torchvision, nnunetv2, opacus; print('[setup] torch', torch.__version__, '| torchvision', torchvision.__version__, '| nnunetv2 ok | opacus', opacus.__version__)"
 echo "$venv" >&3

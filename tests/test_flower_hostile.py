@@ -227,6 +227,16 @@ def test_site_refuses_pushed_names_with_a_trailing_newline(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_site_accepts_a_signed_global_larger_than_the_minimum_limit_before_it_knows_the_model(tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.setattr(fr, "MIN_TENSOR_FILE_BYTES", 1 << 10)
+    key, nonce = os.urandom(32), "cd" * 16
+    push = {"round_0000/global.safetensors": b"\0" * (2 << 20), "round_0000/global.json": b"{}"}
+    mac = fr.relay_mac(key, "push", nonce, "A", {"files": fr._digests(push)})
+    status, _, _ = fr.site_exchange(tmp_path, "A", key, nonce, push, mac, None)
+    assert status["globals"] == [0]
+
+
 def test_clientapp_answers_malformed_requests_with_an_error(tmp_path):
     """A compromised SuperLink (or anyone forging requests) gets a refusal, not an exception in the ClientApp."""
     key_file = tmp_path / "A.key"

@@ -16,6 +16,7 @@ from nnunet_adpfl.federation.strategies import FedAvg
 
 pytest.importorskip("flwr")
 from nnunet_adpfl.federation.flower_local import FlowerNet  # noqa: E402
+from nnunet_adpfl.federation.flower_proxy import nginx_binary  # noqa: E402
 
 SITES = ["A", "B", "C"]
 ROUNDS = 2
@@ -129,6 +130,8 @@ def test_federation_over_flower_with_tls_and_node_auth(tmp_path):
     net.may_fail.add("forged")  # the unregistered SuperNode must fail
     try:
         net.start_superlink()
+        if nginx_binary():  # the nodes connect through the Fleet-only proxy, as the README deploys it
+            net.start_proxy()
         for name in [*SITES, "mallory"]:  # mallory: a registered Flower node that does not hold B's site key
             net.register(name)
         local = {s: tmp_path / f"site_{s}" / "fed" for s in SITES}
@@ -177,6 +180,8 @@ def test_federation_over_flower_with_tls_and_node_auth(tmp_path):
     assert not list(fed.glob("round_*/rejections.jsonl"))
     stats = ff.read_json(fed / "relay_stats.json")
     assert stats["sites"] == SITES and stats["bytes_pulled"] > 0 and len(stats["refused_nodes"]) == 1
+    if nginx_binary():
+        assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in (net.root / "proxy" / "access.log").read_text()
 
 
 def test_credentials_command_makes_a_ca_a_server_certificate_and_node_keys(tmp_path):

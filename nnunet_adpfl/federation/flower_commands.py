@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from ..common.atomic import write_bytes_atomic
+from . import flower_proxy
 
 CONNECTION = "nnunet-adpfl"
 
@@ -116,6 +117,8 @@ def add_cli(sub) -> None:
     q.add_argument("--reply-timeout", type=float, default=60.0, help="seconds to wait for the nodes' replies")
     q.add_argument("--max-wait", type=float, default=0.0, help="stop the run after this many seconds (0: never)")
     q.set_defaults(func=cmd_app)
+
+    flower_proxy.add_cli(fsub)
 
     q = fsub.add_parser("connection", help="add the SuperLink (address + our CA) to the flwr CLI's configuration")
     q.add_argument("--name", default=CONNECTION)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .flower_commands import CONNECTION, write_app, write_connection
 from .flower_credentials import make_credentials
+from .flower_proxy import proxy_command, write_proxy_config
 
 BIN = Path(sys.executable).parent
 
@@ -22,6 +23,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def flwr(name: str) -> str:
@@ -35,7 +41,8 @@ class FlowerNet:
         self.root.mkdir(parents=True, exist_ok=True)
         self.creds = make_credentials(self.root / "credentials", ["127.0.0.1"], [*sites, *extra_keys])
         self.home = self.root / "flwr_home"
-        self.port = free_port()
+        self.port = free_port()        # the SuperLink, on loopback: Control, Runtime and Fleet API
+        self.fleet_port = self.port    # where the SuperNodes connect: the proxy's port once start_proxy ran
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -57,9 +64,19 @@ class FlowerNet:
         c = self.creds
         self.start("superlink", [flwr("flower-superlink"), "--ssl-ca-certfile", str(c["ca"]), "--ssl-certfile",
                                  str(c["certfile"]), "--ssl-keyfile", str(c["keyfile"]), "--enable-supernode-auth",
-                                 "--disable-runtime-dependency-installation", "--port", str(self.port),
+                                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                 "--port", str(self.port),
                                  "--database", str(self.root / "superlink.db")])
         self.wait_for(lambda: "Uvicorn running" in self.log("superlink"), 60, "SuperLink did not start")
+
+    def start_proxy(self) -> None:
+        """nginx in front of the SuperLink, as in a real deployment: the SuperNodes connect to it, and only the
+        Fleet API goes through."""
+        self.fleet_port = free_port()
+        conf = write_proxy_config(self.root / "proxy", f"127.0.0.1:{self.fleet_port}", f"127.0.0.1:{self.port}",
+                                  self.root / "credentials")
+        self.start("proxy", proxy_command(conf))
+        self.wait_for(lambda: _listening(self.fleet_port), 30, "nginx did not start")
 
     def flwr_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([flwr("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
@@ -73,7 +90,7 @@ class FlowerNet:
                         name: str | None = None, max_retries: int | None = None) -> subprocess.Popen:
         d = self.creds[node_key or site]
         config = f'site="{site}" federation-dir="{fed}" key-file="{key_file}"'
-        cmd = [flwr("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+        cmd = [flwr("flower-supernode"), "--superlink", f"127.0.0.1:{self.fleet_port}", "--root-certificates",
                str(d / "ca.crt"), "--auth-supernode-private-key", str(d / "node.key"), "--node-config", config,
                "--port", str(free_port())]
         if max_retries is not None:

@@ -153,17 +153,19 @@ def _ordered(names) -> list[str]:
     return sorted(names, key=lambda n: (n.endswith(".json") and "round_" in n, n == FEDERATION_FILE, n))
 
 
-def check_files(fed: Path, files, allowed: re.Pattern) -> dict[str, bytes]:
+def check_files(files, allowed: re.Pattern, max_tensor_bytes: int) -> dict[str, bytes]:
     """The files of a message: at most MAX_FILES_PER_MESSAGE, names this sender may write (fullmatch), sizes
-    within file_limit; RelayError otherwise."""
+    within MAX_JSON_FILE_BYTES (JSON) and ``max_tensor_bytes`` (.safetensors); RelayError otherwise."""
     if not isinstance(files, dict) or len(files) > MAX_FILES_PER_MESSAGE:
         raise RelayError(f"more than {MAX_FILES_PER_MESSAGE} files in one message")
     bad = [n for n in files if not (isinstance(n, str) and allowed.fullmatch(n))]
     if bad:
         raise RelayError(f"refused to write {[str(n)[:80] for n in bad[:3]]}: not a path this sender may write")
-    big = [n for n, data in files.items() if not isinstance(data, bytes) or len(data) > file_limit(fed, n)]
+    def limit(name: str) -> int:
+        return max_tensor_bytes if name.endswith(".safetensors") else MAX_JSON_FILE_BYTES
+    big = [n for n, data in files.items() if not isinstance(data, bytes) or len(data) > limit(n)]
     if big:
-        raise RelayError(f"{big[:3]} larger than the relay's limit ({file_limit(fed, big[0]):,} bytes)")
+        raise RelayError(f"{big[:3]} larger than the relay's limit ({limit(big[0]):,} bytes)")
     return files
 
 
@@ -193,7 +195,7 @@ def site_exchange(fed: Path, site: str, key: bytes, nonce, push: dict[str, bytes
     fed = Path(fed)
     nonce, held = check.nonce(nonce), check.held(held)
     push_mac = check.mac_or_none(push_mac, "push_mac")
-    check_files(fed, push, _PUSHABLE)
+    check_files(push, _PUSHABLE, MAX_TENSOR_FILE_BYTES)  # before round 0 arrives a site knows no model size
     if push:
         expected = relay_mac(key, "push", nonce, site, {"files": _digests(push)})
         if push_mac is None or not hmac.compare_digest(expected, push_mac):
@@ -323,7 +325,7 @@ class Relay:
         if expected_site is None and files:
             raise RelayError(f"site {site!r} sent files before it was known")
         try:
-            check_files(self.fed, files, pullable(site))
+            check_files(files, pullable(site), tensor_limit(self.fed))
         except RelayError as e:
             raise RelayError(f"site {site!r} sent files that are not its own to send: {e}") from None
         late = [n for n in files if n.startswith("round_") and not 1 <= int(n[6:10]) <= self.rounds]
