@@ -33,6 +33,7 @@ from ..common.initial_weights import initial_weights_record, pretrained_origin, 
 from ..privacy.clipping import make_rule
 from ..common.config import SettingsError, apply_run_length, load_settings
 from ..privacy.local_log import describe, epoch_values, record_epoch
+from .dp_log import fold_warning, setup_lines
 from .losses import PerCaseLoss
 from ..privacy.noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
 from ..privacy.per_case_grads import PerCaseGradients, resolve_engine, trainable_params_reached_by_loss
@@ -200,17 +201,9 @@ class nnUNetTrainerDP(nnUNetTrainer):
             self.ema = WeightEMA(params, s["ema_decay"])
             if self._restored_ema is not None:
                 self.ema.load_state_dict(self._restored_ema)
-        n_frozen = sum(1 for p in self.network.parameters() if not p.requires_grad)
-        counts = self.privacy["parameters"]
-        self.print_to_log_file(
-            f"DP: rule {self.rule.describe()}, C={s['max_grad_norm']}, sigma={sigma:.4f}, q={q:.4g} "
-            f"(expected batch {self._expected_batch_size()} of {self.num_training_cases} cases, Poisson, "
-            f"{s['augmentation_multiplicity']} augmented patch(es) per case), "
-            f"{self._planned_steps()} planned steps, {allowed} within budget, accountant {s['accountant']}, "
-            f"engine {engine}; trainable ({s['dp_trainable']}): {counts['trainable']:,} of {counts['total']:,} "
-            f"parameters in {len(params)} tensors ({n_frozen} tensors frozen); noise std per coordinate "
-            f"{sigma * s['max_grad_norm'] / self._expected_batch_size():.3g} (sigma*C/B); momentum {s['momentum']}; "
-            f"initial weights: {self.initial_weights['source']}")
+        self.privacy["small_fold_warning"] = fold_warning(self, sigma)
+        for line in setup_lines(self, allowed):
+            self.print_to_log_file(line)
         for key, what in (("noise_seed", "the noise"), ("seed", "the Poisson draws")):
             if s[key] is not None:
                 self.print_to_log_file(f"WARNING: {key} is set: {what} are predictable, no privacy guarantee.")
@@ -367,6 +360,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         s = self.dp_settings
         return {EARLIER_KEY: self._earlier_accounts, "initial_weights": self.initial_weights,
                 "trainable_parameters": self.privacy["parameters"],
+                "small_fold_warning": self.privacy["small_fold_warning"],
                 "augmentation_multiplicity": s["augmentation_multiplicity"], "momentum": s["momentum"],
                 "released_model": "weights" if s["ema_decay"] is None else f"EMA of the weights (decay "
                                                                              f"{s['ema_decay']}), post-processing"}

@@ -18,7 +18,8 @@ def federation_not_set_up(trainer: str, mode: str, single_site: str) -> str | No
     if not missing:
         return None
     path = os.environ.get(ENV_VAR)
-    why = f"${ENV_VAR} is unset" if not path else f"the settings file {path} (${ENV_VAR}) lacks {', '.join(missing)}"
+    why = f"${ENV_VAR} is unset" if not path else \
+        f"the settings file {path} (${ENV_VAR}) lacks {', '.join(missing)}"
     return (f"{trainer} trains one site of a federation, and {why}.\n"
             f"Set up a federation (README \"Federated training\"): the coordinator runs\n"
             f"  nnunet-adpfl federation init /shared/fed --sites A,B,C --rounds 20 --mode {mode} --keys-dir ~/fed_keys\n"
