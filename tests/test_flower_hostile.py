@@ -196,7 +196,8 @@ def test_key_holder_with_malformed_status(setup, status, reason):
 
 
 @pytest.mark.parametrize("name", ["round_0001/updates/B.json\n", "fingerprints/B.json\n",
-                                  "round_0001/updates/B.json/../../../x.json"])
+                                  "round_0001/updates/B.json/../../../x.json",
+                                  "round_\u0661\u0662\u0663\u0664/updates/B.json"])  # Arabic-Indic digits
 def test_key_holder_file_names_are_matched_whole(setup, name):
     s = setup
     cycles(s, key_holder(s.keys["B"], files={name: b"{}"}), known_as="B")

@@ -47,7 +47,7 @@ RETRY_REFUSED_S = 30.0
 MAX_JSON_FILE_BYTES = 16 << 20          # federation.json, plans, manifests, fingerprints
 MIN_TENSOR_FILE_BYTES = 64 << 20
 MAX_TENSOR_FILE_BYTES = 4 << 30
-_ROUND = r"round_(\d{4})"
+_ROUND = r"round_([0-9]{4})"  # not \d, which matches non-ASCII digits too
 # names are matched with fullmatch: "$" would also let a name with a trailing newline through
 _PUSHABLE = re.compile(rf"federation\.json|plans/(nnUNetPlans|dataset|dataset_fingerprint)\.json|"
                        rf"{_ROUND}/global\.(safetensors|json)")
