@@ -14,6 +14,8 @@ Real measurement (takes long on CPU; --variants, --steps and --scale shorten it)
     python scripts/bench_dp_step.py --output docs/BENCHMARKS.md
 Quick end-to-end check (writes no docs):
     python scripts/bench_dp_step.py --smoke --variants dpsgd
+Batch-size sweep (network level, no dataset; see dp_step_sweep.py):
+    python scripts/bench_dp_step.py --sweep 3d --batch 2,8,32 --engines auto,loop --output docs/BENCHMARKS.md
 """
 from __future__ import annotations
 
@@ -339,6 +341,8 @@ def selected_variants(text: str) -> list[str]:
 
 
 def benchmark(args) -> None:
+    if args.sweep or args.batch:
+        return sweep(args)
     scale, num_cases, warmup, steps = profile(args)
     warmup = warmup if args.warmup is None else args.warmup
     steps = steps if args.steps is None else args.steps
@@ -429,6 +433,20 @@ def benchmark(args) -> None:
         log(f"wrote section to {args.output}")
 
 
+def sweep(args) -> None:
+    """--sweep: the private step against the standard step at each batch size (dp_step_sweep.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import dp_step_sweep
+
+    torch.manual_seed(0)
+    command = shlex.join(["python", os.path.relpath(Path(__file__).resolve()), *sys.argv[1:]])
+    section = dp_step_sweep.run_sweep(args, log, machine_description(torch.device("cpu")), command)
+    print(section)
+    if args.output:
+        update_section(Path(args.output), section, dp_step_sweep.MARKS)
+        log(f"wrote section to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="./work_dirs/bench",
@@ -454,6 +472,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps per variant for the peak-memory measurement, after one warm-up step "
                              "(default: %(default)s)")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak step memory")
+    group = parser.add_argument_group("batch-size sweep (--sweep): network-level private vs standard step, CPU")
+    group.add_argument("--sweep", action="append", choices=("2d", "3d"), default=[],
+                       help="run the sweep on the 2D and/or 3D network (repeatable; default with --batch: both); ignores the options above "
+                            "except --output and --skip-memory")
+    group.add_argument("--batch", default=None,
+                       help="comma-separated batch sizes B (default: 2D 2,8,32,64,128,256; 3D 2,4,8,16,32)")
+    group.add_argument("--engines", default="auto",
+                       help="comma-separated private variants: engine[/cCHUNK][+bf16], engine in auto, loop, vmap, "
+                            "hooks (default: %(default)s)")
+    group.add_argument("--chunk", type=int, default=32,
+                       help="cases per batched pass where a variant names no /cCHUNK (default: %(default)s)")
+    group.add_argument("--rounds", type=int, default=3, help="timed rounds per B (default: %(default)s)")
+    group.add_argument("--sweep-warmup", type=int, default=1, help="warm-up rounds per B (default: %(default)s)")
     parser.add_argument("--measure-memory-of", metavar="VARIANT", default=None,
                         help="internal: run only VARIANT in this process and print its peak step memory (CPU)")
     return parser

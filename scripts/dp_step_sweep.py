@@ -162,3 +162,55 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['dim']}D | {r['batch']} | {r['variant']} | {r['engine']} | {r['median_s']:.3f} | "
                      f"{ratio} | {mem} | {mem_ratio} |")
     return "\n".join(lines)
+
+
+MARKS = ("<!-- bench_dp_sweep:start -->", "<!-- bench_dp_sweep:end -->")
+
+
+def parse_batches(text: str | None, dim: int) -> list[int]:
+    if not text:
+        return list(NETWORKS[dim][2])
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise SystemExit(f"--batch: expected comma-separated batch sizes >= 1, got {text!r}")
+    return batches
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def run_sweep(args, log, machine: str, command: str) -> str:
+    """Every (dim, B, variant) of the sweep; returns the docs section (markdown)."""
+    specs = [s.strip() for s in args.engines.split(",") if s.strip()]
+    for spec in specs:
+        parse_variant(spec)
+    dims = [int(d[0]) for d in args.sweep or ("2d", "3d")]
+    rows, loads = [], [f"{load_average()} (start)"]
+    for dim in dims:
+        for batch in parse_batches(args.batch, dim):
+            rows += sweep_one(dim, batch, specs, args.rounds, args.sweep_warmup, args.chunk, not args.skip_memory,
+                              log)
+            loads.append(f"{load_average()} ({dim}D B={batch} done)")
+    section = "\n".join([
+        "## DP step vs standard step over the batch size (`scripts/bench_dp_step.py --sweep`)",
+        "",
+        f"- Machine: {machine}; load average (1, 5, 15 min) during the run: " + "; ".join(loads),
+        f"- Command: `{command}`",
+        *[f"- Network: {network_description(d)}" for d in dims],
+        "- Standard: nnU-Net's CPU train_step (batched Dice+CE with deep supervision, backward, clip_grad_norm_ 12, "
+        "SGD momentum 0.99 Nesterov). Private: clipped_sum of the per-case gradients (flat clipping, C = 1), "
+        "add_noise (sigma = 1), the same SGD step, as nnUNetTrainerDPSGD.train_step; the batch has exactly B cases",
+        f"- Timing: {args.rounds} rounds after {args.sweep_warmup} warm-up, variants interleaved in rotating order; "
+        "ratio = median over rounds of (variant time / standard time in the same round)",
+        "- Memory: " + ("not measured" if args.skip_memory else
+                        "peak RSS (VmHWM) during one more step minus RSS before it, variants one after the other "
+                        "in the same process, freed memory returned to the OS (malloc_trim) before each"),
+        "",
+        markdown_table(rows),
+    ])
+    return section

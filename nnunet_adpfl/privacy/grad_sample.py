@@ -40,8 +40,18 @@ def _conv_weight_per_case(inp: torch.Tensor, grad_out: torch.Tensor, weight: tor
     return w.reshape(b, *weight.shape)
 
 
+def _pointwise(module) -> bool:
+    """A 1x1(x1) conv with stride 1, no padding, one group: its per-case weight gradient is a batched matmul."""
+    return (module.groups == 1 and all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
+            and all(p == 0 for p in module.padding))
+
+
 def _conv(module, a: torch.Tensor, g: torch.Tensor) -> dict:
-    out = {module.weight: _conv_weight_per_case(a, g, module.weight, module)}
+    if _pointwise(module):  # the grouped weight-gradient convolution is slow on CPU for these
+        w = torch.bmm(g.flatten(2), a.flatten(2).transpose(1, 2)).reshape(a.shape[0], *module.weight.shape)
+    else:
+        w = _conv_weight_per_case(a, g, module.weight, module)
+    out = {module.weight: w}
     if module.bias is not None:
         out[module.bias] = g.sum(tuple(range(2, g.ndim)))
     return out

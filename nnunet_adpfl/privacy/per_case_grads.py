@@ -7,8 +7,8 @@ Three engines, same result (tests compare each with an independent per-case loop
   final validation crashes afterwards.
 - ``hooks``: one batched forward/backward per chunk of cases, per-case gradients from each layer's input and
   output gradient (``grad_sample.py``); only for conv / transposed conv / affine InstanceNorm layers.
-``auto`` picks among them (``choose_engine``). ``autocast`` (e.g. torch.bfloat16) runs the per-case
-forward/backward under autocast; the per-case gradients stay in the parameters' dtype (fp32), and so do the
+``auto`` picks among them (``choose_engine``). ``autocast`` (e.g. torch.bfloat16; loop and hooks) runs the
+per-case forward/backward under autocast; the per-case gradients stay in the parameters' dtype (fp32), and so do the
 norms, clipping and noise computed from them.
 
 Augmentation multiplicity K: the batch holds K consecutive patches per case; a case's gradient is the gradient of
@@ -51,9 +51,10 @@ def resolve_engine(engine: str) -> str:
 
 
 def choose_engine(model: nn.Module, params: list[nn.Parameter]) -> str:
-    """'auto': 'hooks' where every trained layer has a per-case rule (all of nnU-Net's), else 'loop'
-    (docs/BENCHMARKS.md: per-case gradients at the batch sizes DP needs)."""
-    return "loop" if unsupported_layers(model, params) else "hooks"
+    """'auto': on CPU 'hooks' where every trained layer has a per-case rule (all of nnU-Net's layer types), else
+    'loop'; on other devices 'loop', the engine measured there (docs/BENCHMARKS.md)."""
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    return "hooks" if on_cpu and not unsupported_layers(model, params) else "loop"
 
 
 class PerCaseGradients:
@@ -74,6 +75,8 @@ class PerCaseGradients:
         self.multiplicity = multiplicity
         self.autocast = autocast
         if self.engine == "vmap":
+            if autocast:
+                raise ValueError("autocast is not supported with the 'vmap' engine; use 'loop' or 'hooks'")
             self._vmapped = vmap(grad_and_value(self._case_loss), in_dims=(None, 0, 0), randomness="different")
         if self.engine == "hooks":
             self._hooked = HookedGradSample(model, per_case_loss, self.params)
@@ -103,9 +106,8 @@ class PerCaseGradients:
         return self._hooked(x, y, self.multiplicity, self.autocast)
 
     def _case_loss(self, params: dict, x: torch.Tensor, y: Target) -> torch.Tensor:
-        with self._amp(x.device):
-            out = functional_call(self.model, params, (x,), tie_weights=False)
-            return self.per_case_loss(out, y).mean().float()
+        out = functional_call(self.model, params, (x,), tie_weights=False)
+        return self.per_case_loss(out, y).mean()
 
     def _vmap_chunk(self, x: torch.Tensor, y: Target):
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
