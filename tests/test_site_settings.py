@@ -16,6 +16,8 @@ def _check_message(text: str, name: str, mode: str, single_site: str) -> None:
     assert "$nnUNet_adpfl_config is unset" in text and f"{name} trains one site of a federation" in text
     assert f"nnunet-adpfl federation init /shared/fed --sites A,B,C --rounds 20 --mode {mode}" in text
     assert "nnunet-adpfl aggregate /shared/fed" in text and f"-tr {single_site}" in text
+    simulated = name != "nnUNetTrainerADPFLMorph"  # nnunet-adpfl simulate runs FL, DPFL and ADPFL
+    assert (f"nnunet-adpfl simulate --sites 3 --trainer {name}" in text) == simulated
 
 
 @pytest.mark.parametrize("name", sorted(FEDERATED))

@@ -17,3 +17,4 @@ class nnUNetTrainerDPMorphAdaptive(DPMorphMixin, nnUNetTrainerDP):
 class nnUNetTrainerADPFLMorph(DPMorphMixin, FederatedADPTrainer):
     """ADP-FL (federated) with DP-Morph."""
     single_site_trainer = "nnUNetTrainerDPMorph (DP-Morph)"
+    simulated = False  # nnunet-adpfl simulate runs FL, DPFL and ADPFL only

@@ -12,8 +12,9 @@ from ..common.config import ENV_VAR, load_settings
 SITE_KEYS = ("federation_dir", "site_id", "site_key_file")
 
 
-def federation_not_set_up(trainer: str, mode: str, single_site: str) -> str | None:
-    """What to tell a user who starts a federated trainer without its site settings; None if they are there."""
+def federation_not_set_up(trainer: str, mode: str, single_site: str, simulated: bool = True) -> str | None:
+    """What to tell a user who starts a federated trainer without its site settings; None if they are there.
+    ``simulated``: ``nnunet-adpfl simulate`` runs this trainer."""
     missing = [k for k in SITE_KEYS if not load_settings()[k]]
     if not missing:
         return None
@@ -21,24 +22,29 @@ def federation_not_set_up(trainer: str, mode: str, single_site: str) -> str | No
     why = f"${ENV_VAR} is unset" if not path else \
         f"the settings file {path} (${ENV_VAR}) lacks {', '.join(missing)}"
     return (f"{trainer} trains one site of a federation, and {why}.\n"
-            f"Set up a federation (README \"Federated training\"): the coordinator runs\n"
-            f"  nnunet-adpfl federation init /shared/fed --sites A,B,C --rounds 20 --mode {mode} --keys-dir ~/fed_keys\n"
+            f"Set up a federation first (all steps: README \"Federated training\"); the coordinator creates it with\n"
+            f"  nnunet-adpfl federation init /shared/fed --sites A,B,C --rounds 20 --mode {mode} "
+            f"--keys-dir ~/fed_keys\n"
+            f"and runs its aggregator with\n"
             f"  nnunet-adpfl aggregate /shared/fed --keys-dir ~/fed_keys\n"
             f"and each site sets ${ENV_VAR} to a JSON file such as\n"
             f'  {{"federation_dir": "/shared/fed", "site_id": "A", "site_key_file": "/secure/A.key"}}\n'
-            f"To try it on this machine: nnunet-adpfl simulate --sites 3 --trainer {trainer}\n"
-            f"To train one site alone, without a federation: -tr {single_site}")
+            + (f"To try it on this machine: nnunet-adpfl simulate --sites 3 --trainer {trainer}\n" if simulated else "")
+            + f"To train one site alone, without a federation: -tr {single_site}")
 
 
 class SiteSettingsCheck:
     """First base of a federated trainer: exits with ``federation_not_set_up``'s message (no traceback) before any
-    other constructor runs. ``single_site_trainer``: what to use without a federation."""
+    other constructor runs. ``single_site_trainer``: what to use without a federation; ``simulated``: whether
+    ``nnunet-adpfl simulate`` runs this trainer."""
     federation_mode: str
     single_site_trainer = "nnUNetTrainer (standard nnU-Net)"
+    simulated = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        message = federation_not_set_up(type(self).__name__, self.federation_mode, self.single_site_trainer)
+        message = federation_not_set_up(type(self).__name__, self.federation_mode, self.single_site_trainer,
+                                        self.simulated)
         if message is not None:
             raise SystemExit(message)
         super().__init__(plans, configuration, fold, dataset_json, device)
