@@ -443,7 +443,7 @@ def sweep(args) -> None:
     section = dp_step_sweep.run_sweep(args, log, machine_description(torch.device("cpu")), command)
     print(section)
     if args.output:
-        update_section(Path(args.output), section, dp_step_sweep.MARKS)
+        update_section(Path(args.output), section, dp_step_sweep.marks(args))
         log(f"wrote section to {args.output}")
 
 
@@ -474,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak step memory")
     group = parser.add_argument_group("batch-size sweep (--sweep): network-level private vs standard step, CPU")
     group.add_argument("--sweep", action="append", choices=("2d", "3d"), default=[],
-                       help="run the sweep on the 2D and/or 3D network (repeatable; default with --batch: both); ignores the options above "
-                            "except --output and --skip-memory")
+                       help="run the sweep on the 2D and/or 3D network (repeatable; default with --batch: both); "
+                            "ignores the options above except --output and --skip-memory")
     group.add_argument("--batch", default=None,
                        help="comma-separated batch sizes B (default: 2D 2,8,32,64,128,256; 3D 2,4,8,16,32)")
     group.add_argument("--engines", default="auto",

@@ -164,7 +164,10 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MARKS = ("<!-- bench_dp_sweep:start -->", "<!-- bench_dp_sweep:end -->")
+def marks(args) -> tuple[str, str]:
+    """One docs section per set of networks swept (a 2D run and a 3D run can update the file separately)."""
+    name = "_".join(sorted(args.sweep or ("2d", "3d")))
+    return f"<!-- bench_dp_sweep_{name}:start -->", f"<!-- bench_dp_sweep_{name}:end -->"
 
 
 def parse_batches(text: str | None, dim: int) -> list[int]:
@@ -197,7 +200,7 @@ def run_sweep(args, log, machine: str, command: str) -> str:
                               log)
             loads.append(f"{load_average()} ({dim}D B={batch} done)")
     section = "\n".join([
-        "## DP step vs standard step over the batch size (`scripts/bench_dp_step.py --sweep`)",
+        f"### DP step vs standard step over the batch size: {', '.join(f'{d}D' for d in dims)}",
         "",
         f"- Machine: {machine}; load average (1, 5, 15 min) during the run: " + "; ".join(loads),
         f"- Command: `{command}`",

@@ -80,9 +80,9 @@ SETTINGS: dict[str, Setting] = {
                  _positive, "> 0", nullable=True),
     "log_alignment": Setting(False, bool, "log cosine(mean raw gradient, mean clipped gradient) and "
                              "cosine(mean raw gradient, noisy step) per epoch (diagnostic only)"),
-    "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop', 'vmap' or 'auto' "
-                                 "(= loop, the faster one measured; see docs/BENCHMARKS.md)",
-                                 lambda v: v in ("auto", "loop", "vmap"), "'auto', 'loop' or 'vmap'"),
+    "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop', 'vmap', 'hooks' or 'auto' "
+                                 "(= hooks on CPU where supported, else loop; see docs/BENCHMARKS.md)",
+                                 lambda v: v in ("auto", "loop", "vmap", "hooks"), "'auto', 'loop', 'vmap' or 'hooks'"),
     "max_physical_batch_size": Setting(8, int, "vmap engine: cases per vectorised chunk (bounds memory)",
                                        _positive, ">= 1"),
     "federation_dir": Setting(None, str, "federated trainers: the shared federation folder", lambda v: bool(v),

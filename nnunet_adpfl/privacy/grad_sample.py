@@ -1,9 +1,11 @@
 """Per-case gradients from one batched forward/backward (the ``hooks`` engine).
 
-Forward hooks record each parameterised layer's input a and put a hook on the autograd node of its output; one ``autograd.grad`` of the
-summed per-case losses with respect to the input (data gradients only: the batched weight gradients are never
-computed) passes every layer's output gradient g to that hook. Each case's parameter gradient is then a function of that case's (a, g):
-- ConvNd: the weight-gradient convolution with the batch folded into the groups (one call for all cases);
+Forward hooks record each parameterised layer's input a and put a hook on the autograd node of its output; one
+``autograd.grad`` of the summed per-case losses with respect to the input (data gradients only: the batched weight
+gradients are never computed) passes every layer's output gradient g to that hook. Each case's parameter gradient
+is then a function of that case's (a, g):
+- ConvNd: the weight-gradient convolution with the batch folded into the groups (one call for all cases); a
+  pointwise (1x1) conv: a batched matrix product;
 - ConvTransposeNd: the same, with the roles of a and g exchanged (a transposed conv is the adjoint of a conv);
 - InstanceNormNd (affine): sum over space of x_hat * g and of g, x_hat normalised per case and channel.
 A module called several times in one forward gets the sum of its calls' contributions (nnU-Net registers a conv
