@@ -41,7 +41,6 @@ http {{
     proxy_request_buffering off;
     proxy_buffering off;
     proxy_http_version 1.1;
-    proxy_set_header Connection "";
     proxy_read_timeout 300s;
     proxy_send_timeout 300s;
     proxy_ssl_verify on;
