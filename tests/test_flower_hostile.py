@@ -251,3 +251,14 @@ def test_clientapp_answers_malformed_requests_with_an_error(tmp_path):
         got = {k: json.loads(v) for k, v in reply.content["relay"].items()}
         assert set(got) == {"site", "error", "names"} and got["names"] == [], got
     assert not (tmp_path / "fed").exists()
+
+
+def test_relay_log_is_not_written_through_a_symlink(tmp_path):
+    (tmp_path / "fed").mkdir()
+    outside = tmp_path / "A.key"
+    outside.write_text("secret")
+    (tmp_path / "fed" / fa.LOG_FILE).symlink_to(outside)
+    fa.RelayLog(tmp_path / "fed")("relay: REFUSED node 2: 'x'")
+    assert outside.read_text() == "secret"
+    assert "REFUSED node 2" in (tmp_path / "fed" / fa.LOG_FILE).read_text()
+    assert not (tmp_path / "fed" / fa.LOG_FILE).is_symlink()

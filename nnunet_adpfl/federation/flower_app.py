@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from ..common.atomic import append_line_in, write_bytes_in
 from .flower_checks import MAX_FILES_PER_MESSAGE, RelayError, parse_field, text
 from .flower_relay import FEDERATION_FILE, Relay, site_exchange
 
@@ -99,15 +100,16 @@ def relay_query(msg: Message, context: Context) -> Message:
 server_app = ServerApp()
 
 
-class _Log:
-    def __init__(self, path: Path):
-        self.path = path
+class RelayLog:
+    """relay.log in the coordinator's folder, appended without following a symlink (one planted there is removed)."""
+
+    def __init__(self, fed: Path):
+        self.fed = Path(fed)
 
     def __call__(self, msg: str) -> None:
         line = f"[relay {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}] {msg}"
         print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
+        append_line_in(self.fed, self.fed / LOG_FILE, line + "\n")
 
 
 def _start_aggregator(fed: Path, keys_dir: Path, log, failures: list) -> threading.Thread:
@@ -127,11 +129,10 @@ def _start_aggregator(fed: Path, keys_dir: Path, log, failures: list) -> threadi
 
 
 def _write_stats(fed: Path, relay: Relay, start: float, cycles: int, messages: int) -> None:
-    from ..common.atomic import write_json_atomic
-    write_json_atomic(fed / STATS_FILE, {"seconds": round(time.time() - start, 3), "cycles": cycles,
-                                         "messages": messages, "bytes_pushed": relay.bytes_pushed,
-                                         "bytes_pulled": relay.bytes_pulled, "sites": sorted(set(relay.sites.values())),
-                                         "refused_nodes": {str(k): v for k, v in relay.refused.items()}})
+    stats = {"seconds": round(time.time() - start, 3), "cycles": cycles, "messages": messages,
+             "bytes_pushed": relay.bytes_pushed, "bytes_pulled": relay.bytes_pulled,
+             "sites": sorted(set(relay.sites.values())), "refused_nodes": {str(k): v for k, v in relay.refused.items()}}
+    write_bytes_in(fed, fed / STATS_FILE, json.dumps(stats, indent=2).encode())
 
 
 def relay_cycle(grid: Grid, relay: Relay, reply_timeout: float, poll: float = 1.0) -> int:
@@ -204,7 +205,7 @@ def relay_main(grid: Grid, context: Context) -> None:
     fed, keys_dir = Path(str(rc["federation-dir"])), Path(str(rc["keys-dir"]))
     if not (fed / FEDERATION_FILE).exists():
         raise FileNotFoundError(f"{fed / FEDERATION_FILE} not found ('nnunet-adpfl federation init' first)")
-    log = _Log(fed / LOG_FILE)
+    log = RelayLog(fed)
     cfg = load_federation(fed)
     relay = Relay(fed, load_site_keys(keys_dir, cfg["sites"]), cfg["rounds"], log)
     failures: list = []
