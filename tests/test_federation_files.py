@@ -332,3 +332,14 @@ def test_a_folder_planted_where_a_file_belongs_is_moved_aside(fed):
     (manifest_path / "inner").mkdir(parents=True)
     clients["A"].upload(1, delta(1), 3, None)
     assert clients["A"].own_update(1) is not None
+
+
+def test_site_reads_the_round0_manifest_only_with_its_hmac(fed):
+    fed_dir, _, _, _, clients = fed
+    manifest_path = ff.global_paths(fed_dir, 0)[1]
+    assert clients["A"].global_manifest(0)["sha256"] == json.loads(manifest_path.read_text())["sha256"]
+    m = json.loads(manifest_path.read_text())
+    m["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(m))
+    with pytest.raises(ff.Rejected, match="bad or missing HMAC"):
+        clients["A"].global_manifest(0)
