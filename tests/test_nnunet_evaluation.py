@@ -1,8 +1,10 @@
 """Our evaluation against nnU-Net's own (``compute_metrics_on_folder``, what ``nnUNetv2_evaluate_folder`` runs) on the
 same folders: plain labels and regions, with an ignore label, 2D (PNG) and 3D (NIfTI). Dice must be equal, the
 ignore label is never a class, and ignored voxels change no metric."""
+import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ DATASETS = {
     "3d_regions_ignore": ({"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}, [1, 2], (6, 16, 16),
                           ".nii.gz"),
     "2d_labels_ignore": ({"background": 0, "lesion": 1, "ignore": 2}, None, (24, 24), ".png"),
+    "2d_regions": ({"background": 0, "whole": [1, 2], "core": 2}, [1, 2], (24, 24), ".png"),
 }
 
 
@@ -27,15 +30,15 @@ def _write(array: np.ndarray, path) -> None:
         sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.uint8)), str(path))
 
 
-def _cases(shape, num_labels: int, ignore: int, rng):
-    """Reference with blobs of every label and an ignored slab; prediction: the reference shifted, with specks,
-    and foreground painted inside the ignored slab (which must not count)."""
+def _cases(shape, num_labels: int, ignore: int | None, rng):
+    """Reference with blobs of every label and an ignored slab (the last 4 columns; background without an ignore
+    label); prediction: the reference shifted, with specks, and foreground painted inside the slab."""
     for _ in range(3):
         ref = np.zeros(shape, dtype=np.uint8)
         for label in range(1, num_labels + 1):
             lo = [int(rng.integers(0, n // 2)) for n in shape]
             ref[tuple(slice(a, a + max(2, n // 3)) for a, n in zip(lo, shape))] = label
-        ref[..., -4:] = ignore
+        ref[..., -4:] = ignore or 0
         pred = np.roll(ref, 1, axis=-2)
         pred[pred == ignore] = 0
         pred[rng.random(shape) > 0.97] = 1
@@ -52,20 +55,37 @@ def folders(request, tmp_path):
     dataset_json = {"channel_names": {"0": "x"}, "labels": labels, "numTraining": 0, "file_ending": ending,
                     **({"regions_class_order": regions_class_order} if regions_class_order else {})}
     (dataset / "dataset.json").write_text(json.dumps(dataset_json))
-    ignore = labels["ignore"]
-    for i, (ref, pred) in enumerate(_cases(shape, ignore - 1, ignore, np.random.default_rng(len(request.param)))):
+    ignore, num_labels = labels.get("ignore"), max(max(v) if isinstance(v, list) else v for v in labels.values())
+    rng = np.random.default_rng(len(request.param))
+    for i, (ref, pred) in enumerate(_cases(shape, num_labels - (ignore is not None), ignore, rng)):
         _write(ref, dataset / "labelsTs" / f"c{i}{ending}")
         _write(pred, pred_dir / f"c{i}{ending}")
     return dataset, pred_dir, dataset_json
 
 
-def test_dice_equals_nnunets_evaluation_and_ignore_is_no_class(folders):
+class _InProcessPool:
+    """Stands in for nnU-Net's spawned worker pool (seconds per start on a busy machine): same calls, this process."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def starmap(function, arguments):
+        return list(itertools.starmap(function, arguments))
+
+
+def test_dice_equals_nnunets_evaluation_and_ignore_is_no_class(folders, monkeypatch):
+    from nnunetv2.evaluation import evaluate_predictions
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
     from nnunet_adpfl.evaluation.evaluation import reader_for
 
     dataset, pred_dir, dataset_json = folders
+    monkeypatch.setattr(evaluate_predictions, "multiprocessing",
+                        SimpleNamespace(get_context=lambda method: SimpleNamespace(Pool=lambda n: _InProcessPool())))
     lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
     nnunet_keys = lm.foreground_regions if lm.has_regions else lm.foreground_labels
     theirs = compute_metrics_on_folder(str(dataset / "labelsTs"), str(pred_dir), None, reader_for(dataset),
@@ -90,6 +110,8 @@ def test_dice_equals_nnunets_evaluation_and_ignore_is_no_class(folders):
 def test_prediction_inside_the_ignored_region_changes_no_metric(folders):
     """The prediction's foreground painted into the ignored slab: clearing it there changes nothing."""
     dataset, pred_dir, dataset_json = folders
+    if "ignore" not in dataset_json["labels"]:
+        pytest.skip("no ignore label")
     before = evaluate_folder(dataset, pred_dir)
     for path in pred_dir.iterdir():
         if path.suffix == ".png":
