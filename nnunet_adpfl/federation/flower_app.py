@@ -2,8 +2,9 @@
 
 The ServerApp runs the unchanged Aggregator on the coordinator's federation folder (in a thread; run config
 ``aggregate = false`` leaves that to a separate ``nnunet-adpfl aggregate``) and loops: one short ``query``
-message per connected node and cycle (``grid.send_and_receive`` with a TTL, never blocking a ClientApp for a
-round), built by flower_relay.Relay; it stops when every site holds the last round's global model.
+message per connected node and cycle (pushed with a TTL, never blocking a ClientApp for a round; each reply
+pulled and checked on its own), built by flower_relay.Relay; it stops when every site holds the last round's
+global model. Whatever a peer sends is refused with a logged reason if malformed (flower_checks.py).
 The ClientApp answers from the site's local folder (node config: site, federation-dir, key-file); it keeps no
 state, so SuperNode, ClientApp, ServerApp and SuperLink can each be restarted.
 
@@ -148,7 +149,7 @@ def relay_cycle(grid: Grid, relay: Relay, reply_timeout: float, poll: float = 1.
             relay.pending.pop(node, None)
             continue
         messages[node] = Message(pack(fields, push), dst_node_id=node, message_type=MESSAGE_TYPE,
-                                 ttl=reply_timeout + 30, group_id=str(node))
+                                 ttl=reply_timeout + 30)
     ids = list(grid.push_messages(list(messages.values()))) if messages else []
     waiting = {mid: node for mid, node in zip(ids, messages) if mid}
     deadline = time.time() + reply_timeout
