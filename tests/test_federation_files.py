@@ -343,3 +343,15 @@ def test_site_reads_the_round0_manifest_only_with_its_hmac(fed):
     manifest_path.write_text(json.dumps(m))
     with pytest.raises(ff.Rejected, match="bad or missing HMAC"):
         clients["A"].global_manifest(0)
+
+
+def test_federation_sign_signs_an_older_unsigned_folder(fed):
+    from nnunet_adpfl.cli import main
+    fed_dir, keys, _, _, _ = fed
+    path = fed_dir / ff.FEDERATION_FILE
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k != "hmacs"}  # as written before signing
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="HMAC"):
+        Aggregator(fed_dir, keys)
+    assert main(["federation", "sign", str(fed_dir), "--keys-dir", str(keys)]) == 0
+    Aggregator(fed_dir, keys, log=lambda *_: None)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from . import files as ff
 from .aggregator import Aggregator, create_federation, plans_files
-from .federation_file import (PLAN_FILES, load_federation, open_federation, read_plan_files, sign_plan,
-                              site_federation)
+from .federation_file import (PLAN_FILES, load_federation, load_site_keys, open_federation, read_plan_files,
+                              sign_plan, site_federation, write_federation)
 
 
 def _dataset_folder(root_env: str, dataset_id: int) -> Path:
@@ -35,6 +35,27 @@ def cmd_init(a) -> int:
           f"{cfg['epochs_per_round']} epochs, mode {cfg['mode']}")
     print(f"site keys written to {a.keys_dir}: give each site ONLY its own <site>.key (out of band); the "
           "aggregator needs all of them. Never put keys in the shared folder.")
+    return 0
+
+
+def cmd_sign(a) -> int:
+    """Coordinator: sign federation.json (and record the plan files' sha256) of a folder made before federation.json
+    was signed. It vouches for the files as they are now: check them first."""
+    from .plan import plans_digest
+
+    fed, keys_dir = Path(a.federation_dir), Path(a.keys_dir)
+    cfg = _checked(lambda: load_federation(fed))
+    if cfg.get("plans_sha256") is not None:
+        try:
+            plans = ff.read_manifest(fed, plans_files(fed)[0], 16 << 20)
+        except (FileNotFoundError, ff.Rejected) as e:
+            raise SystemExit(f"error: {plans_files(fed)[0]}: {getattr(e, 'reason', e)}") from None
+        if plans_digest(plans) != cfg["plans_sha256"]:
+            raise SystemExit(f"error: {plans_files(fed)[0]} does not match plans_sha256 in federation.json")
+    _checked(lambda: write_federation(fed, cfg, load_site_keys(keys_dir, cfg["sites"])))
+    if cfg.get("plans_sha256") is not None:
+        _checked(lambda: sign_plan(fed, keys_dir, cfg["plans_sha256"]))
+    print(f"federation.json in {fed} signed for {cfg['sites']}")
     return 0
 
 
@@ -163,6 +184,10 @@ def add_cli(sub) -> None:
                    help="the sites' final model = EMA of the global models of rounds 1..R with this decay (free "
                         "post-processing of released models); default: the last global model")
     q.set_defaults(func=cmd_init)
+    q = fsub.add_parser("sign", help="sign federation.json of a folder made before it was signed (check it first)")
+    q.add_argument("federation_dir")
+    q.add_argument("--keys-dir", required=True)
+    q.set_defaults(func=cmd_sign)
 
     p = sub.add_parser("fingerprint", help="at a site: share the aggregate fingerprint of dataset -d")
     p.add_argument("federation_dir")
