@@ -75,8 +75,8 @@ MUTATIONS = [
              (f"{TRAINER}::test_checkpoints_carry_no_unnoised_value_and_restore_the_newest_account",)),
     Mutation("unordered_workers", "nnU-Net's NonDetMultiThreadedAugmenter (draws reordered and dropped by finishing "
              "time)", "nnunet_adpfl/privacy/sampling.py",
-             "    return MultiThreadedAugmenter(loader, None, num_processes, num_cached_per_queue=2, seeds=None,\n"
-             "                                  pin_memory=pin_memory)",
+             "    return MultiThreadedAugmenter(_OneTorchThread(loader), None, num_processes, num_cached_per_queue=2, "
+             "seeds=None,\n                                  pin_memory=pin_memory)",
              "    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter\n"
              "    return NonDetMultiThreadedAugmenter(loader, None, num_processes, 6, None, pin_memory, 0.002)",
              ("tests/test_privacy_invariants.py",)),

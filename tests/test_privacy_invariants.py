@@ -5,6 +5,7 @@ import math
 import time
 
 import pytest
+import torch
 from torch import nn
 
 from nnunet_adpfl.common.config import SettingsError
@@ -29,15 +30,19 @@ class _TaggedDraws:
     def __next__(self):
         time.sleep(0.4 if self.thread_id == 0 else 0.0)
         self.count += 1
-        return {"data": None, "target": None, "keys": [], "draw": (self.thread_id, self.count)}
+        return {"data": None, "target": None, "keys": [], "draw": (self.thread_id, self.count),
+                "torch_threads": torch.get_num_threads()}
 
 
 def test_training_workers_hand_out_draws_in_draw_order_whatever_their_duration():
     augmenter = training_augmenter(_TaggedDraws(), 2, False)
     try:
-        order = [next(augmenter)["draw"] for _ in range(6)]
+        batches = [next(augmenter) for _ in range(6)]
     finally:
         augmenter._finish()
+    order = [b["draw"] for b in batches]
+    # torch on one thread in the workers (its OpenMP pool, inherited through fork, can deadlock them)
+    assert {b["torch_threads"] for b in batches} == {1}
     # round-robin over the workers, each worker's draws in sequence: fast draws never overtake slow ones
     assert order == [(0, 1), (1, 1), (0, 2), (1, 2), (0, 3), (1, 3)]
 

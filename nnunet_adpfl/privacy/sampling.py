@@ -56,8 +56,26 @@ def training_augmenter(loader, num_processes: int, pin_memory: bool) -> MultiThr
     not depend on the data. nnU-Net's NonDetMultiThreadedAugmenter hands out batches as they finish: a draw that takes
     longer (more or larger cases) is overtaken and the draws still in flight at the end are dropped, a data-dependent
     selection of draws that the accountant does not assume."""
-    return MultiThreadedAugmenter(loader, None, num_processes, num_cached_per_queue=2, seeds=None,
+    return MultiThreadedAugmenter(_OneTorchThread(loader), None, num_processes, num_cached_per_queue=2, seeds=None,
                                   pin_memory=pin_memory)
+
+
+class _OneTorchThread:
+    """The loader as a worker process runs it: torch limited to one thread there, as nnU-Net's own augmenter does
+    (torch's OpenMP pool, inherited through fork, deadlocks the worker's first augmentation otherwise)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def set_thread_id(self, thread_id: int) -> None:  # the worker's first call, in the worker process
+        torch.set_num_threads(1)
+        self.loader.set_thread_id(thread_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.loader)
 
 
 def batch_to_device(batch: dict, device: torch.device):
