@@ -262,3 +262,21 @@ def test_relay_log_is_not_written_through_a_symlink(tmp_path):
     assert outside.read_text() == "secret"
     assert "REFUSED node 2" in (tmp_path / "fed" / fa.LOG_FILE).read_text()
     assert not (tmp_path / "fed" / fa.LOG_FILE).is_symlink()
+
+
+def test_coordinator_folder_oddities_do_not_stop_the_relay_nor_leak_files(setup):
+    """A keyless writer of the coordinator's folder: a stray round_x folder, a plan file that is a symlink to a
+    key file. The relay goes on, and never sends the key's bytes to a site."""
+    s = setup
+    (s.fed / "round_x").mkdir()
+    (s.fed / "round_x" / "global.json").write_text("{}")
+    secret = s.fed.parent / "keys_A.key"
+    secret.write_text("the coordinator's key file")
+    (s.fed / "plans").mkdir()
+    (s.fed / "plans" / "nnUNetPlans.json").symlink_to(secret)
+    grid = FakeGrid({HONEST: honest_site(s.site_a, s.keys["A"])})
+    for _ in range(3):
+        fa.relay_cycle(grid, s.relay, reply_timeout=5)
+    assert s.relay.sites == {HONEST: "A"}
+    assert not (s.site_a / "plans" / "nnUNetPlans.json").exists()
+    assert any("symlink" in line for line in s.log), s.log
