@@ -440,10 +440,9 @@ def sweep(args) -> None:
 
     torch.manual_seed(0)
     command = shlex.join(["python", os.path.relpath(Path(__file__).resolve()), *sys.argv[1:]])
-    section = dp_step_sweep.run_sweep(args, log, machine_description(torch.device("cpu")), command)
-    print(section)
+    write = (lambda text: update_section(Path(args.output), text, dp_step_sweep.marks(args))) if args.output else None
+    print(dp_step_sweep.run_sweep(args, log, machine_description(torch.device("cpu")), command, write))
     if args.output:
-        update_section(Path(args.output), section, dp_step_sweep.marks(args))
         log(f"wrote section to {args.output}")
 
 

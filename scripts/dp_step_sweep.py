@@ -187,19 +187,28 @@ def load_average() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def run_sweep(args, log, machine: str, command: str) -> str:
-    """Every (dim, B, variant) of the sweep; returns the docs section (markdown)."""
+def run_sweep(args, log, machine: str, command: str, write=None) -> str:
+    """Every (dim, B, variant) of the sweep; returns the docs section (markdown), also passed to ``write`` after
+    each B (a long sweep leaves its finished rows behind)."""
     specs = [s.strip() for s in args.engines.split(",") if s.strip()]
     for spec in specs:
         parse_variant(spec)
     dims = [int(d[0]) for d in args.sweep or ("2d", "3d")]
     rows, loads = [], [f"{load_average()} (start)"]
+    section = ""
     for dim in dims:
         for batch in parse_batches(args.batch, dim):
             rows += sweep_one(dim, batch, specs, args.rounds, args.sweep_warmup, args.chunk, not args.skip_memory,
                               log)
             loads.append(f"{load_average()} ({dim}D B={batch} done)")
-    section = "\n".join([
+            section = docs_section(args, dims, rows, loads, machine, command)
+            if write is not None:
+                write(section)
+    return section
+
+
+def docs_section(args, dims: list[int], rows: list[dict], loads: list[str], machine: str, command: str) -> str:
+    return "\n".join([
         f"### DP step vs standard step over the batch size: {', '.join(f'{d}D' for d in dims)}",
         "",
         f"- Machine: {machine}; load average (1, 5, 15 min) during the run: " + "; ".join(loads),
@@ -216,4 +225,3 @@ def run_sweep(args, log, machine: str, command: str) -> str:
         "",
         markdown_table(rows),
     ])
-    return section

@@ -21,6 +21,37 @@ def _load_script():
     return module
 
 
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("dp_step_sweep", SCRIPT.with_name("dp_step_sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_sweep_times_every_variant_against_the_standard_step(monkeypatch, tmp_path):
+    sweep = _load_sweep()
+    monkeypatch.setitem(sweep.NETWORKS, 2, ((2, 4), (8, 8), (2, 3)))  # tiny network, B = 2 and 3
+    args = _load_script().build_parser().parse_args(
+        ["--sweep", "2d", "--engines", "auto,loop,hooks/c1+bf16", "--rounds", "1", "--sweep-warmup", "0"])
+    written = []
+    section = sweep.run_sweep(args, lambda msg: None, "test machine", "the command", written.append)
+    assert len(written) == 2 and written[-1] == section  # the section is rewritten after each B
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| 2D |")]
+    assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
+        (b, v, e) for b in ("2", "3") for v, e in (("standard", "-"), ("auto", "hooks (chunk 32)"), ("loop", "loop"),
+                                                   ("hooks/c1+bf16", "hooks (chunk 1)"))]
+    for r in rows:
+        assert float(r[4]) > 0 and float(r[6]) >= 0
+        assert r[5].strip() == "reference" or float(r[5]) > 0
+    assert "load average" in section and "`the command`" in section and "parameters, patch [16, 16]" in section
+    assert sweep.marks(args) == ("<!-- bench_dp_sweep_2d:start -->", "<!-- bench_dp_sweep_2d:end -->")
+    with pytest.raises(SystemExit):
+        sweep.parse_variant("hooks/cx")
+    with pytest.raises(SystemExit):
+        sweep.parse_batches("2,0", 2)
+    assert sweep.parse_batches("4,8", 3) == [4, 8] and sweep.parse_batches(None, 3) == [2, 4, 8, 16, 32]
+
+
 def test_section_replaced_between_markers_only(tmp_path):
     marks = _load_script().MARKS["cpu"]
     doc = tmp_path / "docs" / "BENCHMARKS.md"
