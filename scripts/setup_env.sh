@@ -35,7 +35,9 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   # no service (a container whose policy-rc.d denies it), so that setting up never starts a web server on :80.
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -x /usr/sbin/policy-rc.d ]; then
     say "installing nginx (the Flower transport's proxy)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx >&2 \
+    apt_nginx() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx >&2; }
+    # a fresh machine's package lists may be empty or stale: update them once if the first try fails
+    apt_nginx || { apt-get update -q >&2 && apt_nginx; } \
       || say "WARNING: nginx not installed; the Flower proxy test will be skipped"
   else
     say "nginx not found: 'apt-get install nginx' for the Flower transport's proxy (its test is skipped without it)"
