@@ -282,7 +282,8 @@ def test_a_non_finite_aggregate_is_not_signed(tmp_path):
 
 # ---- 7. install-plan writes only inside the dataset's preprocessed folder ----------------------------------------
 def test_install_plan_never_writes_where_plans_name_points(tmp_path, monkeypatch):
-    from nnunet_adpfl.cli import main
+    from types import SimpleNamespace
+    from nnunet_adpfl.federation.commands import cmd_install_plan
     from nnunet_adpfl.federation.plan import plans_digest
     fed, keys, agg, clients = make(tmp_path)
     raw, pre = tmp_path / "raw" / "Dataset501_X", tmp_path / "pre"
@@ -300,9 +301,9 @@ def test_install_plan_never_writes_where_plans_name_points(tmp_path, monkeypatch
     federation = fed / ff.FEDERATION_FILE  # a keyless writer's plan, with the digest a site would check
     federation.write_text(json.dumps({**json.loads(federation.read_text()), "plans_sha256": plans_digest(plans)}))
     with pytest.raises(SystemExit, match="HMAC"):
-        main(["install-plan", str(fed), "-d", "501", "--site", "A", "--key-file", str(keys / "A.key")])
-    with pytest.raises(SystemExit, match="error"):
-        main(["install-plan", str(fed), "-d", "501"])
+        cmd_install_plan(SimpleNamespace(federation_dir=str(fed), dataset_id=501, site="A", key_file=keys / "A.key"))
+    with pytest.raises(SystemExit, match="error"):  # unauthenticated: the plan files must still match plan_files
+        cmd_install_plan(SimpleNamespace(federation_dir=str(fed), dataset_id=501, site=None, key_file=None))
     from nnunet_adpfl.federation.plan import install_plans  # even a signed plan may not name a path
     with pytest.raises(ValueError, match="plans_name"):
         install_plans(plans, pre / "Dataset501_X", "Dataset501_X", dataset_json={"channel_names": {"0": "CT"}},
