@@ -53,10 +53,10 @@ def test_published_cohorts_have_the_public_datasets_sizes():
         published_cohort("skin", num_sites=0)
 
 
-@pytest.mark.parametrize("task, max_shape", [("skin", (43, 43)), ("kidney", (22, 44, 44)),
-                                             ("kidney_roi", (22, 44, 44)), ("brain", (43, 43, 43))])
+@pytest.mark.parametrize("task, max_shape", [("skin", (43, 43)), ("kidney", (25, 44, 44)),
+                                             ("kidney_roi", (25, 44, 44)), ("brain", (42, 42, 42))])
 def test_published_scale_is_small(task, max_shape):
-    """The documented sizes (tasks.PUBLISHED): skin ~34 to 43 pixels a side, the 3D tasks about 40 voxels."""
+    """The documented sizes (tasks.PUBLISHED): skin 34 to 43 pixels a side, the 3D tasks at most 44 voxels."""
     spec = SPECS[task]
     profiles = site_profiles(spec.site_ranges, np.random.default_rng(0), 3)
     for index in range(3):

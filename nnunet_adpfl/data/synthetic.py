@@ -42,7 +42,7 @@ def _check_int(name: str, value: object, minimum: int, maximum: int | None = Non
         raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
 
 
-def _sites_sizes(num_cases: int | None, num_sites: int | None, site_cases: Sequence[int] | None) -> list[int]:
+def _resolve_site_sizes(num_cases: int | None, num_sites: int | None, site_cases: Sequence[int] | None) -> list[int]:
     """Training cases per site: ``site_cases`` as given, else ``num_cases`` split unevenly over ``num_sites``."""
     if site_cases is None:
         num_cases = _DEFAULT_NUM_CASES if num_cases is None else num_cases
@@ -112,7 +112,7 @@ def generate_dataset(task: str, output_root: str | Path, dataset_id: int = 501, 
     ``workers``: processes that draw and write cases (the output does not depend on it); ``progress``: a
     progress bar on stderr. A run interrupted with the same arguments resumes: its complete cases are kept.
     """
-    sizes = _sites_sizes(num_cases, num_sites, site_cases)
+    sizes = _resolve_site_sizes(num_cases, num_sites, site_cases)
     spec = _validate(task, dataset_id, num_test_cases, seed, scale, dataset_name, workers)
     name = dataset_name or (spec.name + "Public" if public else spec.name)
     folder = Path(output_root) / f"Dataset{dataset_id:03d}_{name}"
@@ -281,7 +281,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--output-root", default=os.environ.get("nnUNet_raw"),
                         help="folder that receives DatasetXXX_<Name>/ (default: $nnUNet_raw)")
     parser.add_argument("--dataset-id", type=int, default=501)
-    published = ", ".join(f"{task} {c.num_cases} (+{c.num_test_cases} test) at scale {c.scale}"
+    published = ", ".join(f"{task} {c.num_cases} like {c.like} (+{c.num_test_cases} test) at scale {c.scale}"
                           for task, c in PUBLISHED.items())
     parser.add_argument("--cohort-size", choices=COHORT_SIZES, default="small",
                         help="small: 24 training cases, 6 test cases, scale 1; published: the size of the public "

@@ -19,21 +19,21 @@ _SITE_WEIGHTS = (1.0, 1.3, 0.8)  # relative site sizes, cycled when there are mo
 
 @dataclass(frozen=True)
 class PublishedCohort:
-    source: str  # the public dataset whose size the cohort has
+    like: str  # the public dataset whose size the cohort has
     num_cases: int  # training cases over all sites, as published
     num_test_cases: int  # a held-out set of about a tenth of that
     scale: float  # spatial scale chosen so that the cohort trains on 2 CPU cores
 
 
 PUBLISHED = {
-    # ~34x34 to 43x43 RGB images (scale 1: 128x128)
-    "skin": PublishedCohort("HAM10000 (10,015 dermoscopy images)", 10015, 1000, 0.3),
-    # abdomen ~40x40 in-plane, 11 to 22 slices (scale 1: 80x80, 22 to 45 slices): lesions a few voxels across
-    "kidney": PublishedCohort("KiTS23 (489 CT scans)", 489, 49, 0.5),
+    # 34 to 43 pixels a side, RGB (scale 1: 112 to 144)
+    "skin": PublishedCohort("HAM10000", 10015, 1000, 0.3),
+    # abdomen 36 to 44 voxels in-plane, 10 to 25 slices (scale 1: 72 to 88, 20 to 49): lesions of a few voxels
+    "kidney": PublishedCohort("KiTS23", 489, 49, 0.5),
     # one kidney's region, same voxel count as `kidney`: tumours and cysts hundreds of voxels
-    "kidney_roi": PublishedCohort("KiTS23 (489 CT scans)", 489, 49, 0.5),
-    # ~40^3 voxels, 4 channels (scale 1: 64^3): the necrotic core tens of voxels (at scale 0.5 about ten)
-    "brain": PublishedCohort("BraTS 2024 glioma (about 1,350 MRI studies)", 1350, 135, 0.625),
+    "kidney_roi": PublishedCohort("KiTS23", 489, 49, 0.5),
+    # 38 to 42 voxels a side, 4 channels (scale 1: 60 to 68): the necrotic core tens of voxels (scale 0.5: ~ten)
+    "brain": PublishedCohort("BraTS 2024", 1350, 135, 0.625),
 }
 
 
