@@ -32,7 +32,7 @@ PUBLISHED = {
     "kidney": PublishedCohort("KiTS23", 489, 49, 0.5),
     # one kidney's region, same voxel count as `kidney`: tumours and cysts hundreds of voxels
     "kidney_roi": PublishedCohort("KiTS23", 489, 49, 0.5),
-    # 38 to 42 voxels a side, 4 channels (scale 1: 60 to 68): the necrotic core tens of voxels (scale 0.5: ~ten)
+    # 38 to 42 voxels a side, 4 channels (scale 1: 60 to 68): necrotic core median ~45 voxels (scale 0.5: ~22)
     "brain": PublishedCohort("BraTS 2024", 1350, 135, 0.625),
 }
 
