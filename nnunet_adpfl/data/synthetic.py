@@ -109,7 +109,8 @@ def generate_dataset(task: str, output_root: str | Path, dataset_id: int = 501, 
     ``public``: the task's public cohort for the same seed instead (default name <Name>Public): cases from
     random streams disjoint from the private cohort's and its test set's, acquired with their own site profiles
     (a scanner shift), for pretraining the weights that private training starts from.
-    ``workers``: processes that draw and write cases (the output does not depend on it); ``progress``: a
+    ``workers``: processes that draw and write cases (the output does not depend on it; they are spawned, so a
+    script calling this with workers > 1 needs the usual ``if __name__ == "__main__":`` guard); ``progress``: a
     progress bar on stderr. A run interrupted with the same arguments resumes: its complete cases are kept.
     """
     sizes = _resolve_site_sizes(num_cases, num_sites, site_cases)
