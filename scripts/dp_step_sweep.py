@@ -90,7 +90,8 @@ class Step:
         self.params = list(params.values())
         self.pc = PerCaseGradients(self.net, self.loss.per_case, params, v["engine"], v["chunk"] or default_chunk,
                                    autocast=v["autocast"])
-        self.engine = self.pc.engine + (f" (chunk {self.pc.chunk_size})" if self.pc.engine != "loop" else "")
+        self.engine = (self.pc.engine + (f" (chunk {self.pc.chunk_size})" if self.pc.engine != "loop" else "")
+                       + (", bf16 autocast" if v["autocast"] else ""))
         self.gen = make_noise_generator(torch.device("cpu"), 0)
         self.batch = batch
 

@@ -39,7 +39,7 @@ def test_batch_sweep_times_every_variant_against_the_standard_step(monkeypatch, 
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| 2D |")]
     assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
         (b, v, e) for b in ("2", "3") for v, e in (("standard", "-"), ("auto", "hooks (chunk 32)"), ("loop", "loop"),
-                                                   ("hooks/c1+bf16", "hooks (chunk 1)"))]
+                                                   ("hooks/c1+bf16", "hooks (chunk 1), bf16 autocast"))]
     for r in rows:
         assert float(r[4]) > 0 and float(r[6]) >= 0
         assert r[5].strip() == "reference" or float(r[5]) > 0
