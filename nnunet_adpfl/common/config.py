@@ -64,6 +64,14 @@ SETTINGS: dict[str, Setting] = {
                             "public pretrained weights (-pretrained_weights)",
                             lambda v: v in ("all", "decoder", "norm_bias", "head"),
                             "'all', 'decoder', 'norm_bias' or 'head'"),
+    "dp_defaults": Setting("auto", str, "what the DP trainers choose where this file leaves expected_batch_size, "
+                           "the steps, dp_trainable, momentum or initial_lr out: 'auto' (from N, epsilon, delta, the "
+                           "parameter counts and dp_max_case_passes; see README) or 'nnunet' (the plan's batch at "
+                           "most N/2, nnU-Net's 1000 x 250 steps, all parameters, momentum 0.9)",
+                           lambda v: v in ("auto", "nnunet"), "'auto' or 'nnunet'"),
+    "dp_max_case_passes": Setting(None, int, "dp_defaults 'auto': most per-case passes (steps x expected batch) the "
+                                  "chosen run may take; null = those of nnU-Net's run for the plan "
+                                  "(1000 x 250 x plan's batch)", _positive, ">= 1", nullable=True),
     "augmentation_multiplicity": Setting(1, int, "K: an included case contributes the mean gradient of K "
                                          "independently augmented patches of it, clipped once (still one case: "
                                          "sensitivity unchanged)", _positive, ">= 1"),
@@ -165,6 +173,15 @@ def apply_run_length(trainer, settings: dict) -> None:
     where unset)."""
     for key, default in NNUNET_DEFAULTS.items():
         setattr(trainer, key, settings[key] if settings[key] is not None else default)
+
+
+def explicit_keys(path: str | None = None) -> set[str]:
+    """The keys the settings file (``path`` or ``$nnUNet_adpfl_config``) sets; load_settings has checked it."""
+    path = path if path is not None else os.environ.get(ENV_VAR)
+    if not path:
+        return set()
+    with open(path) as f:
+        return set(json.load(f))
 
 
 def _validate(key: str, value: Any) -> Any:

@@ -26,13 +26,14 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..privacy import report
-from ..privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_within_budget
+from ..privacy.accounting import PrivacyAccountant, steps_within_budget
 from ..common.atomic import write_bytes_atomic, write_json_atomic
 from .ema import WeightEMA
 from ..common.initial_weights import initial_weights_record, pretrained_origin, transfer_segmentation_layers
 from ..privacy.clipping import make_rule
 from ..common.config import SettingsError, apply_run_length, load_settings
 from ..privacy.local_log import describe, epoch_values, record_epoch
+from .dp_defaults import apply_to_trainer, calibrate, unset_batch
 from .dp_log import fold_warning, setup_lines
 from .losses import PerCaseLoss
 from ..privacy.noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
@@ -64,6 +65,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         self.rule = make_rule(self.clipping_rule, self.dp_settings)
         self.accountant = PrivacyAccountant(self.dp_settings["accountant"], self.dp_settings["delta"])
         self.privacy = None  # -> _setup_privacy
+        self.dp_defaults: dict | None = None  # -> configure_optimizers
         if self.dp_settings["ema_decay"] is not None and not self.supports_ema:
             raise SettingsError(f"ema_decay is for single-site trainers, not {type(self).__name__}")
         self.ema: WeightEMA | None = None
@@ -124,7 +126,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
 
     # ---- privacy set-up -----------------------------------------------------------------------------
     def _expected_batch_size(self) -> int:
-        return self.dp_settings["expected_batch_size"] or self.batch_size
+        return self.dp_settings["expected_batch_size"] or unset_batch(self.batch_size, self.num_training_cases)
 
     def _sample_rate(self) -> float:
         n, b = self.num_training_cases, self._expected_batch_size()
@@ -142,11 +144,13 @@ class nnUNetTrainerDP(nnUNetTrainer):
         s = self.dp_settings
         if s["noise_multiplier"] is not None:
             return s["noise_multiplier"]
-        return calibrate_noise_multiplier(s["target_epsilon"], s["delta"], sample_rate, self._planned_steps(),
-                                          s["accountant"])
+        return calibrate(s["target_epsilon"], s["delta"], sample_rate, self._planned_steps(), s["accountant"])
 
     def configure_optimizers(self):
-        """nnU-Net's SGD and poly schedule with the settings' momentum (nnU-Net: 0.99)."""
+        """nnU-Net's SGD and poly schedule with the settings' momentum (nnU-Net: 0.99), after the DP-aware defaults
+        have chosen what the settings leave out (dp_defaults.py; the network exists now)."""
+        if self.dp_defaults is None:
+            self.dp_defaults = apply_to_trainer(self)
         optimizer, scheduler = super().configure_optimizers()
         for group in optimizer.param_groups:
             group["momentum"] = self.dp_settings["momentum"]
@@ -359,7 +363,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         """Mechanism-specific report fields (ADP-FL add theirs)."""
         s = self.dp_settings
         return {EARLIER_KEY: self._earlier_accounts, "initial_weights": self.initial_weights,
-                "trainable_parameters": self.privacy["parameters"],
+                "trainable_parameters": self.privacy["parameters"], "dp_defaults": self.dp_defaults,
                 "small_fold_warning": self.privacy["small_fold_warning"],
                 "augmentation_multiplicity": s["augmentation_multiplicity"], "momentum": s["momentum"],
                 "released_model": "weights" if s["ema_decay"] is None else f"EMA of the weights (decay "

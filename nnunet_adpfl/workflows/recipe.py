@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from dataclasses import dataclass
 
-from ..privacy.accounting import calibrate_noise_multiplier
+from ..training.dp_defaults import (FINETUNE_LR, LOW_EPSILON_FINETUNE_LR, Candidate, Inputs, calibrated,  # noqa: F401
+                                    budget, candidates, choose, search_pairs, suggest,
+                                    trainable_counts)
 from ..training.trainable import CHOICES
 
-# docs/FINETUNE.md's kidney fine-tuning (from public weights, C from the public cohort): 3e-2, the
-# non-private learning rate, beat 3e-3 (and lower ones) at C = 1. Tried on one task, not a tuned optimum.
-FINETUNE_LR = 3e-2
-# below epsilon 4: kidney_roi at epsilon 1 (3 seeds each) kept tumour and cyst near the public model at 1e-2
-# (DP-FL 0.568, ADP-FL 0.577 mean Dice) and lost them at 3e-2 (0.465, 0.450, 2 seeds); at epsilon 4 3e-2 kept them.
-LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data at the public weights, from "
                "nnUNetv2_train <public dataset> <configuration> all -tr nnUNetTrainerDPClipCalibration "
                "-pretrained_weights <weights> (with these settings). The SNR bounds above assume the cases' norms "
@@ -30,87 +24,29 @@ CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data 
                "C = 1 at lr 0.01 and with C public at 0.03). Where the public model already segments every class, decoder at lr 0.03 lost tumours and "
                "cysts below it (kidney_roi) and at lr 0.01 matched norm_bias: compare per class with the public "
                "model. For ADP-FL keep adpfl_clip_max_ratio at 1 (docs/FINETUNE.md).")
-MOMENTUM = 0.9
-FINETUNE_TRAINABLE = ("norm_bias", "decoder")  # preferred dp_trainable when fine-tuning, first available
-
-
-@dataclass(frozen=True)
-class Candidate:
-    steps: int
-    batch: int
-    sample_rate: float
-    sigma: float
-
-    def noise_std(self, clip: float) -> float:
-        """Noise std per trainable coordinate of the averaged step."""
-        return self.sigma * clip / self.batch
-
-    def snr(self, parameters: int) -> float:
-        """Upper bound on one step's ||signal|| / ||noise|| over ``parameters`` coordinates."""
-        return math.inf if self.sigma == 0 else self.batch / (self.sigma * math.sqrt(parameters))
-
-    def snr_over_run(self, parameters: int) -> float:
-        return self.snr(parameters) * math.sqrt(self.steps)
-
-
-def candidates(num_cases: int, epsilon: float, delta: float, steps: list[int], batches: list[int],
-               accountant: str = "rdp") -> list[Candidate]:
-    if num_cases < 2:
-        raise ValueError(f"need at least 2 training cases, got {num_cases}")
-    if not 0 < delta < 1 / num_cases:
-        raise ValueError(f"delta must be in (0, 1/N) = (0, {1 / num_cases:.3g}), got {delta}")
-    if epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    out = []
-    for t in steps:
-        for b in batches:
-            if not 1 <= b <= num_cases // 2:
-                continue  # sampling rate above 1/2: little amplification left
-            q = b / num_cases
-            out.append(Candidate(t, b, q, calibrate_noise_multiplier(epsilon, delta, q, t, accountant)))
-    if not out:
-        raise ValueError(f"no expected batch size in {batches} is between 1 and N/2 = {num_cases // 2}")
-    return out
-
-
-def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, max_batch: int,
-            epsilon: float) -> tuple[Candidate, dict]:
-    """Settings with the best signal-to-noise over the run (the fewest steps and smallest batch within 10% of it)
-    among batches <= max_batch (memory): all parameters from scratch; when fine-tuning public weights the first of
-    FINETUNE_TRAINABLE the network has. norm_bias comes first: with C from the public cohort it improved on the
-    public model at epsilon 8 and 4 on every task measured, small lesions included (docs/FINETUNE.md, kidney_roi;
-    at epsilon 1 it kept them near the public model only with the lower learning rate), where the decoder
-    at the same learning rate fell below the public model's tumour and cyst Dice; the decoder kept more only for
-    large structures (kidney 0.785 vs 0.740, 3 seeds)."""
-    choice = next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
-    fitting = [c for c in cands if c.batch <= max_batch] or [min(cands, key=lambda c: c.batch)]
-    top = max(c.snr_over_run(counts[choice]) for c in fitting)
-    best = min((c for c in fitting if c.snr_over_run(counts[choice]) >= 0.9 * top),  # within 10%: the cheapest
-               key=lambda c: (c.steps, c.batch))
-    settings = {"target_epsilon": epsilon, "expected_batch_size": best.batch, "num_epochs": 1,
-                "num_iterations_per_epoch": best.steps, "dp_trainable": choice, "momentum": MOMENTUM,
-                **({"initial_lr": finetune_lr(epsilon)} if pretrained else {})}
-    return best, settings
-
-
-def finetune_lr(epsilon: float) -> float:
-    return LOW_EPSILON_FINETUNE_LR if epsilon < LOW_EPSILON else FINETUNE_LR
 
 
 def parameter_counts(plans: str, dataset_json: str, configuration: str) -> dict[str, int]:
-    """Trainable coordinates under each dp_trainable choice for the plan's network."""
+    """Trainable coordinates under each dp_trainable choice for the plan's network (as the trainer counts them)."""
     from ..federation.aggregator import build_network
     from ..training.dp_trainer import make_dp_safe
-    from ..training.trainable import select_trainable
 
     with open(plans) as f, open(dataset_json) as g:
-        net = make_dp_safe(build_network(json.load(f), json.load(g), configuration))
-    params = dict(net.named_parameters())
-    return {c: sum(params[n].numel() for n in select_trainable(net, c)) for c in CHOICES}
+        return trainable_counts(make_dp_safe(build_network(json.load(f), json.load(g), configuration)))
+
+
+def plan_batch(plans: str, configuration: str) -> int:
+    with open(plans) as f:
+        return json.load(f)["configurations"][configuration]["batch_size"]
+
+
+GRID_HEAD = "suggested settings (spread the steps over epochs or rounds as you like, same total):"
+TRAINER_HEAD = ("what the DP trainers choose where the settings file leaves these out (dp_defaults 'auto'; "
+                "explicit settings win):")
 
 
 def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, suggestion: tuple, epsilon: float,
-                  delta: float, num_cases: int) -> str:
+                  delta: float, num_cases: int, settings_head: str = GRID_HEAD) -> str:
     names = list(counts)
     head = (["steps", "expected batch B", "rate q", "sigma", "noise std / coord"]
             + [f"SNR {n} (d={counts[n]:,})" for n in names])
@@ -124,14 +60,23 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
         lines.append(f"| {c.steps} | {c.batch} | {c.sample_rate:.3g} | {c.sigma:.3g} | {c.noise_std(clip):.3g} | "
                      + " | ".join(snrs) + " |")
     best, settings = suggestion
-    lines += ["", "suggested settings (spread the steps over epochs or rounds as you like, same total):",
-              json.dumps(settings, indent=2)]
+    lines += ["", settings_head, json.dumps(settings, indent=2)]
     if "initial_lr" in settings:
         lines.append(CLIP_ADVICE)
     if best.snr_over_run(counts[settings["dp_trainable"]]) < 1:
         lines.append("warning: the run's signal-to-noise bound is below 1: training moves the weights little beyond "
                      "their start (more cases help most; from scratch, expect a model that learns little)")
     return "\n".join(lines)
+
+
+def trainer_choice(args, counts: dict[str, int]) -> tuple[list[Candidate], tuple]:
+    """What the DP trainers choose with no settings file (dp_defaults 'auto'): the same function, same inputs."""
+    batch = plan_batch(args.plans, args.configuration) if args.plans else args.plan_batch
+    inp = Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
+                 args.accountant)
+    chosen, best, _ = choose(inp, {})
+    cands = calibrated(args.cases, args.epsilon, args.delta, search_pairs(args.cases, budget(inp)), args.accountant)
+    return cands, (best, {"target_epsilon": args.epsilon, **chosen})
 
 
 def _cmd(args) -> int:
@@ -147,23 +92,30 @@ def _cmd(args) -> int:
         raise SystemExit("error: give --plans and --dataset-json (counts per dp_trainable) or "
                          "--trainable-parameters D")
     try:
-        cands = candidates(args.cases, args.epsilon, args.delta, args.steps, args.batch_sizes, args.accountant)
+        if args.steps or args.batch_sizes:
+            cands = candidates(args.cases, args.epsilon, args.delta, args.steps or [100, 300, 1000],
+                               args.batch_sizes or [2, 4, 8, 16, 32], args.accountant)
+            suggestion, head = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon), GRID_HEAD
+        else:
+            (cands, suggestion), head = trainer_choice(args, counts), TRAINER_HEAD
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    suggestion = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon)
-    print(format_recipe(cands, counts, args.clip, suggestion, args.epsilon, args.delta, args.cases))
+    print(format_recipe(cands, counts, args.clip, suggestion, args.epsilon, args.delta, args.cases, head))
     return 0
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("recipe", help="suggested DP settings for N cases and a budget: noise per coordinate, SNR",
+    p = sub.add_parser("recipe", help="what the DP trainers choose for N cases (or settings for a grid): noise, SNR",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cases", type=int, required=True, help="private training cases N (at this site)")
     p.add_argument("--epsilon", type=float, required=True)
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--steps", type=int, nargs="+", default=[100, 300, 1000], help="DP steps of the whole run")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="expected batches to try")
-    p.add_argument("--max-batch", type=int, default=8, help="largest expected batch your memory allows")
+    p.add_argument("--steps", type=int, nargs="+", help="DP steps of the whole run to compare (with --batch-sizes: "
+                   "a grid of your own instead of the trainers' choice; default of the grid 100 300 1000)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="expected batches of your grid (default 2 4 8 16 32)")
+    p.add_argument("--max-batch", type=int, default=8, help="your grid: largest expected batch your memory allows")
+    p.add_argument("--plan-batch", type=int, default=2, help="the plan's batch size (without --plans)")
+    p.add_argument("--max-case-passes", type=int, help="setting dp_max_case_passes (default: nnU-Net's run)")
     p.add_argument("--clip", type=float, default=1.0, help="clip norm C")
     p.add_argument("--plans", help="nnUNetPlans.json (counts the trainable parameters of each dp_trainable choice)")
     p.add_argument("--dataset-json", help="dataset.json next to the plan")
