@@ -1,4 +1,4 @@
-"""Per-case gradients of both engines equal an independent per-case loop on real nnU-Net networks."""
+"""Per-case gradients of every engine (loop, vmap, hooks) equal an independent per-case loop on real nnU-Net networks."""
 import copy
 
 import pytest
