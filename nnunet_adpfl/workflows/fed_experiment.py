@@ -64,7 +64,8 @@ def run_task(a, task: str) -> dict:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     plan_lay = Layout(work, sites, "plan")
     plan_lay.logs.mkdir(parents=True, exist_ok=True)
-    pooled = stage_data(plan_lay, task, a.num_cases, a.scale, a.seed, num_test_cases=a.num_test_cases)
+    pooled = stage_data(plan_lay, task, a.num_cases, a.scale, a.seed, num_test_cases=a.num_test_cases,
+                        cohort_size=a.cohort_size)
     if not (plan_lay.fed / ff.FEDERATION_FILE).exists():
         create_federation(plan_lay.fed, plan_lay.keys, sites, a.rounds, 1, "npfl",
                           iterations_per_epoch=a.iterations, configuration=config, seed=a.seed)
@@ -247,6 +248,9 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--num-cases", type=int, default=90, help="training cases over all sites")
     p.add_argument("--num-test-cases", type=int, default=10)
     p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--cohort-size", choices=("small", "published"), default="small", help="published: each task at its "
+                   "public dataset's size over the sites (HAM10000, KiTS23, BraTS 2024; docs/experiments/COHORTS.md), "
+                   "instead of --num-cases, --num-test-cases and --scale")
     p.add_argument("--release-ema", type=float, default=None, metavar="DECAY", help="every run's final model = EMA of "
                    "its global models with this decay (federation init --release-ema); use with --label")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the public cohort and the first repeat")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..data.synthetic import generate_dataset, split_by_site
+from ..data.tasks import published_cohort
 from ..evaluation import evaluation
 from ..evaluation.evaluation import mean_per_label
 from ..federation import files as ff
@@ -61,12 +62,18 @@ class Layout:
                           nnUNet_results=str(self.results / site), **extra)
 
 
-def stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int, num_test_cases: int = 4) -> Path:
+def stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int, num_test_cases: int = 4,
+               cohort_size: str = "small") -> Path:
+    """The pooled synthetic dataset (``cohort_size`` "published": the public dataset's size per site, its scale and
+    test set, written by parallel workers) split into one raw dataset per site; resumes a crashed write."""
     pooled = next(lay.pool.glob(f"Dataset{lay.dataset_id:03d}_*"), None)
     if pooled is None or not (pooled / "sites.json").exists():
-        _log(f"writing a synthetic '{task}' dataset split over {len(lay.sites)} sites")
-        pooled = generate_dataset(task, lay.pool, lay.dataset_id, num_cases=num_cases, num_sites=len(lay.sites),
-                                  num_test_cases=num_test_cases, seed=seed, scale=scale)
+        _log(f"writing a synthetic '{task}' dataset ({cohort_size} cohort) split over {len(lay.sites)} sites")
+        if cohort_size == "published":
+            size = {**published_cohort(task, len(lay.sites)), "workers": min(8, os.cpu_count() or 1), "progress": True}
+        else:
+            size = {"num_cases": num_cases, "num_sites": len(lay.sites), "num_test_cases": num_test_cases, "scale": scale}
+        pooled = generate_dataset(task, lay.pool, lay.dataset_id, seed=seed, **size)
     split_sites(lay, pooled)
     return pooled
 
