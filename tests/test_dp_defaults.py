@@ -11,7 +11,7 @@ from nnunet_adpfl.training import dp_defaults
 from nnunet_adpfl.cli import main
 from nnunet_adpfl.workflows import recipe
 
-from test_dp_trainer import make_trainer
+from test_dp_trainer import make_trainer, started  # noqa: F401 (fixture)
 
 COUNTS = {"all": 10**6, "decoder": 5 * 10**5, "norm_bias": 2000}
 
@@ -138,3 +138,11 @@ def test_recipe_prints_what_the_trainer_chooses(nnunet_paths, tmp_path, monkeypa
     printed = capsys.readouterr().out.split(recipe.TRAINER_HEAD)[1].strip()
     settings, _ = json.JSONDecoder().raw_decode(printed)
     assert settings == {"target_epsilon": 8.0, **chosen}
+
+
+def test_log_and_report_say_what_was_chosen_and_why(started):
+    record = started.write_privacy_report(final=False)["dp_defaults"]
+    assert record == {"mode": "nnunet", "chosen": {"expected_batch_size": 2},
+                      "why": "the plan's batch 2 at most N/2 = 4; other settings as given or nnU-Net's"}
+    with open(started.log_file) as f:
+        assert f"DP defaults (nnunet): chose {record['chosen']}; {record['why']}" in f.read()

@@ -22,7 +22,8 @@ def make_trainer(name="nnUNetTrainerDPSGD", device="cpu", settings=None, tmp_pat
     return get_trainer_from_args("501", "3d_fullres", 0, name, "nnUNetPlans", device=torch.device(device))
 
 
-SHORT = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "noise_seed": 0}
+SHORT = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "noise_seed": 0,
+         "dp_defaults": "nnunet"}  # the plan's batch (test_dp_defaults.py tests the rule)
 
 
 @pytest.fixture
