@@ -78,7 +78,7 @@ def test_resume_from_checkpoint_best_is_refused_and_a_fresh_start_reports_the_ea
 
 def test_loader_samples_at_the_accountants_rate_with_an_expected_batch_unlike_the_plans(
         nnunet_paths, tmp_path, monkeypatch):
-    t = trainer_in(tmp_path, monkeypatch, {"expected_batch_size": 5})
+    t = trainer_in(tmp_path, monkeypatch, {"expected_batch_size": 3})
     t.initialize()
     loader = t.get_dataloaders()[0].data_loader
     assert t._expected_batch_size() != t.batch_size
@@ -88,7 +88,7 @@ def test_loader_samples_at_the_accountants_rate_with_an_expected_batch_unlike_th
     draws = 2000
     included = sum(len(loader.generate_train_batch()["keys"]) for _ in range(draws))
     n, q = t.num_training_cases, t._sample_rate()
-    assert q == 5 / n
+    assert q == 3 / n
     assert abs(included / (draws * n) - q) < 5 * math.sqrt(q * (1 - q) / (draws * n))
 
 
