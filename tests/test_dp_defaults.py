@@ -60,6 +60,8 @@ def test_choose_fills_only_what_is_not_given(fast_calibration):
     assert "N=200" in why and f"T={best.steps}, B={best.batch}" in why
     fixed, best_fixed, _ = dp_defaults.choose(inp, {"num_epochs": 3, "dp_trainable": "decoder", "momentum": 0.5})
     assert best_fixed.steps == 3 * 250 and set(fixed) == {"expected_batch_size"}
+    above_half, _, _ = dp_defaults.choose(inp, {"expected_batch_size": 150})  # explicit, > N/2: allowed as before
+    assert "expected_batch_size" not in above_half
     tuned, _, _ = dp_defaults.choose(dp_defaults.Inputs(200, 2.0, 1e-5, COUNTS, True, 2), {})
     assert tuned["dp_trainable"] == "norm_bias" and tuned["initial_lr"] == dp_defaults.LOW_EPSILON_FINETUNE_LR
     capped, best_capped, _ = dp_defaults.choose(dp_defaults.Inputs(200, 8.0, 1e-5, COUNTS, False, 2, budget=3000),

@@ -75,13 +75,14 @@ def candidates(num_cases: int, epsilon: float, delta: float, steps: list[int], b
 
 
 def calibrated(num_cases: int, epsilon: float, delta: float, pairs: list[tuple[int, int]],
-               accountant: str = "rdp") -> list[Candidate]:
+               accountant: str = "rdp", max_batch: int | None = None) -> list[Candidate]:
+    """max_batch: N/2 unless given (a sampling rate above 1/2 leaves little amplification; a user's B may)."""
     check_inputs(num_cases, epsilon, delta)
+    limit = num_cases // 2 if max_batch is None else max_batch
     out = [Candidate(t, b, b / num_cases, calibrate(epsilon, delta, b / num_cases, t, accountant))
-           for t, b in pairs if 1 <= b <= num_cases // 2]  # sampling rate above 1/2: little amplification left
+           for t, b in pairs if 1 <= b <= limit]
     if not out:
-        raise ValueError(f"no expected batch size in {sorted({b for _, b in pairs})} is between 1 and N/2 = "
-                         f"{num_cases // 2}")
+        raise ValueError(f"no expected batch size in {sorted({b for _, b in pairs})} is between 1 and {limit}")
     return out
 
 
@@ -191,7 +192,9 @@ def choose(inp: Inputs, explicit: dict) -> tuple[dict, Candidate | None, str]:
     steps = ((explicit.get("num_epochs") or 1000) * (explicit.get("num_iterations_per_epoch") or 250)
              if fixed_steps else None)
     pairs = search_pairs(inp.num_cases, passes, steps, explicit.get("expected_batch_size"))
-    cands = calibrated(inp.num_cases, inp.epsilon, inp.delta, pairs, inp.accountant)
+    given_batch = explicit.get("expected_batch_size")  # the user's, up to N (checked by the trainer)
+    cands = calibrated(inp.num_cases, inp.epsilon, inp.delta, pairs, inp.accountant,
+                       inp.num_cases if given_batch else None)
     best = best_candidate(cands, inp.counts[choice])
     chosen = {"expected_batch_size": best.batch, "dp_trainable": choice, "momentum": MOMENTUM}
     if not fixed_steps:
