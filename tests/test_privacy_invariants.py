@@ -73,6 +73,14 @@ def test_earlier_accounts_are_listed_on_a_fresh_start_and_kept_on_resume(tmp_pat
         refuse_uncovered_resume(str(tmp_path / "checkpoint_best.pth"))
 
 
+@pytest.mark.parametrize("text", ["{", "[1, 2]", '{"earlier_accounts_in_this_folder": 3}'])
+def test_an_unreadable_earlier_account_stops_with_a_clear_error(tmp_path, text):
+    from nnunet_adpfl.privacy.resume import earlier_accounts
+    (tmp_path / REPORT_NAME).write_text(text)
+    with pytest.raises(SettingsError, match="earlier run's privacy account but cannot be read"):
+        earlier_accounts(tmp_path, resumed=False)
+
+
 def test_local_log_keeps_one_value_per_epoch_and_drops_those_of_an_interrupted_run(tmp_path):
     from nnunet_adpfl.privacy.local_log import epoch_values, read_local_log, record_epoch
     values = epoch_values([1.0, float("nan"), 3.0], [(0.5, 0.1), (float("nan"), 0.3)])

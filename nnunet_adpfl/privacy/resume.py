@@ -34,8 +34,13 @@ def earlier_accounts(output_folder: str | Path, resumed: bool) -> list[dict]:
     path = Path(output_folder) / REPORT_NAME
     if not path.is_file():
         return []
-    report = json.loads(path.read_text())
-    earlier = list(report.get(EARLIER_KEY, []))
+    try:
+        report = json.loads(path.read_text())
+        earlier = list(report.get(EARLIER_KEY, []))
+    except (ValueError, TypeError, AttributeError) as e:  # an account we cannot read is never silently dropped
+        raise SettingsError(f"{path} holds an earlier run's privacy account but cannot be read ({e}); move it out "
+                            "of the output folder (keep it: what it spent still counts) or train in a new folder") \
+            from None
     if not resumed and report.get("steps"):
         earlier.append({k: report.get(k) for k in ("epsilon", "delta", "steps", "history", "trainer", "written")})
     return earlier
