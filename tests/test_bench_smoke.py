@@ -43,7 +43,7 @@ def test_batch_sweep_times_every_variant_against_the_standard_step(monkeypatch, 
     for r in rows:
         assert float(r[4]) > 0 and float(r[6]) >= 0
         assert r[5].strip() == "reference" or float(r[5]) > 0
-    assert "load average" in section and "`the command`" in section and "parameters, patch [16, 16]" in section
+    assert "load average" in section and "`the command`" in section and "parameters, patch [8, 8]" in section
     assert sweep.marks(args) == ("<!-- bench_dp_sweep_2d:start -->", "<!-- bench_dp_sweep_2d:end -->")
     with pytest.raises(SystemExit):
         sweep.parse_variant("hooks/cx")
