@@ -120,6 +120,9 @@ def test_a_site_added_to_federation_json_is_refused(tmp_path):
     path.write_text(json.dumps({**cfg, "sites": [*cfg["sites"], evil]}))
     with pytest.raises(ValueError, match="site id"):
         Aggregator(fed, keys, **QUIET)
+    path.write_text(json.dumps({**cfg, "sites": [*cfg["sites"], "Z"]}))  # a site with no key: refused, named
+    with pytest.raises(ValueError, match="names a site whose key is not in"):
+        Aggregator(fed, keys, **QUIET)
     path.write_text(json.dumps({**cfg, "rounds": 99}))  # any change: refused by the aggregator and every site
     with pytest.raises(ValueError, match="HMAC"):
         Aggregator(fed, keys, **QUIET)

@@ -126,7 +126,11 @@ def load_site_keys(keys_dir: Path, sites: list[str]) -> dict[str, bytes]:
 def open_federation(fed: Path, keys_dir: Path) -> tuple[dict, dict[str, bytes]]:
     """The coordinator's view: federation.json checked with every site's HMAC, and the site keys."""
     cfg = load_federation(fed)
-    keys = load_site_keys(keys_dir, cfg["sites"])
+    try:
+        keys = load_site_keys(keys_dir, cfg["sites"])
+    except FileNotFoundError as e:  # a site added to federation.json by someone without the coordinator's keys
+        raise FederationFileError(f"{federation_path(fed)} names a site whose key is not in {keys_dir} ({e}): it was "
+                                  "altered or not written by this coordinator") from None
     if not ff.macs_ok(keys, cfg):
         raise FederationFileError(f"{federation_path(fed)} does not carry a valid HMAC for every site: it was "
                                   "altered or not written by the coordinator (restore it, or re-create the federation)")
