@@ -20,6 +20,7 @@ def test_fresh_start_log_explains_steps_frozen_tensors_and_weights(nnunet_paths,
     try:
         log = _log(t)
         assert "6 planned steps (all within budget)" in log
+        assert f"engine {t.privacy['per_case'].engine} (auto)" in log and "engine auto" not in log  # what runs
         assert ("(2 tensors frozen: not reached by the loss, e.g. nnU-Net's deep-supervision head of weight 0)"
                 in log)  # dp_trainable all: nnU-Net's lowest deep-supervision output has loss weight 0
         assert "initial weights: random initialisation (nnU-Net's)" in log

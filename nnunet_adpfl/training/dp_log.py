@@ -53,7 +53,7 @@ def setup_lines(trainer, allowed: int) -> list[str]:
     line = (f"DP: rule {trainer.rule.describe()}, C={s['max_grad_norm']}, sigma={sigma:.4f}, q={pv['sample_rate']:.4g} "
             f"(expected batch {batch} of {trainer.num_training_cases} cases, Poisson, "
             f"{s['augmentation_multiplicity']} augmented patch(es) per case), {steps}, accountant {s['accountant']}, "
-            f"engine {pv['engine']}; trainable ({s['dp_trainable']}): {counts['trainable']:,} of {counts['total']:,} "
+            f"engine {pv['per_case'].engine}{' (auto)' if pv['engine'] == 'auto' else ''}; trainable ({s['dp_trainable']}): {counts['trainable']:,} of {counts['total']:,} "
             f"parameters in {len(pv['params'])} tensors ({frozen}); noise std per coordinate "
             f"{sigma * s['max_grad_norm'] / batch:.3g} (sigma*C/B); momentum {s['momentum']}; {start}")
     return [line] + ([f"WARNING: {pv['small_fold_warning']}"] if pv.get("small_fold_warning") else [])
