@@ -29,6 +29,15 @@ def _umask() -> int:
     return mask
 
 
+def _write_synced(fd: int, data: bytes, mode: int | None) -> None:
+    """Set the permissions (``mode``, by default what a plain open() would give), write, fsync and close ``fd``."""
+    os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:
     """Permissions ``mode``, by default what a plain open() would give (mkstemp's 0600 would hide the file
     from the other parties' accounts on a shared mount)."""
@@ -36,11 +45,7 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(fd, data, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -101,11 +106,7 @@ def write_bytes_in(root: str | Path, path: str | Path, data: bytes, mode: int | 
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
                      0o600, dir_fd=dfd)
         try:
-            os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_synced(fd, data, mode)
             try:
                 os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             except IsADirectoryError:  # a folder planted where the file belongs: moved aside, not written into

@@ -17,11 +17,11 @@ import re
 from pathlib import Path
 
 from . import files as ff
+from .names import PLAN_FILES, PLANS_FOLDER
 from .released import check_decay
 from ..common.safe_io import UnsafeInput, read_file
 
 MODES = ("npfl", "dpfl", "adpfl")
-PLAN_FILES = ("nnUNetPlans.json", "dataset.json", "dataset_fingerprint.json")
 MAX_PLAN_FILE_BYTES = 16 << 20
 DEFAULT_NORM_RATIO = 10.0
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -37,7 +37,7 @@ def federation_path(fed: Path) -> Path:
 
 
 def plans_folder(fed: Path) -> Path:
-    return Path(fed) / "plans"
+    return Path(fed) / PLANS_FOLDER
 
 
 def write_federation(fed: Path, cfg: dict, site_keys: dict[str, bytes]) -> dict:

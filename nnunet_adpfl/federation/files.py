@@ -37,20 +37,16 @@ from safetensors.torch import load as st_load
 from ..common.atomic import append_line_in, write_bytes_atomic, write_bytes_in, write_json_atomic  # noqa: F401
 from ..common.safe_io import UnsafeInput, read_file, read_json_file
 from ..common.tensors import tensors_to_bytes
+from .names import FEDERATION_FILE  # noqa: F401  (ff.FEDERATION_FILE)
 
-FEDERATION_FILE = "federation.json"
 MAC_FIELDS = ("hmac", "hmacs")
 SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # every site id, checked with fullmatch at every load
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_KEY_FILE_BYTES = 4096
 
 
-class Rejected(Exception):
+class Rejected(UnsafeInput):
     """A file in the shared folder failed a check; ``reason`` says which."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 # ---- paths -------------------------------------------------------------------------------------------

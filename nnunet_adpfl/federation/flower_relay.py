@@ -33,14 +33,15 @@ from ..common.atomic import write_bytes_in
 from ..common.safe_io import UnsafeInput, read_file
 from . import flower_checks as check
 from .flower_checks import MAX_FILES_PER_MESSAGE, RelayError
+from .names import FEDERATION_FILE, PLANS_FOLDER
+from .names import PLAN_FILES as PLAN_NAMES
 
 __all__ = ["RelayError", "Relay", "site_exchange", "folder_status", "pullable", "relay_mac"]
 
 # Not built on files.py (paths, mac): it imports torch, ~3 s for each message (the SuperNode starts a new
 # flwr-clientapp process per message). tests/test_flower_relay.py checks the names against files.py's paths.
 PROTOCOL = "nnunet-adpfl-relay/1"
-FEDERATION_FILE = "federation.json"
-PLAN_FILES = ("plans/nnUNetPlans.json", "plans/dataset.json", "plans/dataset_fingerprint.json")
+PLAN_FILES = tuple(f"{PLANS_FOLDER}/{name}" for name in PLAN_NAMES)
 MAX_GLOBALS_PER_MESSAGE = 2
 MAX_UPDATES_PER_MESSAGE = 2
 RETRY_REFUSED_S = 30.0
