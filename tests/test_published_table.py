@@ -1,0 +1,98 @@
+"""scripts/published_table.py: the table's arithmetic and aggregation on fake fed-compare result files (seconds)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "published_table.py"
+spec = importlib.util.spec_from_file_location("published_table", SCRIPT)
+pt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pt)
+
+
+def _summary(eps: float | None) -> dict:
+    return {"trainer": "t", "sites": {"A": {"epsilon": eps}, "B": {"epsilon": None if eps is None else eps - 0.1}},
+            "wall_time_s": 120.0, "global_test_dice": {"1": 0.0}}
+
+
+def _fake_task(tmp_path: Path, dice: dict[str, float]) -> Path:
+    """A skin task folder as fed-compare leaves it, the reported class already scored (sidecar)."""
+    task_dir = tmp_path / "published" / "skin"
+    task_dir.mkdir(parents=True)
+    results = {name: ({"diverged": "x"} if d is None else _summary(None if name.startswith("NP") else 7.9))
+               for name, d in dice.items()}
+    (task_dir / "results.json").write_text(json.dumps(results))
+    sidecar = {name: {"reported_dice": {"dice": d}} for name, d in dice.items() if d is not None}
+    (task_dir / pt.SIDECAR).write_text(json.dumps(sidecar))
+    return task_dir
+
+
+def test_run_names_match_fed_compare():
+    """fed-compare names a run '<run> [<label>] #<repeat>' (run_task)."""
+    assert pt.run_name(pt.NP, None, 1) == "NP-FL"
+    assert pt.run_name(pt.DP, 8.0, 1) == "DP-FL [eps 8]"
+    assert pt.run_name(pt.ADP_ALL, 1.0, 3) == "ADP-FL (all mechanisms) [eps 1] #3"
+    assert pt.run_name(pt.NP, 4.0, 2) == "NP-FL #2"  # not private: one NP-FL run per seed for every epsilon
+
+
+def test_grid_order_seed_by_seed_np_once_per_seed():
+    order = pt.grid(["skin", "brain"], 2, list(pt.METHODS))
+    skin = [o for o in order if o[0] == "skin"]
+    assert len(skin) == 2 * (1 + 3 * 3) and len(order) == len(skin) + 2 * (1 + 3)
+    assert skin[0] == ("skin", 1, None, pt.NP) and skin[1] == ("skin", 1, 8.0, pt.DP)
+    assert [o[1] for o in skin] == [1] * 10 + [2] * 10  # a whole row per seed first
+
+
+def test_table_arithmetic(tmp_path):
+    dice = {"NP-FL": 0.90, "NP-FL #2": 0.80, "DP-FL [eps 8]": 0.60, "DP-FL [eps 8] #2": 0.50,
+            "ADP-FL (defaults) [eps 8]": 0.75, "ADP-FL (defaults) [eps 8] #2": None,
+            "ADP-FL (all mechanisms) [eps 8]": 0.70, "ADP-FL (all mechanisms) [eps 8] #2": 0.80,
+            "DP-FL [eps 4]": 0.1}
+    runs = pt.collect(_fake_task(tmp_path, dice), "skin")
+    rows = {r["method"]: r for r in pt.task_rows("skin", runs, 8.0)}
+    assert rows[pt.NP]["mean"] == pytest.approx(0.85) and rows[pt.NP]["std"] == pytest.approx(np.std([.9, .8], ddof=1))
+    assert rows[pt.DP]["mean"] == pytest.approx(0.55)  # epsilon 4's run not mixed in
+    assert rows[pt.DP]["share_of_np"] == pytest.approx(0.55 / 0.85)
+    assert rows[pt.ADP_DEFAULTS]["seeds"] == 2 and rows[pt.ADP_DEFAULTS]["diverged"] == 1
+    assert rows[pt.ADP_DEFAULTS]["std"] is None and rows[pt.ADP_DEFAULTS]["mean"] == pytest.approx(0.75)
+    assert rows[pt.ADP_DEFAULTS]["gap_closed"] == pytest.approx((0.75 - 0.55) / 0.30)
+    assert rows[pt.ADP_ALL]["gap_closed"] == pytest.approx((0.75 - 0.55) / 0.30)
+    assert math.isnan(rows[pt.DP]["gap_closed"]) and math.isnan(rows[pt.NP]["share_of_np"])
+    assert rows[pt.DP]["epsilon"] == pytest.approx(7.9) and rows[pt.DP]["wall_s"] == 120.0
+    # the published row: HAM10000 ADP-FL 92.8 closes (92.8 - 85.4) / (93.1 - 85.4) = 96% of the gap
+    assert rows[pt.ADP_ALL]["published_gap_closed"] == pytest.approx(7.4 / 7.7)
+    assert rows[pt.DP]["published_share_of_np"] == pytest.approx(85.4 / 93.1)
+    text = pt.build_table(tmp_path)
+    assert "| DP-FL | 55.0 ± 7.1 | 2 | 65% | - | 85.4 | 92% | - | 7.90 | 2.0 min |" in text
+    assert "| ADP-FL (defaults) | 75.0 | 2 (1 diverged) | 88% | 67% |" in text
+    assert "epsilon 4" in text and "epsilon 1" not in text  # only the epsilons that have a private run
+
+
+def test_no_gap_is_not_a_share():
+    assert math.isnan(pt.gap_closed(0.5, 0.8, 0.8)) and math.isnan(pt.gap_closed(0.5, 0.9, 0.8))
+    assert pt.gap_closed(0.9, 0.5, 0.7) == pytest.approx(2.0)  # above NP-FL: more than the whole gap
+
+
+def test_scoring_unions_labels_and_skips_empty_cases(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    labels, preds = tmp_path / "labelsTs", tmp_path / "pred"
+    labels.mkdir(), preds.mkdir()
+
+    def write(folder, name, values):
+        sitk.WriteImage(sitk.GetImageFromArray(np.array(values, dtype=np.uint8).reshape(1, 1, -1)),
+                        str(folder / f"{name}.nii.gz"))
+
+    write(labels, "a", [2, 3, 0, 1]); write(preds, "a", [3, 2, 0, 0])  # tumour and cyst swapped: union Dice 1
+    write(labels, "b", [2, 0, 0, 0]); write(preds, "b", [0, 3, 0, 1])  # union Dice 0
+    write(labels, "c", [1, 0, 0, 0]); write(preds, "c", [1, 1, 0, 0])  # no tumour+cyst in either: not scored
+    score = pt.score_predictions(labels, preds, (2, 3), ".nii.gz")
+    assert score == {"dice": 0.5, "cases": 3, "scored": 2}
+    assert pt.score_predictions(labels, preds, (2,), ".nii.gz")["dice"] == pytest.approx(0.0)
+    (preds / "c.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="c.nii.gz"):
+        pt.score_predictions(labels, preds, (2, 3), ".nii.gz")
