@@ -18,8 +18,8 @@ def test_table_reports_the_gap_closed_and_handles_nan_classes():
     lines = format_task("kidney", results).splitlines()
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
     # mean Dice: NP 0.8, DP 0.4, ADP 0.8 (NaN class left out) -> 100% of the gap
-    assert "| 0.800 | 100% | 100% | 7.95 | 0.25 |" in row["ADP-FL (defaults)"]
-    assert "- (not private)" in row["NP-FL"] and "| 0.400 | 50% | - | 7.90 | 1.00 |" in row["DP-FL"]
+    assert "| 0.800 | 100% | 100% | - | 7.95 | 0.25 |" in row["ADP-FL (defaults)"]
+    assert "- (not private)" in row["NP-FL"] and "| 0.400 | 50% | - | - | 7.90 | 1.00 |" in row["DP-FL"]
 
 
 def test_a_diverged_run_is_a_row_not_a_gap():
@@ -28,7 +28,7 @@ def test_a_diverged_run_is_a_row_not_a_gap():
                "ADP-FL (defaults)": result({"kidney": 0.7}, 7.9, 1.0)}
     lines = format_task("kidney", results).splitlines()
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
-    assert row["ADP-FL (all mechanisms)"] == "| ADP-FL (all mechanisms) | diverged | diverged | - | - | - | - | - |"
+    assert row["ADP-FL (all mechanisms)"] == "| ADP-FL (all mechanisms) | diverged | diverged | - | - | - | - | - | - |"
     assert "| 0.700 | 78% | 50% |" in row["ADP-FL (defaults)"]
     results["DP-FL"] = {"diverged": "inf", "settings": {}}  # no baseline, no gap (was a KeyError)
     assert "| 0.700 | 78% | - |" in format_task("kidney", results)
@@ -43,10 +43,11 @@ def test_runs_from_public_weights_are_compared_with_np_fl_from_the_same_start():
                "ADP-FL (defaults) from public weights": result({"kidney": 0.76}, 7.9, 1.0)}
     row = {line.split(" | ")[0].strip("| "): line for line in format_task("kidney", results).splitlines()
            if line.startswith("| ")}
-    assert "| 0.720 | 90% | - |" in row["DP-FL from public weights"]
-    assert "| 0.760 | 95% | 50% |" in row["ADP-FL (defaults) from public weights"]
-    assert "| 0.100 | 20% | - |" in row["DP-FL"]
-    assert "| 0.600 | - | - | - (not private) | - | - |" in row["public weights only (no private training)"]
+    # gain kept: (private - public only) / (NP-FL from public - public only) = 0.12 / 0.2 and 0.16 / 0.2
+    assert "| 0.720 | 90% | - | 60% |" in row["DP-FL from public weights"]
+    assert "| 0.760 | 95% | 50% | 80% |" in row["ADP-FL (defaults) from public weights"]
+    assert "| 0.100 | 20% | - | - |" in row["DP-FL"]  # from scratch: no gain over the public model to keep
+    assert "| 0.600 | 75% | - | - | - (not private) | - | - |" in row["public weights only (no private training)"]
     assert RUNS["DP-FL from public weights"] == RUNS["DP-FL"]
 
 
@@ -138,9 +139,9 @@ def test_repeats_are_one_row_with_mean_and_sample_std():
            if line.startswith("| ")}
     assert set(row) == {"run", "NP-FL (2 runs)", "DP-FL (3 runs, 1 diverged)", "ADP-FL (defaults)"}
     # NP 0.85 +- 0.071, DP 0.6 +- 0.141 (the diverged repeat left out); ADP: (0.75 - 0.6) / (0.85 - 0.6) = 60%
-    assert "| 0.850 ± 0.071 | 0.850 ± 0.071 | - | - | - (not private) |" in row["NP-FL (2 runs)"]
-    assert "| 0.600 ± 0.141 | 0.600 ± 0.141 | 71% | - | 7.95 |" in row["DP-FL (3 runs, 1 diverged)"]
-    assert "| 0.750 | 0.750 | 88% | 60% | 7.90 |" in row["ADP-FL (defaults)"]
+    assert "| 0.850 ± 0.071 | 0.850 ± 0.071 | - | - | - | - (not private) |" in row["NP-FL (2 runs)"]
+    assert "| 0.600 ± 0.141 | 0.600 ± 0.141 | 71% | - | - | 7.95 |" in row["DP-FL (3 runs, 1 diverged)"]
+    assert "| 0.750 | 0.750 | 88% | 60% | - | 7.90 |" in row["ADP-FL (defaults)"]
     only_diverged = {"NP-FL": result({"kidney": 0.8}, None, 1.0), "DP-FL": {"diverged": "inf", "settings": {}},
                      "DP-FL #2": {"diverged": "inf", "settings": {}}}
     assert "| DP-FL (2 runs, 2 diverged) | diverged | diverged |" in format_task("kidney", only_diverged)
@@ -180,5 +181,125 @@ def test_labelled_runs_are_compared_with_dp_fl_of_the_same_label():
                "ADP-FL (defaults) [other]": result({"kidney": 0.6}, 1.0, 1.0)}
     lines = format_task("kidney", results).splitlines()
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
-    assert "| 0.700 | 88% | 50% |" in row["ADP-FL (defaults) [eps 1]"]  # (0.7 - 0.6) / (0.8 - 0.6)
+    assert "| 0.700 | 87% | 50% |" in row["ADP-FL (defaults) [eps 1]"]  # (0.7 - 0.6) / (0.8 - 0.6); 0.7 / 0.8 = 0.87499..
     assert "| 0.600 | 75% | 50% |" in row["ADP-FL (defaults) [other]"]  # no 'DP-FL [other]': the unlabelled DP-FL
+
+
+def _row(table: str) -> dict:
+    return {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+
+
+def _public_only(dice: float) -> dict:
+    return {"global_test_dice": {"lesion": dice}, "rounds": 0, "wall_time_s": None, "bytes_uploaded": 0, "sites": {}}
+
+
+def test_ratio_is_a_number_or_n_a_with_its_reason_never_inf_or_nan():
+    from nnunet_adpfl.workflows.fed_experiment import MIN_DENOMINATOR, ratio
+
+    assert ratio(0.3, 0.4, "x") == {"value": 0.3 / 0.4}
+    assert ratio(-0.1, 0.2, "x") == {"value": -0.5}  # private below the public model: a negative gain, shown
+    tiny = ratio(0.01, MIN_DENOMINATOR / 2, "gain NP-FL - public only")
+    assert tiny["value"] is None and tiny["reason"] == "gain NP-FL - public only = 0.003 < 0.005"
+    assert ratio(0.01, 0.0, "x")["value"] is None and ratio(0.01, -0.2, "x")["reason"] == "x = -0.200 < 0.005"
+    assert ratio(math.nan, 0.5, "x")["value"] is None and "undefined" in ratio(0.5, math.nan, "x")["reason"]
+
+
+def test_gain_kept_over_the_public_model_on_repeated_runs():
+    """(mean private - public only) / (mean NP-FL from public - public only), per label, next to the share of
+    NP-FL; the numbers in the JSON rows are the table's."""
+    from nnunet_adpfl.workflows.fed_experiment import table_rows
+
+    results = {"public weights only (no private training)": _public_only(0.6),
+               "NP-FL from public weights": result({"lesion": 0.88}, None, 1.0),
+               "NP-FL from public weights #2": result({"lesion": 0.92}, None, 1.0),
+               "DP-FL from public weights": result({"lesion": 0.80}, 7.9, 1.0),
+               "DP-FL from public weights #2": result({"lesion": 0.84}, 7.9, 1.0),
+               "ADP-FL (defaults) from public weights": result({"lesion": 0.86}, 7.9, 1.0),
+               "DP-FL from public weights [eps 1]": result({"lesion": 0.66}, 1.0, 1.0)}
+    rows = {r["run"]: r for r in table_rows(results)}
+    dp = rows["DP-FL from public weights"]
+    assert dp["mean_dice"]["mean"] == pytest.approx(0.82) and dp["runs"] == 2
+    assert dp["gain_kept"]["value"] == pytest.approx((0.82 - 0.6) / (0.90 - 0.6))  # 73%
+    assert dp["gain_kept"]["references"] == ["public weights only (no private training)", "NP-FL from public weights"]
+    assert dp["share_of_np_fl"]["value"] == pytest.approx(0.82 / 0.90) and "gap_closed" not in dp
+    adp = rows["ADP-FL (defaults) from public weights"]
+    assert adp["gap_closed"]["value"] == pytest.approx((0.86 - 0.82) / (0.90 - 0.82))
+    assert adp["gain_kept"]["value"] == pytest.approx(0.26 / 0.30)
+    assert rows["DP-FL from public weights [eps 1]"]["gain_kept"]["value"] == pytest.approx(0.06 / 0.30)
+    assert rows["public weights only (no private training)"]["share_of_np_fl"]["value"] == pytest.approx(0.6 / 0.9)
+    assert "gain_kept" not in rows["NP-FL from public weights"] and "gain_kept" not in rows[
+        "public weights only (no private training)"]
+    table = _row(format_task("skin", results))
+    assert "| 0.820 ± 0.028 | 0.820 ± 0.028 | 91% | - | 73% | 7.90 |" in table["DP-FL from public weights (2 runs)"]
+    assert "| 0.860 | 0.860 | 96% | 50% | 87% | 7.90 |" in table["ADP-FL (defaults) from public weights"]
+    assert "| 0.660 | 73% | - | 20% | 1.00 |" in table["DP-FL from public weights [eps 1]"]
+
+
+def test_denominators_near_zero_are_n_a_with_the_reason():
+    results = {"public weights only (no private training)": _public_only(0.900),
+               "NP-FL from public weights": result({"lesion": 0.902}, None, 1.0),  # public as good as NP-FL
+               "DP-FL from public weights": result({"lesion": 0.905}, 7.9, 1.0),  # DP-FL above NP-FL: no gap
+               "ADP-FL (defaults) from public weights": result({"lesion": 0.89}, 7.9, 1.0),
+               "NP-FL": result({"lesion": 0.0}, None, 1.0), "DP-FL": result({"lesion": 0.0}, 7.9, 1.0)}
+    text = format_task("skin", results)
+    table = _row(text)
+    assert "| 0.890 | 99% | n/a (gap NP-FL from public weights - DP-FL from public weights = -0.003 < 0.005) | " \
+           "n/a (gain NP-FL from public weights - public only = 0.002 < 0.005) | 7.90 |" in \
+           table["ADP-FL (defaults) from public weights"]
+    assert "| 0.000 | n/a (NP-FL Dice = 0.000 < 0.005) | - | - | 7.90 |" in table["DP-FL"]
+    assert "inf" not in text.lower().replace("(not private)", "") and "nan" not in text.lower()
+
+
+def test_run_all_writes_the_table_and_its_numbers_as_standard_json(tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+
+    from nnunet_adpfl.workflows import fed_experiment as fe
+
+    results = {fe.PUBLIC_ONLY: _public_only(0.6), "NP-FL from public weights": result({"lesion": 0.9}, None, 1.0),
+               "DP-FL from public weights": result({"lesion": 0.84}, 7.9, 1.0),
+               "DP-FL from public weights #2": result({"lesion": math.nan}, 7.9, 1.0)}
+    monkeypatch.setattr(fe, "run_task", lambda a, task: results)
+    parser = argparse.ArgumentParser()
+    fe.add_arguments(parser)
+    text = fe.run_all(parser.parse_args(["--work-dir", str(tmp_path), "--output", str(tmp_path / "t.md")]))
+    assert "gain kept over public weights only" in capsys.readouterr().out and "| 80% |" in text
+    assert (tmp_path / "results.md").read_text() == (tmp_path / "t.md").read_text() == text + "\n"
+    rows = {r["run"]: r for r in json.loads((tmp_path / fe.TABLE_JSON).read_text())["skin"]}  # strict JSON: no NaN
+    dp = rows["DP-FL from public weights"]
+    assert dp["gain_kept"]["value"] == pytest.approx(0.8) and dp["dice"]["lesion"]["values"] == [0.84, None]
+    assert dp["epsilon"] == 7.9 and rows[fe.PUBLIC_ONLY]["mb_uploaded_per_site_and_round"] is None
+
+
+def test_public_weights_only_is_a_run_that_evaluates_the_public_model_without_training(tmp_path, monkeypatch):
+    import argparse
+
+    from nnunet_adpfl.workflows import fed_experiment as fe
+
+    parser = argparse.ArgumentParser()
+    fe.add_arguments(parser)
+    a = parser.parse_args(["--work-dir", str(tmp_path), "--runs", fe.PUBLIC_ONLY, "--scale", "0.25",
+                           "--public-scale", "0.5"])
+    for name in ("stage_data", "stage_plan", "create_federation"):
+        monkeypatch.setattr(fe, name, lambda *args, **kw: tmp_path)
+    pretrained = []
+    monkeypatch.setattr(fe, "pretrain_public", lambda fed, task, work, cases, scale, *rest:
+                        pretrained.append(scale) or tmp_path / "public.pth")
+    monkeypatch.setattr(fe, "_evaluate_standard", lambda root, ckpt, *args: {"global_test_dice": {"lesion": 0.7},
+                                                                            "checkpoint": str(ckpt)})
+    monkeypatch.setattr(fe, "train_federated", lambda *args: pytest.fail("public weights only trains nothing"))
+    results = fe.run_task(a, "skin")
+    assert list(results) == [fe.PUBLIC_ONLY] and pretrained == [0.5]
+    assert results[fe.PUBLIC_ONLY]["checkpoint"] == str(tmp_path / "public.pth")
+
+
+def test_a_kept_public_cohort_written_with_other_arguments_is_refused(tmp_path):
+    import json
+
+    from nnunet_adpfl.workflows.pretrain import check_public_cohort
+
+    (tmp_path / "sites.json").write_text(json.dumps({"task": "skin", "sites": {"A": ["A_0000"] * 60}, "scale": 0.25,
+                                                     "seed": 0}))
+    check_public_cohort(tmp_path, "skin", 60, 0.25, 0)  # the same cohort: reused
+    with pytest.raises(SystemExit, match=r"scale 0.25 \(now 0.5\).*another work dir"):
+        check_public_cohort(tmp_path, "skin", 60, 0.5, 0)

@@ -41,6 +41,7 @@ RUNS = {  # name -> (trainer, settings beyond the common private ones; None: not
 FROM_PUBLIC = " from public weights"  # suffix: the run's round-0 model is the public model
 RUNS.update({name + FROM_PUBLIC: run for name, run in list(RUNS.items())})
 PUBLIC_ONLY = "public weights only (no private training)"
+NP_FROM_PUBLIC = "NP-FL" + FROM_PUBLIC
 STANDARD = "standard nnU-Net (all sites' data pooled)"  # the centralised, non-private reference
 DEFAULT_RUNS = ("NP-FL", "DP-FL", "ADP-FL (defaults)")
 PUBLIC_CLIP = "public"  # --clip public: C calibrated on the public cohort at the public weights
@@ -74,8 +75,9 @@ def run_task(a, task: str) -> dict:
                "max_grad_norm": 1.0 if a.clip == PUBLIC_CLIP else a.clip, "num_val_iterations_per_epoch": 1,
                **json.loads(a.private_settings or "{}")}
     public = None
-    if any(name.endswith(FROM_PUBLIC) for name in a.runs):
-        public = pretrain_public(plan_lay.fed, task, work / "public", a.public_cases, a.scale, a.seed,
+    if PUBLIC_ONLY in a.runs or any(name.endswith(FROM_PUBLIC) for name in a.runs):
+        public_scale = a.scale if a.public_scale is None else a.public_scale
+        public = pretrain_public(plan_lay.fed, task, work / "public", a.public_cases, public_scale, a.seed,
                                  a.public_epochs, a.iterations, a.lr)
         if a.clip == PUBLIC_CLIP:
             private["max_grad_norm"] = calibrate_clip(work / "public", public.parents[2].name, config, public, private)
@@ -90,7 +92,7 @@ def run_task(a, task: str) -> dict:
         results[STANDARD] = _evaluate_standard(work / "standard", checkpoint, config, pooled, "standard",
                                                time.time() - start)
         results_file.write_text(json.dumps(results, indent=2))
-    for run_name, repeat in ((r, i) for r in a.runs if r != STANDARD for i in range(a.repeats)):
+    for run_name, repeat in ((r, i) for r in a.runs if r not in (STANDARD, PUBLIC_ONLY) for i in range(a.repeats)):
         name = run_name + (f" [{a.label}]" if a.label else "") + (f"{REPEAT}{repeat + 1}" if repeat else "")
         if name in results:
             continue
@@ -158,47 +160,116 @@ def group_repeats(results: dict) -> dict[str, list[dict]]:
     return groups
 
 
-def _mean_std(values: list[float]) -> str:
-    """'0.812' for one value; 'mean ± sample std' for several (NaNs left out)."""
-    finite = [v for v in values if not np.isnan(v)]
-    if len(finite) < 2:
-        return f"{nanmean(finite):.3f}"
-    return f"{np.mean(finite):.3f} ± {np.std(finite, ddof=1):.3f}"
+# A ratio of mean Dice is reported only when its denominator is at least this: below half a Dice point the
+# denominator is within one seed's run-to-run spread (skin, 3 seeds: +-0.003), so the ratio would be noise.
+MIN_DENOMINATOR = 0.005
 
 
-def format_task(task: str, results: dict) -> str:
-    """One table per task, a row per run, its repeats as mean ± std. 'kept': the private run's mean Dice over
-    NP-FL's from the same start; 'gap closed': (ADP - DP) / (NP - DP) of the mean Dice, for the ADP-FL rows."""
+def ratio(numerator: float, denominator: float, what: str) -> dict:
+    """{"value": numerator / denominator} or, where that means nothing, {"value": None, "reason": ...} (never inf
+    or NaN). ``what`` names the denominator in the reason."""
+    if not (np.isfinite(numerator) and np.isfinite(denominator)):
+        return {"value": None, "reason": "Dice undefined (no test case has the class)"}
+    if denominator < MIN_DENOMINATOR:
+        return {"value": None, "reason": f"{what} = {denominator:.3f} < {MIN_DENOMINATOR}"}
+    return {"value": numerator / denominator}
+
+
+def comparisons(name: str, mean: dict[str, float], private: bool) -> dict:
+    """A row's ratios of mean Dice, each {"value", "reference"/"references"} or with "reason" where n/a; absent
+    where it does not apply. ``share_of_np_fl``: the run over NP-FL from the same start (private runs, and the
+    public model alone); ``gap_closed``: (ADP - DP) / (NP - DP), ADP-FL runs; ``gain_kept``: (private - public only)
+    / (NP-FL - public only), private runs from public weights: what private training adds over the public model."""
+    np_ref = NP_FROM_PUBLIC if name == PUBLIC_ONLY else _reference(name, "NP-FL", mean)
+    if np_ref not in mean or not (private or name == PUBLIC_ONLY):
+        return {}
+    out = {"share_of_np_fl": {**ratio(mean[name], mean[np_ref], f"{np_ref} Dice"), "reference": np_ref}}
+    dp_ref = _reference(name, "DP-FL", mean)
+    if private and name.startswith("ADP-FL") and dp_ref:
+        out["gap_closed"] = {**ratio(mean[name] - mean[dp_ref], mean[np_ref] - mean[dp_ref],
+                                     f"gap {np_ref} - {dp_ref}"), "references": [dp_ref, np_ref]}
+    if private and FROM_PUBLIC in name and PUBLIC_ONLY in mean:
+        out["gain_kept"] = {**ratio(mean[name] - mean[PUBLIC_ONLY], mean[np_ref] - mean[PUBLIC_ONLY],
+                                    f"gain {np_ref} - public only"), "references": [PUBLIC_ONLY, np_ref]}
+    return out
+
+
+def _stats(values: list[float]) -> dict:
+    """Mean, sample std and the values, NaN (a class no test case has) left out of the statistics and written as
+    None, so the JSON stays standard."""
+    finite = [float(v) for v in values if not np.isnan(v)]
+    return {"mean": nanmean(finite) if finite else None,
+            "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+            "values": [None if np.isnan(v) else float(v) for v in values]}
+
+
+def table_rows(results: dict) -> list[dict]:
+    """One row per run (its repeats together) with what the table shows, as numbers: per-class and mean Dice
+    (mean, sample std, every repeat's value), the ratios of :func:`comparisons`, epsilon, uploads, wall time."""
     groups = group_repeats(results)
     trained = {name: [s for s in runs if "diverged" not in s] for name, runs in groups.items()}
     trained = {name: runs for name, runs in trained.items() if runs}
-    classes = list(next(iter(trained.values()))[0]["global_test_dice"])
     per_run = {name: [nanmean(s["global_test_dice"].values()) for s in runs] for name, runs in trained.items()}
-    mean = {name: float(np.mean(values)) for name, values in per_run.items()}
-    lines = [f"### {task}", "", "| run | " + " | ".join(classes) + " | mean Dice | share of NP-FL's mean Dice kept | "
-             "share of the DP-FL -> NP-FL gap closed | epsilon (max over sites) | MB uploaded per site and round | "
-             "training wall time |", "|---" * (len(classes) + 7) + "|"]
+    mean = {name: nanmean(values) for name, values in per_run.items()}
+    rows = []
     for name, runs in groups.items():
-        diverged = len(runs) - len(trained.get(name, []))
-        label = name if len(runs) == 1 else f"{name} ({len(runs)} runs" + (f", {diverged} diverged)" if diverged else ")")
+        row = {"run": name, "runs": len(runs), "diverged": len(runs) - len(trained.get(name, []))}
+        rows.append(row)
         if name not in trained:
-            lines.append(f"| {label} | " + " | ".join(["diverged"] * (len(classes) + 1)) + " | - | - | - | - | - |")
             continue
         ok = trained[name]
         eps = [v["epsilon"] for s in ok for v in s["sites"].values() if v["epsilon"] is not None]
-        np_ref, dp_ref = _reference(name, "NP-FL", mean), _reference(name, "DP-FL", mean)
-        kept = f"{100 * mean[name] / mean[np_ref]:.0f}%" if eps and np_ref and mean[np_ref] > 0 else "-"
-        closed = "-"
-        if name.startswith("ADP-FL") and np_ref and dp_ref:
-            gap = mean[np_ref] - mean[dp_ref]
-            closed = "n/a (no gap)" if gap <= 0 else f"{100 * (mean[name] - mean[dp_ref]) / gap:.0f}%"
         walls = [s["wall_time_s"] for s in ok if s["wall_time_s"] is not None]
-        wall = f"{np.mean(walls):.0f} s" if walls else "-"
-        mb = "-" if not ok[0]["rounds"] else \
-            f"{np.mean([s['bytes_uploaded'] / (s['rounds'] * len(s['sites'])) for s in ok]) / 1e6:.2f}"
-        dice = [_mean_std([s["global_test_dice"][c] for s in ok]) for c in classes]
-        lines.append(f"| {label} | " + " | ".join(dice) + f" | {_mean_std(per_run[name])} | {kept} | {closed} | "
-                     f"{f'{max(eps):.2f}' if eps else '- (not private)'} | {mb} | {wall} |")
+        row.update({
+            "dice": {c: _stats([s["global_test_dice"][c] for s in ok]) for c in ok[0]["global_test_dice"]},
+            "mean_dice": _stats(per_run[name]), "epsilon": max(eps) if eps else None,
+            "mb_uploaded_per_site_and_round": None if not ok[0]["rounds"] else
+            float(np.mean([s["bytes_uploaded"] / (s["rounds"] * len(s["sites"])) for s in ok]) / 1e6),
+            "wall_time_s": float(np.mean(walls)) if walls else None, **comparisons(name, mean, bool(eps))})
+    return rows
+
+
+def _mean_std(stats: dict) -> str:
+    """'0.812' for one value; 'mean ± sample std' for several (NaNs left out); 'nan' where no value is defined."""
+    if stats["mean"] is None:
+        return "nan"
+    return f"{stats['mean']:.3f}" if stats["std"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def _percent(row: dict, key: str) -> str:
+    """A ratio's cell: '85%', 'n/a (<reason>)', or '-' where it does not apply."""
+    if key not in row:
+        return "-"
+    value = row[key]["value"]
+    return f"n/a ({row[key]['reason']})" if value is None else f"{100 * value:.0f}%"
+
+
+COLUMNS = ("mean Dice", "share of NP-FL's mean Dice kept", "share of the DP-FL -> NP-FL gap closed",
+           "gain kept over public weights only", "epsilon (max over sites)", "MB uploaded per site and round",
+           "training wall time")
+
+
+def format_task(task: str, results: dict) -> str:
+    """One table per task, a row per run, its repeats as mean ± std (numbers: :func:`table_rows`). 'kept': the
+    run's mean Dice over NP-FL's from the same start; 'gap closed': (ADP - DP) / (NP - DP) for the ADP-FL rows;
+    'gain kept': (private - public only) / (NP-FL - public only) for the private runs from public weights."""
+    rows = table_rows(results)
+    classes = next((list(r["dice"]) for r in rows if "dice" in r), [])
+    lines = [f"### {task}", "", "| run | " + " | ".join([*classes, *COLUMNS]) + " |",
+             "|---" * (len(classes) + len(COLUMNS) + 1) + "|"]
+    for row in rows:
+        label = row["run"] if row["runs"] == 1 else \
+            f"{row['run']} ({row['runs']} runs" + (f", {row['diverged']} diverged)" if row["diverged"] else ")")
+        if "dice" not in row:
+            lines.append(f"| {label} | " + " | ".join(["diverged"] * (len(classes) + 1) + ["-"] * (len(COLUMNS) - 1))
+                         + " |")
+            continue
+        eps = "- (not private)" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
+        mb = "-" if row["mb_uploaded_per_site_and_round"] is None else f"{row['mb_uploaded_per_site_and_round']:.2f}"
+        wall = "-" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f} s"
+        cells = [*(_mean_std(row["dice"][c]) for c in classes), _mean_std(row["mean_dice"]),
+                 *(_percent(row, k) for k in ("share_of_np_fl", "gap_closed", "gain_kept")), eps, mb, wall]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -224,8 +295,9 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--work-dir", default="work_dirs/fed_compare")
     p.add_argument("--output", default=None, help="markdown file for the tables (printed anyway)")
     p.add_argument("--tasks", nargs="+", default=list(tasks), choices=tuple(CONFIGURATION))
-    p.add_argument("--runs", nargs="+", default=list(runs), choices=[*RUNS, STANDARD],
-                   help=f"default: {' '.join(runs)}; all: {' | '.join([*RUNS, STANDARD])}")
+    p.add_argument("--runs", nargs="+", default=list(runs), choices=[*RUNS, STANDARD, PUBLIC_ONLY],
+                   help=f"default: {' '.join(runs)}; all: {' | '.join([*RUNS, STANDARD, PUBLIC_ONLY])} (the public "
+                   "model on the test set, no training beyond pretraining; added whenever a run starts from it)")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iterations", type=int, default=10, help="private steps per round and site")
@@ -245,6 +317,9 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--public-cases", type=int, default=60, help="cases of the public cohort ('... from public "
                    "weights' runs)")
     p.add_argument("--public-epochs", type=int, default=20, help="epochs x --iterations steps of public pretraining")
+    p.add_argument("--public-scale", type=float, default=None, help="spatial scale of the public cohort (default "
+                   "--scale): another value images it at another resolution than the private sites, a site shift "
+                   "that nnU-Net's intensity normalisation does not remove")
     p.add_argument("--num-cases", type=int, default=90, help="training cases over all sites")
     p.add_argument("--num-test-cases", type=int, default=10)
     p.add_argument("--scale", type=float, default=0.25)
@@ -258,17 +333,24 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
                    "--seed, --seed + 1, ... (same data, plan and public model); the table shows mean ± std")
 
 
+TABLE_JSON = "results_table.json"  # in the work dir: {task: table_rows(...)}, the table's numbers
+
+
 def run_all(a) -> str:
     start = time.time()
-    tables = []
+    tables, numbers = [], {}
     for task in a.tasks:
-        tables.append(format_task(task, run_task(a, task)))
+        results = run_task(a, task)
+        tables.append(format_task(task, results))
+        numbers[task] = table_rows(results)
         _log(f"{task} done ({time.time() - start:.0f} s so far)")
     text = "\n\n".join(tables)
     print("\n" + text)
     for path in {Path(a.work_dir) / "results.md", *([Path(a.output)] if a.output else [])}:
         path.write_text(text + "\n")
         _log(f"table written to {path}")
+    (Path(a.work_dir) / TABLE_JSON).write_text(json.dumps(numbers, indent=2, allow_nan=False) + "\n")
+    _log(f"the table's numbers written to {Path(a.work_dir) / TABLE_JSON}")
     return text
 
 

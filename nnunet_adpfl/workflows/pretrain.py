@@ -68,13 +68,29 @@ def pretrain_public(fed: Path, task: str, work: Path, num_cases: int, scale: flo
     """Train standard nnU-Net on the task's public cohort with the federation's plan; returns its checkpoint."""
     raw = Path(work).resolve() / "nnUNet_raw"
     folder = next(raw.glob(f"Dataset{dataset_id:03d}_*"), None)
-    if folder is None or not (folder / "sites.json").exists():
-        _log(f"writing the public '{task}' cohort ({num_cases} cases, another scanner than the private sites)")
+    if folder is not None and (folder / "sites.json").exists():
+        check_public_cohort(folder, task, num_cases, scale, seed)
+    else:
+        _log(f"writing the public '{task}' cohort ({num_cases} cases at scale {scale:g}, another scanner than the "
+             "private sites)")
         folder = generate_dataset(task, raw, dataset_id, num_cases=num_cases, num_sites=1, num_test_cases=0,
                                   seed=seed, scale=scale, public=True)
     checkpoint = train_standard(fed, raw, folder, work, epochs, iterations, lr)
     _log(f"public weights: {checkpoint}")
     return checkpoint
+
+
+def check_public_cohort(folder: Path, task: str, num_cases: int, scale: float, seed: int) -> None:
+    """A kept public cohort (and so the model trained on it) is reused only if it was written with these
+    arguments; otherwise a clear error instead of silently pretraining on another cohort."""
+    meta = json.loads((folder / "sites.json").read_text())
+    written = {"task": meta["task"], "cases": sum(len(c) for c in meta["sites"].values()), "scale": meta["scale"],
+               "seed": meta["seed"]}
+    wanted = {"task": task, "cases": num_cases, "scale": scale, "seed": seed}
+    if written != wanted:
+        differ = ", ".join(f"{k} {written[k]} (now {wanted[k]})" for k in wanted if written[k] != wanted[k])
+        raise SystemExit(f"error: the public cohort in {folder} was written with {differ}; its model would be "
+                         "reused as it is: use another work dir for another public cohort")
 
 
 def calibrate_clip(work: Path, dataset: str, config: str, checkpoint: Path, private_settings: dict) -> float:
