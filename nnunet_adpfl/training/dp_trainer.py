@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 import numpy as np
 import torch
@@ -191,11 +192,12 @@ class nnUNetTrainerDP(nnUNetTrainer):
         engine = resolve_engine(s["per_sample_engine"])
         remaining = max(0, self._planned_steps() - self.accountant.steps)
         allowed = self._budget_steps(q, sigma, remaining)
+        per_case_gradients = partial(PerCaseGradients, memory_limit_mib=s["dp_memory_limit_mib"])
         self.privacy = {
             "sample_rate": q, "noise_multiplier": sigma, "expected_batch_size": self._expected_batch_size(),
             "params": params, "steps_left": allowed, "engine": engine,
-            "per_case": PerCaseGradients(self.network, self.loss.per_case, params, engine,
-                                         s["max_physical_batch_size"], s["augmentation_multiplicity"]),
+            "per_case": per_case_gradients(self.network, self.loss.per_case, params, engine,
+                                           s["max_physical_batch_size"], s["augmentation_multiplicity"]),
             "parameters": {"dp_trainable": s["dp_trainable"], "trainable": count_parameters(params.values()),
                            "total": count_parameters(self.network.parameters())},
             "generator": make_noise_generator(self.device, s["noise_seed"]),
