@@ -186,8 +186,6 @@ def _deadline(until: str | None) -> float | None:
 def collect(task_dir: Path, task: str) -> dict:
     """{run name: record} for the finished runs of a task folder: the reported class scored from the predictions
     (cached in the sidecar file), wall times, epsilon spent."""
-    from nnunet_adpfl.workflows import fed_experiment as fe
-
     results = load_json(task_dir / "results.json")
     sidecar = load_json(task_dir / SIDECAR)
     pooled = next((task_dir / "pooled_raw").glob("Dataset*"), None)
@@ -198,6 +196,8 @@ def collect(task_dir: Path, task: str) -> dict:
             out[name] = {"diverged": True, **extra}
             continue
         if "reported_dice" not in extra and pooled is not None:
+            from nnunet_adpfl.workflows import fed_experiment as fe  # torch and nnU-Net: only to score
+
             ending = json.loads((pooled / "dataset.json").read_text())["file_ending"]
             preds = task_dir / f"results_{fe.run_slug(name)}" / "predictions" / summary["trainer"]
             extra["reported_dice"] = score_predictions(pooled / "labelsTs", preds, REPORTED[task][1], ending)
