@@ -161,6 +161,30 @@ def test_determine_keeps_an_operation_only_where_it_improves_dice(tmp_path):
     assert fns == [morph.morph_postprocess] and kwargs[0]["operations"] == {1: result["chosen"]["1"]}
 
 
+def test_determine_scores_no_ignored_voxel(tmp_path):
+    """The reference's ignore label is no class and its voxels count in no Dice: a hole the prediction leaves
+    only where the reference is ignored must not make closing look better."""
+    import SimpleITK as sitk
+
+    from nnunet_adpfl.morphology import postprocessing as mp
+
+    pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
+    pred_dir.mkdir()
+    ref_dir.mkdir()
+    for i in range(3):
+        ref = np.zeros((1, 24, 24), dtype=np.uint8)
+        ref[0, 4:14, 4:14] = 1
+        pred = ref.copy()
+        pred[0, 6 + i, 6:12:2] = 0  # holes that closing would fill ...
+        ref[0, 6 + i, 6:12:2] = 9   # ... where the reference is ignored
+        for arr, folder in ((pred, pred_dir), (ref, ref_dir)):
+            sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / f"case_{i}.nii.gz"))
+    dataset_json = {"labels": {"background": 0, "a": 1, "ignore": 9}, "file_ending": ".nii.gz"}
+    result = mp.determine(pred_dir, ref_dir, dataset_json)
+    assert list(result["mean_dice"]) == ["1"] and result["mean_dice"]["1"]["none"] == 1.0
+    assert result["chosen"] == {}
+
+
 def test_morph_config_per_output_channel():
     from nnunet_adpfl.common.config import SettingsError, load_settings
     from nnunet_adpfl.training.morph_trainer import morph_config

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 
+from ..evaluation.evaluation import IGNORE
 from ..evaluation.metrics import dice, nanmean
 from .morph import morph_postprocess
 
@@ -26,9 +27,12 @@ JSON_NAME = "postprocessing_morph.json"
 
 
 def foreground_labels(dataset_json: dict) -> list[int]:
-    """Integer labels of the label maps (region-based datasets: every integer any region uses)."""
+    """Integer labels of the label maps (region-based datasets: every integer any region uses); the ignore label
+    is none."""
     values = set()
-    for v in dataset_json["labels"].values():
+    for name, v in dataset_json["labels"].items():
+        if name == IGNORE:
+            continue
         values.update(v if isinstance(v, (list, tuple)) else [v])
     return sorted(int(v) for v in values if int(v) != 0)
 
@@ -49,16 +53,18 @@ def determine(folder_predictions: str | Path, folder_ref: str | Path, dataset_js
         raise FileNotFoundError(f"no reference for {missing[:3]}{'...' if len(missing) > 3 else ''} in {folder_ref}")
     reader = determine_reader_writer_from_dataset_json(dataset_json, str(preds[0]), verbose=False)()
     labels = foreground_labels(dataset_json)
+    ignore_label = dataset_json["labels"].get(IGNORE)
     scores = {label: {op: [] for op in ("none",) + CANDIDATES} for label in labels}
     start = time.time()
     for i, pred_file in enumerate(preds):
         pred = reader.read_seg(str(pred_file))[0][0]
         ref = reader.read_seg(str(folder_ref / pred_file.name))[0][0]
+        ignored = ref == ignore_label if ignore_label is not None else None  # counts in no score, as in nnU-Net
         for label in labels:
-            scores[label]["none"].append(dice(ref, pred, [label])[label])
+            scores[label]["none"].append(dice(ref, pred, [label], ignored)[label])
             for op in CANDIDATES:
                 refined = morph_postprocess(pred, {label: op}, kernel)
-                scores[label][op].append(dice(ref, refined, [label])[label])
+                scores[label][op].append(dice(ref, refined, [label], ignored)[label])
         print(f"[morph-postprocessing] {i + 1}/{len(preds)} cases ({time.time() - start:.0f} s)", flush=True)
     chosen, table = {}, {}
     for label in labels:
