@@ -96,3 +96,13 @@ def test_scoring_unions_labels_and_skips_empty_cases(tmp_path):
     (preds / "c.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match="c.nii.gz"):
         pt.score_predictions(labels, preds, (2, 3), ".nii.gz")
+
+
+def test_workflow_device_from_environment(monkeypatch):
+    """The GPU command (scripts/published_table_gpu.sh) sets $nnUNet_adpfl_device; unset, the workflows use the CPU."""
+    from nnunet_adpfl.nnunet.pipeline import DEVICE_VAR, workflow_device
+
+    monkeypatch.delenv(DEVICE_VAR, raising=False)
+    assert workflow_device() == "cpu"
+    monkeypatch.setenv(DEVICE_VAR, "cuda")
+    assert workflow_device() == "cuda"

@@ -14,6 +14,14 @@ from pathlib import Path
 from .paths import trainers_path
 
 
+DEVICE_VAR = "nnUNet_adpfl_device"
+
+
+def workflow_device() -> str:
+    """Device of the workflows' training and prediction commands: ``$nnUNet_adpfl_device`` (e.g. cuda), else cpu."""
+    return os.environ.get(DEVICE_VAR) or "cpu"
+
+
 def nnunet_env(root: str | Path, settings_file: str | Path | None = None, **extra: str) -> dict:
     """Environment for nnU-Net commands with raw/preprocessed/results under ``root``, our trainers on
     ``nnUNet_extTrainer`` and CPU-friendly defaults (no torch.compile, export workers <= cores)."""
@@ -120,10 +128,11 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
 
 def predict(images: Path, output: Path, dataset_id: int, config: str, trainer: str, env: dict, log_file: Path,
             file_ending: str, fold: str = "0") -> Path:
-    """``nnUNetv2_predict`` with the fold's final checkpoint on CPU, unless every image already has its prediction
-    (an interrupted run continues where it stopped)."""
+    """``nnUNetv2_predict`` with the fold's final checkpoint on ``workflow_device()``, unless every image already has
+    its prediction (an interrupted run continues where it stopped)."""
     cases = {p.name[:-len(f"_0000{file_ending}")] for p in Path(images).glob(f"*_0000{file_ending}")}
     if not all((Path(output) / f"{case}{file_ending}").exists() for case in cases):
         run(["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(dataset_id), "-c", config, "-f", fold,
-             "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--continue_prediction"], env, log_file)
+             "-tr", trainer, "-device", workflow_device(), "-npp", "1", "-nps", "1", "--continue_prediction"], env,
+            log_file)
     return Path(output)

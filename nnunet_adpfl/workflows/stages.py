@@ -24,7 +24,7 @@ from ..evaluation.evaluation import mean_per_label
 from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
 from ..federation.federation_file import adopt_plan
-from ..nnunet.pipeline import describe_exits, nnunet_command, nnunet_env, predict, run, stop
+from ..nnunet.pipeline import describe_exits, nnunet_command, nnunet_env, predict, run, stop, workflow_device
 
 DATASET_ID = 501
 CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres", "kidney_roi": "3d_fullres"}
@@ -120,8 +120,9 @@ def _settings_file(lay: Layout, site: str) -> Path:
 
 
 def _train_command(lay: Layout, trainer: str, config: str) -> list[str]:
-    """The site's stock training command (fold 0, CPU)."""
-    return [nnunet_command("nnUNetv2_train"), str(lay.dataset_id), config, "0", "-tr", trainer, "-device", "cpu"]
+    """The site's stock training command (fold 0, on ``workflow_device()``: CPU unless $nnUNet_adpfl_device)."""
+    return [nnunet_command("nnUNetv2_train"), str(lay.dataset_id), config, "0", "-tr", trainer, "-device",
+            workflow_device()]
 
 
 def _site_settings(lay: Layout, site: str, settings: dict) -> Path:
