@@ -15,6 +15,11 @@ The reported class is scored here from the saved test predictions: skin lesion (
     python scripts/published_table.py run --tasks skin --seeds 3 --rounds 5 --iterations 10
     python scripts/published_table.py table          # the table of what is finished, any time
 
+The full grid on one GPU (the sites' nnUNetv2_train and nnUNetv2_predict on cuda, 20 rounds x 25 steps):
+
+    python scripts/published_table.py run --device cuda --seeds 3 --rounds 20 --iterations 25 \
+        --work-dir work_dirs/published_table_gpu
+
 Where the published cohort does not fit, ``--num-cases N`` runs the task at N training cases over the 3 sites (the
 published cohort's scale and test set size), in its own folder. ``--until HH:MM`` (UTC) starts no run after then.
 """
@@ -327,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--num-cases", type=int, default=None, help="training cases over all sites instead of the "
                    "published cohort (at the published cohort's scale); its own folder under --work-dir")
     r.add_argument("--num-test-cases", type=int, default=None, help="with --num-cases (default: the published one's)")
+    r.add_argument("--device", default=None, help="device of the sites' training and of prediction (e.g. cuda; "
+                   "default cpu): sets $nnUNet_adpfl_device for the runs")
     r.add_argument("--until", default=None, metavar="HH:MM", help="start no run after this time (UTC)")
     t = sub.add_parser("table", help="the table of the finished runs")
     for q in (r, t):
@@ -335,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("nnUNet_compile", "f")
     if a.command == "run":
+        if a.device:
+            os.environ["nnUNet_adpfl_device"] = a.device
         run_grid(a)
     print(write_table(Path(a.work_dir), a.output))
     return 0

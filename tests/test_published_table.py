@@ -99,7 +99,7 @@ def test_scoring_unions_labels_and_skips_empty_cases(tmp_path):
 
 
 def test_workflow_device_from_environment(monkeypatch):
-    """The GPU command (scripts/published_table_gpu.sh) sets $nnUNet_adpfl_device; unset, the workflows use the CPU."""
+    """published_table.py run --device cuda sets $nnUNet_adpfl_device; unset, the workflows use the CPU."""
     from nnunet_adpfl.nnunet.pipeline import DEVICE_VAR, workflow_device
 
     monkeypatch.delenv(DEVICE_VAR, raising=False)
