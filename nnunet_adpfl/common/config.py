@@ -91,8 +91,16 @@ SETTINGS: dict[str, Setting] = {
     "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop', 'vmap', 'hooks' or 'auto' "
                                  "(= hooks on CPU where supported, else loop; see docs/BENCHMARKS.md)",
                                  lambda v: v in ("auto", "loop", "vmap", "hooks"), "'auto', 'loop', 'vmap' or 'hooks'"),
-    "max_physical_batch_size": Setting(8, int, "vmap engine: cases per vectorised chunk (bounds memory)",
-                                       _positive, ">= 1"),
+    "max_physical_batch_size": Setting("auto", (int, str), "cases per batched pass of the 'vmap' and 'hooks' engines "
+                                       "(bounds memory; 'loop' does one case at a time). 'auto' = the largest "
+                                       "chunk whose estimated memory fits dp_memory_limit_mib: per case, the "
+                                       "activations its forward saves (measured once on a data-free patch) plus "
+                                       "two copies of its per-case gradient, times 1.4",
+                                       lambda v: v == "auto" if isinstance(v, str) else v >= 1,
+                                       "'auto' or an integer >= 1"),
+    "dp_memory_limit_mib": Setting(None, (int, float), "memory bound of max_physical_batch_size 'auto', in MiB; "
+                                   "null = 25% of the RAM available at set-up (CPU) or 50% of the GPU's free "
+                                   "memory at set-up", _positive, "> 0", nullable=True),
     "federation_dir": Setting(None, str, "federated trainers: the shared federation folder", lambda v: bool(v),
                               "a path", nullable=True),
     "site_id": Setting(None, str, "federated trainers: this site's name in federation.json", lambda v: bool(v),

@@ -7,7 +7,8 @@ Three engines, same result (tests compare each with an independent per-case loop
   final validation crashes afterwards.
 - ``hooks``: one batched forward/backward per chunk of cases, per-case gradients from each layer's input and
   output gradient (``grad_sample.py``); only for conv / transposed conv / affine InstanceNorm layers.
-``auto`` picks among them (``choose_engine``). ``autocast`` (e.g. torch.bfloat16; loop and hooks) runs the
+``auto`` picks among them (``choose_engine``). ``chunk_size="auto"`` is the largest chunk whose estimated memory
+(``case_bytes``) fits ``memory_limit_mib`` (null: ``default_memory_limit_mib``). ``autocast`` (e.g. torch.bfloat16; loop and hooks) runs the
 per-case forward/backward under autocast; the per-case gradients stay in the parameters' dtype (fp32), and so do the
 norms, clipping and noise computed from them.
 
@@ -17,6 +18,7 @@ the mean of its K patch losses (= the mean of the K patch gradients), so it is s
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -57,21 +59,66 @@ def choose_engine(model: nn.Module, params: list[nn.Parameter]) -> str:
     return "hooks" if on_cpu and not unsupported_layers(model, params) else "loop"
 
 
+AUTO_CPU_RAM_SHARE = 0.25   # chunk_size 'auto' on CPU: this share of the RAM available at set-up
+AUTO_GPU_FREE_SHARE = 0.5   # on a GPU: this share of its free memory at set-up
+GRAD_COPIES = 2             # per-case gradients live twice at the peak (the engine's result and the clipping's
+                            # temporaries)
+PEAK_MARGIN = 1.4           # backward transients (output gradients) on top: measured peak / estimate was 1.2-1.35
+                            # for the 2D and 3D networks of scripts/dp_step_sweep.py (hooks, CPU)
+
+
+def default_memory_limit_mib(device: torch.device) -> float:
+    """The memory bound of chunk_size 'auto' where none is set: a share of the device's free memory now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return AUTO_GPU_FREE_SHARE * free / 2 ** 20
+    with open("/proc/meminfo") as f:
+        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return AUTO_CPU_RAM_SHARE * available_kib / 2 ** 10
+
+
+def case_bytes(model: nn.Module, per_case_loss: PerCaseLossFn, params: list[nn.Parameter], x: torch.Tensor,
+               y: Target, autocast: torch.dtype | None = None) -> int:
+    """Estimated peak memory one case adds to a batched chunk: PEAK_MARGIN x (the tensors its forward saves for the
+    backward, counted once per storage, parameters excluded, measured on a data-free input of the case's shape,
+    plus GRAD_COPIES copies of its per-case gradients)."""
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in shared:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    amp = torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        leaf = torch.zeros_like(x).requires_grad_()
+        per_case_loss(model(leaf), [torch.zeros_like(t) for t in y] if isinstance(y, (list, tuple))
+                      else torch.zeros_like(y)).sum()
+    grads = sum(p.numel() * p.element_size() for p in params)
+    return int(PEAK_MARGIN * (sum(seen.values()) + GRAD_COPIES * grads))
+
+
 class PerCaseGradients:
     """Yields (grads, losses) chunks: grads[k] has shape (m, *params[k].shape), losses shape (m,)."""
 
     def __init__(self, model: nn.Module, per_case_loss: PerCaseLossFn, params: dict[str, nn.Parameter],
-                 engine: str = "loop", chunk_size: int = 8, multiplicity: int = 1,
-                 autocast: torch.dtype | None = None):
+                 engine: str = "loop", chunk_size: int | str = 8, multiplicity: int = 1,
+                 autocast: torch.dtype | None = None, memory_limit_mib: float | None = None):
         if multiplicity < 1:
             raise ValueError(f"augmentation multiplicity must be >= 1, got {multiplicity}")
+        if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                     or chunk_size < 1):
+            raise ValueError(f"chunk_size must be 'auto' or an integer >= 1, got {chunk_size!r}")
         self.model = model
         self.per_case_loss = per_case_loss
         self.names = list(params)
         self.params = list(params.values())
         engine = resolve_engine(engine)
         self.engine = choose_engine(model, self.params) if engine == "auto" else engine
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size  # 'auto': decided at the first chunk (``resolve_chunk_size``)
+        self.memory_limit_mib = memory_limit_mib
         self.multiplicity = multiplicity
         self.autocast = autocast
         if self.engine == "vmap":
@@ -86,11 +133,23 @@ class PerCaseGradients:
         k = self.multiplicity
         if data.shape[0] % k:
             raise ValueError(f"batch of {data.shape[0]} patches is not {k} patches per case")
+        if self.chunk_size == "auto":
+            self.resolve_chunk_size(data[:k], slice_target(target, 0, k))
         step = k if self.engine == "loop" else self.chunk_size * k
         run = {"loop": self._loop_case, "vmap": self._vmap_chunk, "hooks": self._hooks_chunk}[self.engine]
         for start in range(0, data.shape[0], step):
             stop = min(start + step, data.shape[0])
             yield run(data[start:stop], slice_target(target, start, stop))
+
+    def resolve_chunk_size(self, x: torch.Tensor, y: Target) -> int:
+        """chunk_size 'auto': the most cases whose estimated memory (``case_bytes``) fits the memory limit, from a
+        data-free case of the shape of ``x`` (one case's patches; only their shape is used). 1 for 'loop'."""
+        if self.chunk_size == "auto":
+            limit = self.memory_limit_mib if self.memory_limit_mib is not None else \
+                default_memory_limit_mib(x.device)
+            per_case = case_bytes(self.model, self.per_case_loss, self.params, x, y, self.autocast)
+            self.chunk_size = 1 if self.engine == "loop" else max(1, math.floor(limit * 2 ** 20 / per_case))
+        return self.chunk_size
 
     def _amp(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
