@@ -162,8 +162,8 @@ def test_determine_keeps_an_operation_only_where_it_improves_dice(tmp_path):
 
 
 def test_determine_scores_no_ignored_voxel(tmp_path):
-    """The reference's ignore label is no class and its voxels count in no Dice: a hole the prediction leaves
-    only where the reference is ignored must not make closing look better."""
+    """The reference's ignore label is no class and its voxels count in no Dice: a false speck the prediction
+    leaves only where the reference is ignored must not make opening look better."""
     import SimpleITK as sitk
 
     from nnunet_adpfl.morphology import postprocessing as mp
@@ -175,8 +175,8 @@ def test_determine_scores_no_ignored_voxel(tmp_path):
         ref = np.zeros((1, 24, 24), dtype=np.uint8)
         ref[0, 4:14, 4:14] = 1
         pred = ref.copy()
-        pred[0, 6 + i, 6:12:2] = 0  # holes that closing would fill ...
-        ref[0, 6 + i, 6:12:2] = 9   # ... where the reference is ignored
+        pred[0, 19 + i, 20] = 1    # a speck that opening would remove ...
+        ref[0, 17:24, 17:24] = 9   # ... where the reference is ignored
         for arr, folder in ((pred, pred_dir), (ref, ref_dir)):
             sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / f"case_{i}.nii.gz"))
     dataset_json = {"labels": {"background": 0, "a": 1, "ignore": 9}, "file_ending": ".nii.gz"}
