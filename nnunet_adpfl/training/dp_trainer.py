@@ -2,7 +2,8 @@
 
 What it changes against ``nnUNetTrainer`` and why (DESIGN.md section 1):
 - network built with non in-place activations; BatchNorm refused (it couples cases);
-- per-case loss (no batch Dice); no AMP/GradScaler; no torch.compile; no batch-level gradient clip;
+- per-case loss (no batch Dice); no AMP/GradScaler (bf16 autocast of the per-case pass: dp_autocast); no
+  torch.compile; no batch-level gradient clip;
 - Poisson sampling of cases, one patch per included case;
 - noisy step from clipped per-case gradients, sigma derived from the target epsilon before training,
   training stops when the budget is spent; epsilon logged, plotted, checkpointed and reported.
@@ -192,7 +193,8 @@ class nnUNetTrainerDP(nnUNetTrainer):
         engine = resolve_engine(s["per_sample_engine"])
         remaining = max(0, self._planned_steps() - self.accountant.steps)
         allowed = self._budget_steps(q, sigma, remaining)
-        per_case_gradients = partial(PerCaseGradients, memory_limit_mib=s["dp_memory_limit_mib"])
+        per_case_gradients = partial(PerCaseGradients, memory_limit_mib=s["dp_memory_limit_mib"],
+                                     autocast=s["dp_autocast"])
         self.privacy = {
             "sample_rate": q, "noise_multiplier": sigma, "expected_batch_size": self._expected_batch_size(),
             "params": params, "steps_left": allowed, "engine": engine,
