@@ -2,6 +2,7 @@
 the stock nnU-Net commands (report, CSV, JSON, plots; a second call reuses every finished run)."""
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,3 +148,20 @@ def test_failure_reason_names_the_error_and_explains_divergence():
     assert _failure_reason(tail + "ValueError: bad spacing\n") == "ValueError: bad spacing"
     assert "the model diverged" in _failure_reason(tail + "RuntimeError: Encountered inf in predicted array.")
     assert _failure_reason("['B'] failed; see /logs\nB: (no output)") == "['B'] failed; see /logs"
+
+
+def test_curves_of_a_dp_run_read_the_local_training_loss(tmp_path):
+    """A DP checkpoint logs NaN as its (unnoised) training loss; the comparison plots the site's local log."""
+    import torch
+
+    from nnunet_adpfl.privacy.local_log import record_epoch
+    from nnunet_adpfl.workflows.compare import _curves
+
+    logging = {"train_losses": [math.nan, math.nan], "val_losses": [0.9, 0.8], "mean_fg_dice": [0.1, 0.2],
+               "epsilon": [1.0, 2.0]}
+    torch.save({"logging": logging}, tmp_path / "checkpoint_final.pth")
+    assert all(math.isnan(v) for v in _curves(tmp_path)["train_loss"])
+    for epoch, loss in enumerate((0.7, 0.6)):
+        record_epoch(tmp_path, epoch, {"train_loss": loss})
+    curves = _curves(tmp_path)
+    assert curves["train_loss"] == [0.7, 0.6] and curves["val_loss"] == [0.9, 0.8] and curves["epsilon"] == [1.0, 2.0]

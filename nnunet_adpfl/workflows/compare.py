@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import pkgutil
 import shutil
@@ -191,13 +192,20 @@ def _fold(results: Path, c: Comparison, trainer: str) -> Path:
 
 
 def _curves(fold: Path) -> dict:
-    """Per-epoch training curves from the final checkpoint's logging (loss, pseudo Dice, epsilon)."""
+    """Per-epoch training curves from the final checkpoint's logging (loss, pseudo Dice, epsilon). A DP run logs
+    NaN as its training loss there (it is unnoised): the site's own local_only_log.json holds the real one."""
     import torch
+
+    from ..privacy.local_log import read_local_log
 
     logging = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
     keys = {"train_losses": "train_loss", "val_losses": "val_loss", "mean_fg_dice": "pseudo_dice",
             "epsilon": "epsilon"}
-    return {name: [float(v) for v in logging[key]] for key, name in keys.items() if logging.get(key)}
+    curves = {name: [float(v) for v in logging[key]] for key, name in keys.items() if logging.get(key)}
+    local_loss = read_local_log(fold).get("train_loss", [])
+    if not any(math.isfinite(v) for v in curves.get("train_loss", [])) and any(math.isfinite(v) for v in local_loss):
+        curves["train_loss"] = local_loss
+    return curves
 
 
 def _timed(wall_file: Path, train) -> None:
