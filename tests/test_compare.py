@@ -165,3 +165,32 @@ def test_curves_of_a_dp_run_read_the_local_training_loss(tmp_path):
         record_epoch(tmp_path, epoch, {"train_loss": loss})
     curves = _curves(tmp_path)
     assert curves["train_loss"] == [0.7, 0.6] and curves["val_loss"] == [0.9, 0.8] and curves["epsilon"] == [1.0, 2.0]
+
+
+def test_example_figure_neither_counts_nor_colours_ignored_voxels(tmp_path):
+    """The example case is the one with the most scored foreground; the ignore label is drawn as no class."""
+    import numpy as np
+    import SimpleITK as sitk
+    from matplotlib.image import imread
+
+    from nnunet_adpfl.evaluation.compare_report import plot_examples
+
+    data, pred = tmp_path / "Dataset1_X", tmp_path / "pred"
+    for folder in (data / "labelsTs", data / "imagesTs", pred):
+        folder.mkdir(parents=True)
+    (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "ignore": 2},
+                                                   "file_ending": ".nii.gz", "channel_names": {"0": "x"}}))
+    for case, (lesion, ignored) in {"big": (64, 0), "mostly_ignored": (16, 1000)}.items():
+        seg = np.zeros((1, 48, 48), dtype=np.uint8)
+        seg.reshape(-1)[:ignored] = 2
+        seg.reshape(-1)[-lesion:] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(seg), str(data / "labelsTs" / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 48, 48), np.float32)),
+                        str(data / "imagesTs" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros_like(seg)), str(pred / f"{case}.nii.gz"))
+    assert plot_examples([{"name": "run", "predictions": str(pred)}], data, tmp_path / "ex.png") == "big"
+    (data / "labelsTs" / "big.nii.gz").unlink()
+    plot_examples([{"name": "run", "predictions": str(pred)}], data, tmp_path / "ignored.png")
+    rgb = imread(tmp_path / "ignored.png")[..., :3]
+    coloured = (rgb.max(-1) - rgb.min(-1)) > 0.2  # the overlay's colours on a grey image
+    assert 0 < coloured.sum() < 1000  # the 16 lesion pixels, scaled; the 1000 ignored ones would be far more

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation import dataset_labels, reader_for, squeeze
+from .evaluation import IGNORE, dataset_labels, reader_for, squeeze
 from .metrics import nanmean
 
 METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
@@ -180,7 +180,8 @@ def plot_training_curves(records: list[dict], path: Path) -> None:
 
 def plot_examples(records: list[dict], dataset_folder: Path, path: Path) -> str:
     """The test case with the most reference foreground, at its fullest slice: image, reference and every run's
-    prediction overlaid. Returns the case id."""
+    prediction overlaid (the reference's ignored voxels are no class: neither counted nor coloured). Returns the
+    case id."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
 
@@ -188,18 +189,23 @@ def plot_examples(records: list[dict], dataset_folder: Path, path: Path) -> str:
     ending = dataset_json["file_ending"]
     reader = reader_for(dataset_folder)
     refs = sorted((dataset_folder / "labelsTs").glob(f"*{ending}"))
+    ignore_label = dataset_json["labels"].get(IGNORE)
+
+    def foreground(seg: np.ndarray) -> np.ndarray:
+        return (seg > 0) & (seg != ignore_label) if ignore_label is not None else seg > 0
+
     loaded = [(f, reader.read_seg(str(f))) for f in refs]
-    ref_file, (ref, props) = max(loaded, key=lambda item: int((item[1][0] > 0).sum()))
+    ref_file, (ref, props) = max(loaded, key=lambda item: int(foreground(item[1][0]).sum()))
     case = ref_file.name[:-len(ending)]
     ref, _ = squeeze(ref[0], props["spacing"])
-    axis_slice = int(np.argmax((ref > 0).reshape(ref.shape[0], -1).sum(1))) if ref.ndim == 3 else None
+    axis_slice = int(np.argmax(foreground(ref).reshape(ref.shape[0], -1).sum(1))) if ref.ndim == 3 else None
 
     def plane(volume: np.ndarray) -> np.ndarray:
         return volume[axis_slice] if axis_slice is not None else volume
 
     image, _ = reader.read_images([str(dataset_folder / "imagesTs" / f"{case}_0000{ending}")])
     image = plane(squeeze(image[0], props["spacing"])[0])
-    num_labels = max(int(v) for v in np.unique(ref)) + 1
+    num_labels = max([0] + [int(v) for v in np.unique(ref) if v != ignore_label]) + 1
     colours = ListedColormap(["none", "tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple"][:max(2,
                                                                                                           num_labels)])
     panels = [("image", None), ("reference", plane(ref))]
@@ -214,12 +220,12 @@ def plot_examples(records: list[dict], dataset_folder: Path, path: Path) -> str:
     for ax, (title, seg) in zip(axes.flat, panels):
         ax.imshow(image, cmap="gray")
         if seg is not None:
-            ax.imshow(np.ma.masked_equal(seg, 0), cmap=colours, vmin=0, vmax=colours.N - 1, alpha=0.5,
+            ax.imshow(np.ma.masked_where(~foreground(seg), seg), cmap=colours, vmin=0, vmax=colours.N - 1, alpha=0.5,
                       interpolation="nearest")
         ax.set_title(title, fontsize=9)
     where = f", slice {axis_slice}" if axis_slice is not None else ""
     fig.suptitle(f"test case {case}{where}: labels " + ", ".join(
-        f"{n}={v}" for n, v in dataset_json["labels"].items() if n != "background"), fontsize=9)
+        f"{n}={v}" for n, v in dataset_json["labels"].items() if n not in ("background", IGNORE)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
