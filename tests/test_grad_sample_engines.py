@@ -7,7 +7,8 @@ from torch import nn
 from nnunet_adpfl.privacy.clipping import ClippingRule
 from nnunet_adpfl.privacy.grad_sample import _producer
 from nnunet_adpfl.privacy.noisy_step import clipped_sum
-from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients, trainable_params_reached_by_loss
+from nnunet_adpfl.common.config import SettingsError, load_settings
+from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients, choose_autocast, trainable_params_reached_by_loss
 from tests.test_per_case_grads import engine_grads, setup
 
 
@@ -100,3 +101,22 @@ def test_bf16_autocast_keeps_gradients_norms_and_the_clip_bound_in_fp32(engine):
         assert all(g.dtype == torch.float32 for g in one.clipped) and one.norms.dtype == torch.float32
         norm = torch.sqrt(sum(g.double().pow(2).sum() for g in one.clipped))
         assert norm <= clip * (1 + 4 * torch.finfo(torch.float32).eps)
+
+
+def test_dp_autocast_setting_chooses_bf16_on_cuda_only_and_never_with_vmap():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_autocast("off", cpu, "hooks") is None and choose_autocast("bf16", cpu, "loop") is torch.bfloat16
+    assert choose_autocast("auto", cpu, "hooks") is None  # fp32 on CPU, as nnU-Net's CPU step
+    assert choose_autocast("auto", cuda, "vmap") is None
+    if torch.cuda.is_available():
+        assert choose_autocast("auto", cuda, "hooks") is (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
+    with pytest.raises(ValueError, match="vmap"):
+        choose_autocast("bf16", cpu, "vmap")
+    with pytest.raises(ValueError, match="unknown autocast"):
+        choose_autocast("fp16", cpu, "hooks")
+    net, x, y, loss = setup(2, False, True, False, dtype=torch.float32)
+    assert PerCaseGradients(net, loss.per_case, _params(net, loss, x, y), "hooks", autocast="bf16").autocast \
+        is torch.bfloat16
+    assert load_settings(overrides={"noise_multiplier": 1.0})["dp_autocast"] == "auto"
+    with pytest.raises(SettingsError, match="dp_autocast"):
+        load_settings(overrides={"noise_multiplier": 1.0, "dp_autocast": "fp16"})

@@ -100,12 +100,33 @@ def case_bytes(model: nn.Module, per_case_loss: PerCaseLossFn, params: list[nn.P
     return int(PEAK_MARGIN * (sum(seen.values()) + GRAD_COPIES * grads))
 
 
+AUTOCAST_SETTINGS = ("auto", "bf16", "off")
+
+
+def choose_autocast(setting: str, device: torch.device, engine: str) -> torch.dtype | None:
+    """dp_autocast -> the per-case forward/backward's autocast dtype (None: fp32). 'auto' = bf16 on a CUDA GPU that
+    supports it (where nnU-Net's own step runs under AMP), for the 'loop' and 'hooks' engines; fp32 on CPU (as
+    nnU-Net's CPU step; bf16 was faster on an AMX CPU but changes the gradients, docs/BENCHMARKS.md) and with
+    'vmap'."""
+    if setting not in AUTOCAST_SETTINGS:
+        raise ValueError(f"unknown autocast setting {setting!r}; known: {', '.join(AUTOCAST_SETTINGS)}")
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        if engine == "vmap":
+            raise ValueError("bf16 autocast is not supported with the 'vmap' engine; use 'loop' or 'hooks'")
+        return torch.bfloat16
+    if engine == "vmap":
+        return None
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
 class PerCaseGradients:
     """Yields (grads, losses) chunks: grads[k] has shape (m, *params[k].shape), losses shape (m,)."""
 
     def __init__(self, model: nn.Module, per_case_loss: PerCaseLossFn, params: dict[str, nn.Parameter],
                  engine: str = "loop", chunk_size: int | str = 8, multiplicity: int = 1,
-                 autocast: torch.dtype | None = None, memory_limit_mib: float | None = None):
+                 autocast: torch.dtype | str | None = None, memory_limit_mib: float | None = None):
         if multiplicity < 1:
             raise ValueError(f"augmentation multiplicity must be >= 1, got {multiplicity}")
         if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -120,6 +141,9 @@ class PerCaseGradients:
         self.chunk_size = chunk_size  # 'auto': decided at the first chunk (``resolve_chunk_size``)
         self.memory_limit_mib = memory_limit_mib
         self.multiplicity = multiplicity
+        if isinstance(autocast, str):  # a dp_autocast setting: 'auto', 'bf16' or 'off'
+            autocast = choose_autocast(autocast, self.params[0].device if self.params else torch.device("cpu"),
+                                       self.engine)
         self.autocast = autocast
         if self.engine == "vmap":
             if autocast:
