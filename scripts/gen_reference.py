@@ -42,7 +42,7 @@ def settings_page() -> str:
     lines = [HEADER, "# Settings reference\n\n",
              f"The settings file is a JSON object; `${ENV_VAR}` names it. Unknown keys and bad values stop training "
              "with an error that names the key. Keys left out take the default below. How to choose them: "
-             "the guides linked from the [README](../../README.md).\n\n",
+             "[choosing epsilon and the settings](../EPSILON.md).\n\n",
              "| key | type | default | allowed | description |\n", "|---|---|---|---|---|\n"]
     for key, s in SETTINGS.items():
         lines.append(f"| `{key}` | {_kind(s)} | `{json.dumps(s.default)}` | {_cell(s.requirement) or 'any'} | "
@@ -63,7 +63,8 @@ def _option(action) -> str:
     names = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
     if action.nargs == 0:
         return names
-    metavar = action.metavar or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else
+    choices = "{" + ",".join(map(str, action.choices or ())) + "}"
+    metavar = action.metavar or (choices if action.choices and len(choices) <= 60 else
                                  action.dest.upper() if action.option_strings else "")
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 1
     return names + (f" {metavar}" if action.option_strings else "") + (" ..." if many else "")
@@ -134,7 +135,7 @@ def _machine_dependent(entries) -> set:
 def commands_page() -> str:
     lines = [HEADER, "# Commands reference\n\n",
              "Every `nnunet-adpfl` command and its options, as `nnunet-adpfl <command> --help` gives them. "
-             "Which command serves which task: the guides linked from the [README](../../README.md).\n\n"]
+             "Which command serves which task: the [guides](../../README.md#guides).\n\n"]
     entries = list(commands())
     machine_dependent = _machine_dependent(entries)
     lines.append("| command | what it does |\n|---|---|\n")

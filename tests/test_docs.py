@@ -105,21 +105,22 @@ def test_every_command_and_option_shown_exists(page, parsers):
 
 
 def _json_objects(code: str):
-    for match in re.finditer(r"\{\"", code):
+    """The outermost JSON objects in a code text."""
+    start = code.find('{"')
+    while start >= 0:
         depth, end = 0, None
-        for i, ch in enumerate(code[match.start():], match.start()):
+        for i, ch in enumerate(code[start:], start):
             depth += {"{": 1, "}": -1}.get(ch, 0)
             if depth == 0:
                 end = i + 1
                 break
-        if end is None:
-            continue
         try:
-            obj = json.loads(code[match.start():end])
+            obj = json.loads(code[start:end]) if end else None
         except json.JSONDecodeError:
-            continue
+            obj = None
         if isinstance(obj, dict):
             yield obj
+        start = code.find('{"', end if isinstance(obj, dict) else start + 1)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
@@ -163,7 +164,7 @@ def test_every_trainer_named_exists(page):
 
 def _slug(heading: str) -> str:
     """GitHub's anchor for a Markdown heading."""
-    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    text = re.sub(r"[`*]|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
