@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -30,15 +31,52 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .data import synthetic
-    from .evaluation import alignment
-    from .federation import commands as fed_cli
-    from .federation import flower_commands
-    from .morphology import postprocessing as morph_postprocessing
-    from .privacy import audit
-    from .workflows import compare, demo, fed_experiment, pretrain, recipe, simulate, trainer_audit
+# The modules whose add_cli defines each command, in the order of the help listing, with the commands' help lines.
+# Most of them import torch and nnU-Net (tens of seconds on a loaded machine): a command's module is imported only
+# when that command is parsed (tests/test_cli_imports.py checks the help lines against the modules).
+COMMAND_MODULES: tuple[tuple[str, dict[str, str]], ...] = (
+    ("nnunet_adpfl.data.synthetic", {"make-dataset": "write a synthetic multi-site nnU-Net raw dataset"}),
+    ("nnunet_adpfl.workflows.demo", {
+        "demo": "synthetic data -> plan -> train standard and DP nnU-Net -> predict -> table"}),
+    ("nnunet_adpfl.federation.commands", {
+        "federation": "create a federation folder",
+        "fingerprint": "at a site: share the aggregate fingerprint of dataset -d",
+        "plan": "coordinator: one nnU-Net plan from the sites' aggregate fingerprints",
+        "install-plan": "at a site: install the federation plan before nnUNetv2_preprocess",
+        "aggregate": "coordinator: run the aggregator (restartable)"}),
+    ("nnunet_adpfl.federation.flower_commands", {
+        "flower": "the network transport (Flower): credentials, app, connection"}),
+    ("nnunet_adpfl.workflows.simulate", {
+        "simulate": "a whole federation on this machine (aggregator + sites as processes)"}),
+    ("nnunet_adpfl.workflows.fed_experiment", {
+        "fed-compare": "NP-FL vs DP-FL vs ADP-FL (and ablations) as simulated federations on synthetic data, with a "
+                       "result table"}),
+    ("nnunet_adpfl.morphology.postprocessing", {
+        "morph-postprocessing": "choose a morphological operation per label from validation predictions; writes "
+                                "nnU-Net's postprocessing.pkl"}),
+    ("nnunet_adpfl.evaluation.alignment", {
+        "alignment": "gradient-alignment plots and table from several runs' fold folders"}),
+    ("nnunet_adpfl.workflows.compare", {
+        "compare-table": "method x dataset table of mean Dice from several compare reports",
+        "compare": "standard nnU-Net vs local, NP-FL, DP-FL, ADP-FL (and trainers by name): train, predict a held-out "
+                   "test set, report with metrics and plots"}),
+    ("nnunet_adpfl.workflows.pretrain", {
+        "pretrain-public": "standard nnU-Net on a public cohort with a federation's plan: the initial weights for "
+                           "private fine-tuning"}),
+    ("nnunet_adpfl.workflows.recipe", {
+        "recipe": "what the DP trainers choose for N cases (or settings for a grid): noise, SNR"}),
+    ("nnunet_adpfl.privacy.audit", {
+        "audit": "empirical epsilon lower bound from canaries (one-run audit) next to the accounted epsilon"}),
+    ("nnunet_adpfl.workflows.trainer_audit", {
+        "audit-trainer": "empirical epsilon lower bound from canaries, through an nnU-Net DP trainer on a preprocessed "
+                         "dataset (settings: $nnUNet_adpfl_config)"}),
+)
 
+
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The CLI's parser. ``command``: the command whose module is imported and whose arguments are defined; the
+    other commands are listed by name and help line only. '*' (default): every command's arguments (imports every
+    module, torch and nnU-Net included); None: names and help lines only (no heavy import)."""
     parser = argparse.ArgumentParser(prog="nnunet-adpfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -55,20 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
     p.set_defaults(func=_cmd_calibrate)
 
-    synthetic.add_cli(sub)
-    demo.add_cli(sub)
-    fed_cli.add_cli(sub)
-    flower_commands.add_cli(sub)
-    simulate.add_cli(sub)
-    fed_experiment.add_cli(sub)
-    morph_postprocessing.add_cli(sub)
-    alignment.add_cli(sub)
-    compare.add_cli(sub)
-    pretrain.add_cli(sub)
-    recipe.add_cli(sub)
-    audit.add_cli(sub)
-    trainer_audit.add_cli(sub)
+    for module, helps in COMMAND_MODULES:
+        if command == "*" or command in helps:
+            importlib.import_module(module).add_cli(sub)
+        else:
+            for name, help_line in helps.items():
+                sub.add_parser(name, help=help_line, add_help=False)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` names: its first word that is no option (the top level has no option with a value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -95,7 +131,8 @@ _fork_hook_registered = False
 
 def main(argv: list[str] | None = None) -> int:
     install_sigterm_handler()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_of(argv)).parse_args(argv)
     return args.func(args)
 
 

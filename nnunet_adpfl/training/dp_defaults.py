@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass
 
 from ..common.config import SettingsError, explicit_keys
-from ..common.initial_weights import pretrained_weights_argument
-from ..privacy.accounting import calibrate_noise_multiplier
-from .trainable import CHOICES, count_parameters, select_trainable
+
+# torch, Opacus and nnU-Net are imported where used: ``nnunet-adpfl recipe --help`` (which imports this module)
+# stays quick (tests/test_cli_imports.py).
 
 # docs/FINETUNE.md's kidney fine-tuning (from public weights, C from the public cohort): 3e-2, the
 # non-private learning rate, beat 3e-3 (and lower ones) at C = 1. Tried on one task, not a tuned optimum.
@@ -37,6 +37,7 @@ RULE = ("best signal-to-noise bound over the run B*sqrt(T)/(sigma*sqrt(d)), the 
 @functools.lru_cache(maxsize=256)
 def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """Opacus' noise calibration, cached: the rule and the trainer calibrate the same (q, T) once."""
+    from ..privacy.accounting import calibrate_noise_multiplier
     return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, accountant)
 
 
@@ -171,6 +172,7 @@ def budget(inp: Inputs) -> int:
 
 def trainable_counts(network) -> dict[str, int]:
     """Trainable coordinates under each dp_trainable choice the network has."""
+    from .trainable import CHOICES, count_parameters, select_trainable
     counts = {}
     for choice in CHOICES:
         try:
@@ -213,6 +215,7 @@ def apply_to_trainer(trainer) -> dict:
     """Chooses what the settings file leaves out and writes it into the trainer (called once its network exists);
     returns the report's record. 'nnunet' (and a fixed noise_multiplier, and the federated trainers, whose steps
     come from federation.json): today's defaults, the plan's batch at most N/2."""
+    from ..common.initial_weights import pretrained_weights_argument
     s, given = trainer.dp_settings, explicit_keys()
     n = len(trainer.do_split()[0])
     if s["expected_batch_size"] is not None and s["expected_batch_size"] > n:

@@ -13,7 +13,6 @@ import json
 from ..training.dp_defaults import (FINETUNE_LR, LOW_EPSILON_FINETUNE_LR, Candidate, Inputs, calibrated,  # noqa: F401
                                     budget, candidates, choose, search_pairs, suggest,
                                     trainable_counts)
-from ..training.trainable import CHOICES
 
 CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data at the public weights, from "
                "nnUNetv2_train <public dataset> <configuration> all -tr nnUNetTrainerDPClipCalibration "
