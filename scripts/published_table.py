@@ -64,6 +64,11 @@ def run_name(method: str, epsilon: float | None, seed_index: int) -> str:
     return f"{method}{label}" + (f" #{seed_index}" if seed_index > 1 else "")
 
 
+def run_slug(name: str) -> str:
+    """fed_experiment.run_slug (without importing torch): the run's folder name."""
+    return "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
+
+
 def cohort_folder(root: Path, num_cases: int | None) -> Path:
     return root / ("published" if num_cases is None else f"{num_cases}cases")
 
@@ -145,6 +150,14 @@ def dp_defaults_line(log: Path) -> str | None:
                  if "DP defaults" in line), None)
 
 
+def epoch_times(log: Path) -> list[float]:
+    """nnU-Net's 'Epoch time: X s' lines of a site's training log (one epoch = one round here)."""
+    if not log.exists():
+        return []
+    return [float(line.split("Epoch time:", 1)[1].split()[0]) for line in log.read_text(errors="replace").splitlines()
+            if "Epoch time:" in line]
+
+
 def run_grid(a) -> None:
     from nnunet_adpfl.workflows import fed_experiment as fe
 
@@ -167,11 +180,11 @@ def run_grid(a) -> None:
              f"steps, load {os.getloadavg()[0]:.1f})")
         start, load = time.time(), os.getloadavg()[0]
         fe.run_task(fed_compare_args(task, work_dir, a, method, eps, seed), task)
-        sidecar = load_json(task_dir / SIDECAR)
+        sidecar, logs = load_json(task_dir / SIDECAR), task_dir / "logs" / run_slug(name)
         sidecar[name] = {"wall_s_with_evaluation": time.time() - start, "load_1min_start": load,
                          "load_1min_end": os.getloadavg()[0], "rounds": a.rounds, "iterations": a.iterations,
                          "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-                         "dp_defaults_site_A": dp_defaults_line(task_dir / "logs" / fe.run_slug(name) / "train_A.log")}
+                         "dp_defaults_site_A": dp_defaults_line(logs / "train_A.log")}
         (task_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         _log(f"[{i}/{len(order)}] {task}: {name} finished in {time.time() - start:.0f} s")
         write_table(Path(a.work_dir), a.output)
@@ -201,13 +214,15 @@ def collect(task_dir: Path, task: str) -> dict:
             out[name] = {"diverged": True, **extra}
             continue
         if "reported_dice" not in extra and pooled is not None:
-            from nnunet_adpfl.workflows import fed_experiment as fe  # torch and nnU-Net: only to score
-
             ending = json.loads((pooled / "dataset.json").read_text())["file_ending"]
-            preds = task_dir / f"results_{fe.run_slug(name)}" / "predictions" / summary["trainer"]
+            preds = task_dir / f"results_{run_slug(name)}" / "predictions" / summary["trainer"]
             extra["reported_dice"] = score_predictions(pooled / "labelsTs", preds, REPORTED[task][1], ending)
             changed = True
         eps = [s["epsilon"] for s in summary["sites"].values() if s.get("epsilon") is not None]
+        if "epoch_s" not in extra:  # seconds per round (nnU-Net epoch) of each site, from its training log
+            logs = task_dir / "logs" / run_slug(name)
+            extra["epoch_s"] = {site: epoch_times(logs / f"train_{site}.log") for site in summary["sites"]}
+            changed = True
         out[name] = {"dice": extra.get("reported_dice", {}).get("dice", math.nan),
                      "wall_s": summary.get("wall_time_s"), "epsilon": max(eps) if eps else None, **extra}
     if changed:
@@ -253,8 +268,10 @@ def task_rows(task: str, runs: dict, epsilon: float) -> list[dict]:
         mean, std = mean_spread([r["dice"] for r in trained])
         walls = [r["wall_s"] for r in trained if r.get("wall_s") is not None]
         epss = [r["epsilon"] for r in trained if r.get("epsilon") is not None]
+        rounds = [t for r in trained for times in r.get("epoch_s", {}).values() for t in times]
         stats[method] = {"method": method, "seeds": len(recs), "diverged": len(recs) - len(trained), "mean": mean,
                          "std": std, "wall_s": float(np.mean(walls)) if walls else None,
+                         "round_s": float(np.median(rounds)) if rounds else None,
                          "epsilon": max(epss) if epss else None}
     published = PUBLISHED[task][1]
     pub_np, pub_dp = published["NP-FL"], published["DP-FL"]
@@ -274,8 +291,8 @@ def format_rows(task: str, epsilon: float, rows: list[dict], cohort: str) -> str
     cls = REPORTED[task][0]
     lines = [f"### {task} ({cohort}), {cls} Dice, epsilon {epsilon:g}, against {dataset} (published at epsilon 8)",
              "", "| method | Dice (mean ± std over seeds) | seeds | share of NP-FL | gap closed | published Dice | "
-             "published share | published gap closed | epsilon spent (max over sites) | training wall per run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "published share | published gap closed | epsilon spent (max over sites) | training wall per run | "
+             "median s per round and site |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["seeds"] == 0:
             dice_text = "not run"
@@ -288,9 +305,10 @@ def format_rows(task: str, epsilon: float, rows: list[dict], cohort: str) -> str
         pub_share = "-" if epsilon != 8 else _pct(r["published_share_of_np"])
         pub_gap = "-" if epsilon != 8 else _pct(r["published_gap_closed"])
         wall = "-" if r["wall_s"] is None else f"{r['wall_s'] / 60:.1f} min"
+        per_round = "-" if r["round_s"] is None else f"{r['round_s']:.0f} s"
         eps = "not private" if r["method"] == NP else ("-" if r["epsilon"] is None else f"{r['epsilon']:.2f}")
         lines.append(f"| {r['method']} | {dice_text} | {seeds} | {_pct(r['share_of_np'])} | {_pct(r['gap_closed'])} | "
-                     f"{pub} | {pub_share} | {pub_gap} | {eps} | {wall} |")
+                     f"{pub} | {pub_share} | {pub_gap} | {eps} | {wall} | {per_round} |")
     return "\n".join(lines)
 
 

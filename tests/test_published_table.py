@@ -28,6 +28,9 @@ def _fake_task(tmp_path: Path, dice: dict[str, float]) -> Path:
                for name, d in dice.items()}
     (task_dir / "results.json").write_text(json.dumps(results))
     sidecar = {name: {"reported_dice": {"dice": d}} for name, d in dice.items() if d is not None}
+    log = task_dir / "logs" / pt.run_slug("DP-FL [eps 8]") / "train_A.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("2026-12-06 05:00:00: Epoch time: 30.5 s\nother\n2026-12-06 05:01:00: Epoch time: 40.5 s\n")
     (task_dir / pt.SIDECAR).write_text(json.dumps(sidecar))
     return task_dir
 
@@ -38,6 +41,7 @@ def test_run_names_match_fed_compare():
     assert pt.run_name(pt.DP, 8.0, 1) == "DP-FL [eps 8]"
     assert pt.run_name(pt.ADP_ALL, 1.0, 3) == "ADP-FL (all mechanisms) [eps 1] #3"
     assert pt.run_name(pt.NP, 4.0, 2) == "NP-FL #2"  # not private: one NP-FL run per seed for every epsilon
+    assert pt.run_slug("DP-FL [eps 8] #2") == "run_dp_fl__eps_8___2"  # fed_experiment.run_slug's folder name
 
 
 def test_grid_order_seed_by_seed_np_once_per_seed():
@@ -68,7 +72,8 @@ def test_table_arithmetic(tmp_path):
     assert rows[pt.ADP_ALL]["published_gap_closed"] == pytest.approx(7.4 / 7.7)
     assert rows[pt.DP]["published_share_of_np"] == pytest.approx(85.4 / 93.1)
     text = pt.build_table(tmp_path)
-    assert "| DP-FL | 55.0 ± 7.1 | 2 | 65% | - | 85.4 | 92% | - | 7.90 | 2.0 min |" in text
+    assert rows[pt.DP]["round_s"] == pytest.approx(35.5)  # median over the rounds of site A's log (seed 1 only)
+    assert "| DP-FL | 55.0 ± 7.1 | 2 | 65% | - | 85.4 | 92% | - | 7.90 | 2.0 min | 36 s |" in text
     assert "| ADP-FL (defaults) | 75.0 | 2 (1 diverged) | 88% | 67% |" in text
     assert "epsilon 4" in text and "epsilon 1" not in text  # only the epsilons that have a private run
 
