@@ -158,6 +158,15 @@ def epoch_times(log: Path) -> list[float]:
             if "Epoch time:" in line]
 
 
+def check_run_length(task_dir: Path, rounds: int, iterations: int) -> None:
+    """One run length per task folder: the table compares runs of the same rounds x steps."""
+    other = {(r["rounds"], r["iterations"]) for r in load_json(task_dir / SIDECAR).values() if "rounds" in r}
+    if other - {(rounds, iterations)}:
+        raise SystemExit(f"error: {task_dir} holds runs of {' and '.join(f'{r} rounds x {i} steps' for r, i in other)}"
+                         f"; --rounds {rounds} --iterations {iterations} would mix run lengths in one table: use "
+                         "another --work-dir")
+
+
 def run_grid(a) -> None:
     from nnunet_adpfl.workflows import fed_experiment as fe
 
@@ -165,10 +174,11 @@ def run_grid(a) -> None:
     epsilons = {t: tuple(a.epsilons) for t in a.tasks} if a.epsilons else None
     order = grid(a.tasks, a.seeds, a.methods, epsilons)
     deadline = _deadline(a.until)
+    for task in a.tasks:
+        check_run_length(work_dir / task, a.rounds, a.iterations)
     for i, (task, seed, eps, method) in enumerate(order, 1):
         name = run_name(method, eps, seed)
         task_dir = work_dir / task
-        sidecar = load_json(task_dir / SIDECAR)
         if name in load_json(task_dir / "results.json"):
             _log(f"[{i}/{len(order)}] {task}: {name}: done already")
             continue
@@ -286,10 +296,11 @@ def task_rows(task: str, runs: dict, epsilon: float) -> list[dict]:
     return list(stats.values())
 
 
-def format_rows(task: str, epsilon: float, rows: list[dict], cohort: str) -> str:
+def format_rows(task: str, epsilon: float, rows: list[dict], cohort: str, length: str = "") -> str:
     dataset, _ = PUBLISHED[task]
     cls = REPORTED[task][0]
-    lines = [f"### {task} ({cohort}), {cls} Dice, epsilon {epsilon:g}, against {dataset} (published at epsilon 8)",
+    lines = [f"### {task} ({cohort}{length}), {cls} Dice, epsilon {epsilon:g}, against {dataset} (published at "
+             "epsilon 8)",
              "", "| method | Dice (mean ± std over seeds) | seeds | share of NP-FL | gap closed | published Dice | "
              "published share | published gap closed | epsilon spent (max over sites) | training wall per run | "
              "median s per round and site |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -320,10 +331,12 @@ def build_table(root: Path) -> str:
             if not (task_dir / "results.json").exists():
                 continue
             runs = collect(task_dir, task)
+            lengths = sorted({(r["rounds"], r["iterations"]) for r in runs.values() if "rounds" in r})
+            length = "".join(f", {r} rounds x {i} steps" for r, i in lengths)
             for eps in EPSILONS[task]:
                 rows = task_rows(task, runs, eps)
                 if any(r["seeds"] for r in rows if r["method"] != NP):
-                    parts.append(format_rows(task, eps, rows, cohort_dir.name))
+                    parts.append(format_rows(task, eps, rows, cohort_dir.name, length))
     return "\n\n".join(parts) if parts else "(no finished run yet)"
 
 

@@ -27,7 +27,8 @@ def _fake_task(tmp_path: Path, dice: dict[str, float]) -> Path:
     results = {name: ({"diverged": "x"} if d is None else _summary(None if name.startswith("NP") else 7.9))
                for name, d in dice.items()}
     (task_dir / "results.json").write_text(json.dumps(results))
-    sidecar = {name: {"reported_dice": {"dice": d}} for name, d in dice.items() if d is not None}
+    sidecar = {name: {"reported_dice": {"dice": d}, "rounds": 5, "iterations": 10} for name, d in dice.items()
+               if d is not None}
     log = task_dir / "logs" / pt.run_slug("DP-FL [eps 8]") / "train_A.log"
     log.parent.mkdir(parents=True)
     log.write_text("2026-12-06 05:00:00: Epoch time: 30.5 s\nother\n2026-12-06 05:01:00: Epoch time: 40.5 s\n")
@@ -76,6 +77,10 @@ def test_table_arithmetic(tmp_path):
     assert "| DP-FL | 55.0 ± 7.1 | 2 | 65% | - | 85.4 | 92% | - | 7.90 | 2.0 min | 36 s |" in text
     assert "| ADP-FL (defaults) | 75.0 | 2 (1 diverged) | 88% | 67% |" in text
     assert "epsilon 4" in text and "epsilon 1" not in text  # only the epsilons that have a private run
+    assert "### skin (published, 5 rounds x 10 steps), lesion Dice, epsilon 8" in text
+    pt.check_run_length(tmp_path / "published" / "skin", 5, 10)
+    with pytest.raises(SystemExit, match="5 rounds x 10 steps"):
+        pt.check_run_length(tmp_path / "published" / "skin", 2, 10)
 
 
 def test_no_gap_is_not_a_share():
