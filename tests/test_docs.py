@@ -40,16 +40,15 @@ def _rel(page: Path) -> str:
     return str(page.relative_to(REPO))
 
 
-def _code(text: str) -> list[str]:
+def _code(text: str, blocks_only: bool = False) -> list[str]:
     """Code blocks (backslash continuations joined) and inline code spans of a Markdown text."""
     blocks = [b.replace("\\\n", " ") for b in CODE_BLOCK.findall(text)]
-    prose = CODE_BLOCK.sub("", text)
-    return blocks + INLINE_CODE.findall(prose)
+    return blocks if blocks_only else blocks + INLINE_CODE.findall(CODE_BLOCK.sub("", text))
 
 
-def _command_lines(text: str):
+def _command_lines(text: str, blocks_only: bool = False):
     """Each `nnunet-adpfl ...` invocation in the page's code, as its shell words up to the end of the command."""
-    for code in _code(text):
+    for code in _code(text, blocks_only):
         for line in code.splitlines():
             for start in [m.start() for m in re.finditer(r"(?<![\w/-])nnunet-adpfl ", line)]:
                 before = line[:start].rstrip()
@@ -101,6 +100,22 @@ def test_every_command_and_option_shown_exists(page, parsers):
             option = word.split("=", 1)[0]
             if re.fullmatch(r"--?[A-Za-z][\w-]*", option) and option not in known:
                 problems.append(f"nnunet-adpfl {name}: no option {option}")
+    assert not problems, f"{_rel(page)}: " + "; ".join(sorted(set(problems)))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_every_command_in_a_code_block_gives_its_required_options(page, parsers):
+    """A whole command shown in a code block can be copied: it names every required option (inline mentions in
+    prose may show a part)."""
+    problems = []
+    for words in _command_lines(page.read_text(), blocks_only=True):
+        name, rest = _resolve(words, parsers)
+        if not name or "reference" in page.parts:
+            continue
+        given = {w.split("=", 1)[0] for w in rest}
+        for action in parsers[name]._actions:
+            if action.required and action.option_strings and not given & set(action.option_strings):
+                problems.append(f"nnunet-adpfl {name} without {action.option_strings[-1]}")
     assert not problems, f"{_rel(page)}: " + "; ".join(sorted(set(problems)))
 
 
