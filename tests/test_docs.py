@@ -218,3 +218,14 @@ def test_every_repository_path_named_exists(page):
             if not (REPO / path.replace("nnunet_adpfl/ext_trainers", "trainers")).exists():
                 problems.append(path)
     assert not problems, f"{_rel(page)} names paths that do not exist: {sorted(set(problems))}"
+
+
+def test_every_privacy_report_field_the_audit_guide_lists_is_written_by_the_code():
+    """The report's fields live in several modules (report.py and each trainer's extra), so the guide's table is
+    written by hand; each field it names must be a key the package writes."""
+    text = (REPO / "docs" / "AUDIT.md").read_text()
+    table = text[text.index("## Read the privacy report"):text.index("## Audit the mechanism")]
+    fields = {f for row in re.findall(r"^\| (.+?) \|", table, re.M) for f in re.findall(r"`(\w+)`", row)}
+    code = "".join(p.read_text() for p in (REPO / "nnunet_adpfl").rglob("*.py"))
+    missing = sorted(f for f in fields if f'"{f}"' not in code)
+    assert fields and not missing, f"docs/AUDIT.md lists privacy report fields the code never writes: {missing}"
