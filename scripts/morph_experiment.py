@@ -2,7 +2,8 @@
 morphology, and the adaptive variant, at the same epsilon and steps; Dice and HD95 per class on held-out test cases,
 plus the gradient-alignment plots of the runs.
 
-    python scripts/morph_experiment.py --work-dir work_dirs/morph_experiment --output docs/DPMORPH.md
+    python scripts/morph_experiment.py --work-dir work_dirs/morph_experiment --output work_dirs/morph_experiment/tables.md
+    (the measured tables are kept in docs/experiments/DPMORPH.md)
 
 Resumable: each (task, run) result is kept in <work-dir>/<task>/results.json. The plan is nnU-Net's own, with the
 network width capped (--max-features) as in the ADP-FL experiment.
