@@ -1,8 +1,8 @@
 """A Flower deployment on one machine (loopback), as `nnunet-adpfl simulate --transport flower` and the tests run
 it: a SuperLink with TLS and node authentication, one SuperNode per site running our ClientApp, the relay
-ServerApp started with 'flwr run' -- the same commands as in a real deployment (README), on free local ports,
+ServerApp started with 'flwr run' -- the same commands as in a real deployment (docs/FLOWER.md), on free local ports,
 with FLWR_HOME inside ``root``. ``start_proxy`` puts the Fleet-only nginx proxy between the SuperNodes and the
-SuperLink, as the README deploys it (simulate does without: everything is on loopback). Every process runs in its own process group; ``close`` kills them all."""
+SuperLink, as docs/FLOWER.md deploys it (simulate does without: everything is on loopback). Every process runs in its own process group; ``close`` kills them all."""
 from __future__ import annotations
 
 import os

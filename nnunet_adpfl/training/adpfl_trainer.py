@@ -1,6 +1,6 @@
 """ADP-FL: DP-FL + private-step sparsification + adaptive (quantile) clipping + a dynamic noise schedule, all in
 one privacy account, + top-k upload sparsification (post-processing). Each mechanism can be switched off in the
-settings file (ablations); see README "ADP-FL".
+settings file (ablations); see docs/ADPFL.md.
 
 Accounting: every step is one Poisson-sampled Gaussian mechanism with the round's noise multiplier sigma_r (the
 schedule is calibrated before training so the whole run spends the target epsilon). With adaptive clipping, the
