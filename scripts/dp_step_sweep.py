@@ -23,7 +23,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunet_adpfl.common.benchmarking import peak_rss_mib
 from nnunet_adpfl.privacy.clipping import ClippingRule
 from nnunet_adpfl.privacy.noisy_step import add_noise, clipped_sum, make_noise_generator
-from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients
+from nnunet_adpfl.privacy.per_case_grads import ENGINES, PerCaseGradients
 from nnunet_adpfl.training.dp_trainer import deep_supervision_weights, make_dp_safe
 from nnunet_adpfl.training.losses import PerCaseLoss
 
@@ -63,7 +63,7 @@ def parse_variant(spec: str) -> dict:
     """'hooks', 'hooks/c32', 'vmap/c16', 'loop', 'auto+bf16', ...: engine, chunk (cases per pass), bf16 autocast."""
     name, _, amp = spec.partition("+")
     engine, _, chunk = name.partition("/c")
-    if engine not in ("auto", "loop", "vmap", "hooks") or amp not in ("", "bf16") or (chunk and not chunk.isdigit()):
+    if engine not in ("auto", *ENGINES) or amp not in ("", "bf16") or (chunk and not chunk.isdigit()):
         raise SystemExit(f"--engines: cannot read {spec!r} (e.g. hooks, hooks/c32, vmap/c16, loop, auto+bf16)")
     return {"engine": engine, "chunk": int(chunk) if chunk else None, "autocast": torch.bfloat16 if amp else None}
 

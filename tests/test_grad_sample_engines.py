@@ -9,7 +9,10 @@ from nnunet_adpfl.privacy.grad_sample import _producer
 from nnunet_adpfl.privacy.noisy_step import clipped_sum
 from nnunet_adpfl.common.config import SettingsError, load_settings
 from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients, choose_autocast, trainable_params_reached_by_loss
-from tests.test_per_case_grads import engine_grads, setup
+from nnunet_adpfl.privacy import grad_sample
+from tests.test_per_case_grads import CASES, engine_grads, reference_grads, setup
+
+real_ghost_sq_norm = grad_sample.ghost_sq_norm
 
 
 def _params(net, loss, x, y):
@@ -120,3 +123,51 @@ def test_dp_autocast_setting_chooses_bf16_on_cuda_only_and_never_with_vmap():
     assert load_settings(overrides={"noise_multiplier": 1.0})["dp_autocast"] == "auto"
     with pytest.raises(SettingsError, match="dp_autocast"):
         load_settings(overrides={"noise_multiplier": 1.0, "dp_autocast": "fp16"})
+
+
+def _reference_clipped(net, loss, params, x, y, k=1):
+    """float64 per-case loop: per-case gradients (a case = its k patches, mean loss), norms, flat-clipped sum."""
+    per_patch = reference_grads(net, loss, params, x, y)
+    ref = per_patch.reshape(x.shape[0] // k, k, -1).mean(1)
+    norms = ref.norm(dim=1)
+    clip = float(norms.median())  # some cases clipped, some not
+    return norms, (ClippingRule("flat").scales(norms, clip)[:, None] * ref).sum(0), clip
+
+
+@pytest.mark.parametrize("ghost,dim,residual,ds,regions",
+                         [("all", *case) for case in CASES]
+                         + [("cost", 2, False, True, False), ("cost", 3, True, True, False)])
+def test_ghost_engine_norms_and_clipped_sum_match_the_per_case_loop(ghost, dim, residual, ds, regions, monkeypatch):
+    net, x, y, loss = setup(dim, residual, ds, regions)
+    params = trainable_params_reached_by_loss(net, loss.per_case, x[:1], [t[:1] for t in y] if ds else y[:1])
+    norms, ref_sum, clip = _reference_clipped(net, loss, params, x, y)
+    ghosted = []
+    monkeypatch.setattr(grad_sample, "ghost_sq_norm", lambda m, *a: ghosted.append(m) or real_ghost_sq_norm(m, *a))
+    pc = PerCaseGradients(net, loss.per_case, params, "ghost", chunk_size=2, ghost=ghost)
+    sums = clipped_sum(pc, ClippingRule("flat"), clip, x, y)
+    torch.testing.assert_close(sums.norms, norms, rtol=1e-9, atol=0)
+    got = torch.cat([g.flatten() for g in sums.clipped])
+    assert float((got - ref_sum).norm() / ref_sum.norm()) <= 1e-9
+    trained = {id(p) for p in params.values()}
+    convs = {m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+             and id(m.weight) in trained}
+    if ghost == "all":  # every trained conv and transposed conv weight went through the ghost norm, in both chunks
+        assert len(ghosted) == 2 * len(convs) and set(ghosted) == convs
+
+
+def test_ghost_engine_with_multiplicity_and_a_non_finite_case():
+    net, x, y, loss = setup(2, False, True, False, batch=6)
+    params = _params(net, loss, x, y)
+    norms, ref_sum, clip = _reference_clipped(net, loss, params, x, y, k=3)
+    pc = PerCaseGradients(net, loss.per_case, params, "ghost", chunk_size=1, multiplicity=3, ghost="all")
+    sums = clipped_sum(pc, ClippingRule("flat"), clip, x, y)
+    torch.testing.assert_close(sums.norms, norms, rtol=1e-9, atol=0)
+    assert float((torch.cat([g.flatten() for g in sums.clipped]) - ref_sum).norm() / ref_sum.norm()) <= 1e-9
+    x_bad = x.clone()
+    x_bad[4, 0, 0, 0] = float("nan")  # a patch of the second case
+    pc = PerCaseGradients(net, loss.per_case, params, "ghost", chunk_size=2, multiplicity=3, ghost="all")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        bad = clipped_sum(pc, ClippingRule("flat"), 1e9, x_bad, y)
+    first = reference_grads(net, loss, params, x[:3], [t[:3] for t in y]).mean(0)
+    assert bad.non_finite == 1 and torch.isinf(bad.norms[1])
+    torch.testing.assert_close(torch.cat([g.flatten() for g in bad.clipped]), first)

@@ -88,9 +88,10 @@ SETTINGS: dict[str, Setting] = {
                  _positive, "> 0", nullable=True),
     "log_alignment": Setting(False, bool, "log cosine(mean raw gradient, mean clipped gradient) and "
                              "cosine(mean raw gradient, noisy step) per epoch (diagnostic only)"),
-    "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop', 'vmap', 'hooks' or 'auto' "
+    "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop', 'vmap', 'hooks', 'ghost' or 'auto' "
                                  "(= hooks on CPU where supported, else loop; see docs/BENCHMARKS.md)",
-                                 lambda v: v in ("auto", "loop", "vmap", "hooks"), "'auto', 'loop', 'vmap' or 'hooks'"),
+                                 lambda v: v in ("auto", "loop", "vmap", "hooks", "ghost"),
+                                 "'auto', 'loop', 'vmap', 'hooks' or 'ghost'"),
     "max_physical_batch_size": Setting("auto", (int, str), "cases per batched pass of the 'vmap' and 'hooks' engines "
                                        "(bounds memory; 'loop' does one case at a time). 'auto' = the largest "
                                        "chunk whose estimated memory fits dp_memory_limit_mib: per case, the "

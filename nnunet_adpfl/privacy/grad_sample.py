@@ -12,10 +12,18 @@ A module called several times in one forward gets the sum of its calls' contribu
 twice, as ``conv`` and inside ``all_modules``; it still runs once, and hooks are attached once per module object).
 Nothing couples cases: the losses are per case and InstanceNorm normalises each case on its own, so d(sum of
 losses)/d(output of case i) = d(loss_i)/d(output of case i).
+
+Book-keeping (the ``ghost`` engine, ``HookedGradSample.clipped``; Bu et al., fastDP): a conv weight whose per-case
+gradient is larger than its input's spatial Gram matrix (2 T^2 < D p: T output positions of a case, D = c_in x
+kernel volume, p = c_out) never gets per-case gradients. Its per-case squared norm is the ghost norm
+||G_i A_i^T||^2 = <A_i^T A_i, G_i^T G_i> (A_i the case's unfolded input D x T, G_i its output gradient p x T), and
+after clipping its share of the clipped sum is one batched weight gradient with each case's output gradient scaled
+by that case's clipping factor. Every other parameter gets explicit per-case gradients as above.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -78,6 +86,74 @@ def _instance_norm(module, a: torch.Tensor, g: torch.Tensor) -> dict:
     return {module.weight: (a_dot_g - mean * g_sum) * torch.rsqrt(var + module.eps), module.bias: g_sum}
 
 
+# ---- book-keeping (ghost norm) ---------------------------------------------------------------------------------
+
+def _ghost_shape(module, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int] | None:
+    """(T, D, p) of a conv / transposed conv weight that the ghost norm can handle, else None."""
+    if _rule(module) not in (_conv, _conv_transposed) or module.groups != 1 or any(d != 1 for d in module.dilation):
+        return None
+    k = math.prod(module.kernel_size)
+    if isinstance(module, _CONVS):
+        return math.prod(g.shape[2:]), a.shape[1] * k, g.shape[1]
+    if isinstance(module, _TRANSPOSED) and tuple(module.kernel_size) == tuple(module.stride) \
+            and all(p == 0 for p in module.padding) and all(p == 0 for p in module.output_padding):
+        return math.prod(a.shape[2:]), a.shape[1], g.shape[1] * k  # non-overlapping: a pointwise map per position
+    return None
+
+
+def ghost_is_cheaper(shape: tuple[int, int, int], multiplicity: int) -> bool:
+    """fastDP's rule: the two T x T Gram matrices of a case (its K patches side by side) are smaller than the
+    D x p per-case gradient."""
+    t, d, p = shape
+    return 2 * (multiplicity * t) ** 2 < d * p
+
+
+def _unfold(module, a: torch.Tensor) -> torch.Tensor:
+    """(b, c, ...) -> (b, c x kernel volume, T): the input patches a conv's weight sees at each output position."""
+    pads = [p for p in reversed(module.padding) for _ in range(2)]
+    x = F.pad(a, pads) if any(pads) else a
+    for d, (k, st) in enumerate(zip(module.kernel_size, module.stride)):
+        x = x.unfold(2 + d, k, st)
+    n = len(module.kernel_size)
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+    return x.reshape(a.shape[0], a.shape[1] * math.prod(module.kernel_size), -1)
+
+
+def _space_to_depth(module, g: torch.Tensor) -> torch.Tensor:
+    """Output gradient of a transposed conv with kernel = stride: (b, c_out x kernel volume, input positions)."""
+    k, n = module.kernel_size, len(module.kernel_size)
+    spatial = [s // kk for s, kk in zip(g.shape[2:], k)]
+    x = g.reshape(g.shape[0], g.shape[1], *[v for pair in zip(spatial, k) for v in pair])
+    x = x.permute(0, 1, *range(3, 3 + 2 * n, 2), *range(2, 2 + 2 * n, 2))
+    return x.reshape(g.shape[0], g.shape[1] * math.prod(k), -1)
+
+
+def _per_case_columns(x: torch.Tensor, multiplicity: int) -> torch.Tensor:
+    """(m K, r, T) -> (m, K T, r): a case's K patches side by side along the positions."""
+    x = x.reshape(x.shape[0] // multiplicity, multiplicity, x.shape[1], x.shape[2])
+    return x.permute(0, 1, 3, 2).reshape(x.shape[0], multiplicity * x.shape[3], x.shape[2])
+
+
+def ghost_sq_norm(module, a: torch.Tensor, g: torch.Tensor, multiplicity: int) -> torch.Tensor:
+    """Per-case ||d loss_i / d weight||^2 from the layer's input a and output gradient g, without the gradient."""
+    if isinstance(module, _CONVS):
+        cols_a, cols_g = _unfold(module, a), g.flatten(2)
+    else:
+        cols_a, cols_g = a.flatten(2), _space_to_depth(module, g)
+    ca, cg = _per_case_columns(cols_a, multiplicity), _per_case_columns(cols_g, multiplicity)
+    gram_a = torch.bmm(ca, ca.transpose(1, 2))
+    gram_g = torch.bmm(cg, cg.transpose(1, 2))
+    return (gram_a * gram_g).flatten(1).sum(1)
+
+
+def weighted_weight_grad(module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The batched weight gradient of the layer for input a and output gradient g (already scaled per case)."""
+    wgrad = _CONV_WEIGHT[a.ndim - 2]
+    if isinstance(module, _CONVS):
+        return wgrad(a, module.weight.shape, g, module.stride, module.padding, module.dilation, module.groups)
+    return wgrad(g, module.weight.shape, a, module.stride, module.padding, module.dilation, module.groups)
+
+
 def _rule(module) -> Callable | None:
     if isinstance(module, _CONVS) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         return _conv
@@ -119,15 +195,21 @@ def unsupported_layers(model: nn.Module, params: list[nn.Parameter]) -> list[str
 
 
 class HookedGradSample:
-    """Per-case gradients of ``per_case_loss`` for ``params`` from one batched pass (see the module docstring)."""
+    """Per-case gradients of ``per_case_loss`` for ``params`` from one batched pass (``__call__``), or the clipped
+    sum with book-keeping (``clipped``); see the module docstring. ``ghost``: which conv weights skip per-case
+    gradients in ``clipped``: 'cost' (where ``ghost_is_cheaper``), 'all' (every one the ghost norm handles: tests)
+    or 'none'."""
 
-    def __init__(self, model: nn.Module, per_case_loss, params: list[nn.Parameter]):
+    def __init__(self, model: nn.Module, per_case_loss, params: list[nn.Parameter], ghost: str = "cost"):
         bad = unsupported_layers(model, params)
         if bad:
             raise ValueError("the 'hooks' per-case gradient engine has no rule for: " + ", ".join(bad))
+        if ghost not in ("cost", "all", "none"):
+            raise ValueError(f"ghost must be 'cost', 'all' or 'none', got {ghost!r}")
         self.model = model
         self.per_case_loss = per_case_loss
         self.params = params
+        self.ghost = ghost
         wanted = {id(p) for p in params}
         self.layers = [m for m in dict.fromkeys(model.modules())
                        if any(id(p) in wanted for p in m.parameters(recurse=False))]
@@ -136,22 +218,85 @@ class HookedGradSample:
         """(grads, losses): grads[k] of shape (m, *params[k].shape) in the parameter's dtype, losses (m,).
         Each layer's per-case gradients are computed in the hook as soon as its output gradient exists, so
         output gradients are freed as in a standard backward."""
-        sums: dict[int, torch.Tensor] = {}
-        calls: list[list] = []
+        sums, _, losses = self._pass(x, y, multiplicity, autocast, ghost_weights=False)
+        return self._per_case(sums, x.shape[0], multiplicity), losses
 
-        def add(module, a, g):
-            with torch.no_grad():
-                per_case = _rule(module)(module, a.to(module.weight.dtype), g.to(module.weight.dtype))
+    def clipped(self, x: torch.Tensor, y, multiplicity: int, scales_of, autocast: torch.dtype | None = None):
+        """(clipped, norms, losses): clipped[k] = sum_i s_i g_i[k] for params[k] with s = scales_of(norms) for the
+        cases whose norm is finite and 0 for the others (their norm is returned as inf); norms and the sum in the
+        parameters' dtype."""
+        sums, kept, losses = self._pass(x, y, multiplicity, autocast, ghost_weights=True)
+        grads = self._per_case(sums, x.shape[0], multiplicity, only_present=True)
+        sq = sum((g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values()),
+                 torch.zeros(x.shape[0] // multiplicity, dtype=self.params[0].dtype, device=x.device))
+        for module, calls in kept.items():
+            for a, g in calls:
+                sq = sq + ghost_sq_norm(module, a, g, multiplicity)
+        norms = torch.sqrt(sq)
+        finite = torch.isfinite(norms)
+        scales = torch.where(finite, scales_of(torch.where(finite, norms, torch.zeros_like(norms))),
+                             torch.zeros_like(norms))
+        out = {}
+        for pid, g in grads.items():
+            g = torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, g.new_zeros(()))
+            out[pid] = torch.tensordot(scales.to(g.dtype), g, dims=1)
+        patch_scale = scales.repeat_interleave(multiplicity)
+        patch_finite = finite.repeat_interleave(multiplicity)
+        for module, calls in kept.items():
+            for a, g in calls:
+                shape = (-1, *([1] * (a.dim() - 1)))
+                a = torch.where(patch_finite.view(shape), a, a.new_zeros(()))
+                g = torch.where(patch_finite.view(shape), g * patch_scale.view(shape).to(g.dtype), g.new_zeros(()))
+                w = weighted_weight_grad(module, a, g)
+                out[id(module.weight)] = out[id(module.weight)] + w if id(module.weight) in out else w
+        clipped = [out[id(p)] if id(p) in out else torch.zeros_like(p) for p in self.params]
+        return clipped, torch.where(finite, norms, torch.full_like(norms, torch.inf)), losses
+
+    def _per_case(self, sums: dict, n: int, multiplicity: int, only_present: bool = False):
+        """Per-patch sums -> per-case gradients (the K patches of a case added): a list in params order, or with
+        ``only_present`` a dict id(param) -> gradient of the params that have explicit per-case gradients."""
+        m = n // multiplicity
+        if only_present:
+            return {id(p): sums[id(p)].reshape(m, multiplicity, *p.shape).sum(1) for p in self.params
+                    if id(p) in sums}
+        grads = []
+        for p in self.params:
+            g = sums.get(id(p))
+            g = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
+            grads.append(g.reshape(m, multiplicity, *p.shape).sum(1))
+        return grads
+
+    def _pass(self, x: torch.Tensor, y, multiplicity: int, autocast: torch.dtype | None, ghost_weights: bool):
+        """One batched forward and data-only backward. Returns (sums: id(param) -> per-patch gradients,
+        kept: module -> [(a, g)] of the conv weights left to book-keeping, per-case losses)."""
+        sums: dict[int, torch.Tensor] = {}
+        kept: dict[nn.Module, list] = {}
+        calls: list[list] = []
+        counts: dict[nn.Module, int] = {}
+
+        def add(per_case: dict):
             for p, value in per_case.items():
                 sums[id(p)] = sums[id(p)] + value if id(p) in sums else value
+
+        def on_grad(module, a, g):
+            dtype = module.weight.dtype
+            with torch.no_grad():
+                shape = _ghost_shape(module, a, g) if ghost_weights and self.ghost != "none" else None
+                if shape is not None and (self.ghost == "all" or ghost_is_cheaper(shape, multiplicity)):
+                    kept.setdefault(module, []).append((a.to(dtype), g.to(dtype)))
+                    if module.bias is not None:
+                        add({module.bias: g.to(dtype).sum(tuple(range(2, g.ndim)))})
+                else:
+                    add(_rule(module)(module, a.to(dtype), g.to(dtype)))
 
         def record(module, inputs, output):
             a, node, fired = inputs[0].detach(), _producer(output), []
             calls.append(fired)
+            counts[module] = counts.get(module, 0) + 1
 
             def hook(grad_outputs):
                 fired.append(True)
-                add(module, a, grad_outputs[0].reshape(output.shape))
+                on_grad(module, a, grad_outputs[0].reshape(output.shape))
             node.register_prehook(hook)
 
         handles = [m.register_forward_hook(record) for m in self.layers]
@@ -167,10 +312,8 @@ class HookedGradSample:
         torch.autograd.grad(total, leaf)
         if not all(calls):  # a layer whose output gradient never reached its hook would get a zero gradient
             raise RuntimeError("the 'hooks' engine missed a layer's output gradient; use the 'loop' engine")
+        for module in [m for m in kept if counts[m] > 1]:  # called twice: the ghost norm would miss cross terms
+            for a, g in kept.pop(module):
+                add({module.weight: _rule(module)(module, a, g)[module.weight]})
         m = x.shape[0] // multiplicity
-        grads = []
-        for p in self.params:
-            g = sums.get(id(p))
-            g = torch.zeros((x.shape[0], *p.shape), dtype=p.dtype, device=p.device) if g is None else g
-            grads.append(g.reshape(m, multiplicity, *p.shape).sum(1))
-        return grads, losses.detach().float().reshape(m, multiplicity).mean(1)
+        return sums, kept, losses.detach().float().reshape(m, multiplicity).mean(1)

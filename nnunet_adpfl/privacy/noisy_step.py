@@ -46,11 +46,18 @@ def drop_non_finite(grads: list[torch.Tensor], norms: torch.Tensor) -> tuple[lis
 
 def clipped_sum(engine: PerCaseGradients, rule: ClippingRule, clip: float, data: torch.Tensor | None,
                 target: Target | None, keep_raw: bool = False) -> ClippedSum:
-    """Sum of clipped per-case gradients, computed chunk by chunk (memory bounded by the chunk size)."""
+    """Sum of clipped per-case gradients, computed chunk by chunk (memory bounded by the chunk size); the 'ghost'
+    engine clips with book-keeping (``PerCaseGradients.clipped_chunks``) unless the raw sum is wanted."""
     clipped = [torch.zeros_like(p) for p in engine.params]
     raw = [torch.zeros_like(p) for p in engine.params] if keep_raw else None
     norms, losses = [], []
-    if data is not None and data.shape[0] > 0:
+    if data is not None and data.shape[0] > 0 and getattr(engine, "book_keeping", False) and not keep_raw:
+        for part, n, loss in engine.clipped_chunks(data, target, lambda n: rule.scales(n, clip)):
+            for acc, g in zip(clipped, part):
+                acc.add_(g)
+            norms.append(n.detach())
+            losses.append(loss)
+    elif data is not None and data.shape[0] > 0:
         for grads, loss in engine.chunks(data, target):
             grads, n = drop_non_finite(grads, per_case_norms(grads))
             s = torch.where(torch.isfinite(n), rule.scales(n, clip), torch.zeros_like(n))

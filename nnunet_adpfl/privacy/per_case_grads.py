@@ -1,16 +1,19 @@
 """Per-case gradients of a per-case loss.
 
-Three engines, same result (tests compare each with an independent per-case loop):
+Four engines, same result (tests compare each with an independent per-case loop):
 - ``loop``: one forward/backward per case (autograd). Lowest memory.
 - ``vmap``: ``torch.func.vmap(grad(functional_call(..., tie_weights=False)))`` over chunks of cases.
   ``tie_weights=False`` matters: with the default, functorch tensors stay in the model and nnU-Net's
   final validation crashes afterwards.
 - ``hooks``: one batched forward/backward per chunk of cases, per-case gradients from each layer's input and
   output gradient (``grad_sample.py``); only for conv / transposed conv / affine InstanceNorm layers.
+- ``ghost``: ``hooks`` with book-keeping in ``clipped_chunks`` (what ``noisy_step.clipped_sum`` uses): conv weights
+  whose per-case gradient is larger than the Gram matrices of their input get ghost norms and one scaled batched
+  weight gradient instead of per-case gradients (``grad_sample.py``). ``chunks`` gives the ``hooks`` result.
 ``auto`` picks among them (``choose_engine``). ``chunk_size="auto"`` is the largest chunk whose estimated memory
-(``case_bytes``) fits ``memory_limit_mib`` (null: ``default_memory_limit_mib``). ``autocast`` (e.g. torch.bfloat16; loop and hooks) runs the
-per-case forward/backward under autocast; the per-case gradients stay in the parameters' dtype (fp32), and so do the
-norms, clipping and noise computed from them.
+(``case_bytes``) fits ``memory_limit_mib`` (null: ``default_memory_limit_mib``). ``autocast`` (torch.bfloat16 or a
+dp_autocast setting, ``choose_autocast``; not with vmap) runs the per-case forward/backward under autocast; the
+per-case gradients stay in the parameters' dtype (fp32), and so do the norms, clipping and noise computed from them.
 
 Augmentation multiplicity K: the batch holds K consecutive patches per case; a case's gradient is the gradient of
 the mean of its K patch losses (= the mean of the K patch gradients), so it is still one case's contribution.
@@ -42,7 +45,7 @@ def group_cases(x: torch.Tensor, multiplicity: int) -> torch.Tensor:
     return x.reshape(x.shape[0] // multiplicity, multiplicity, *x.shape[1:])
 
 
-ENGINES = ("loop", "vmap", "hooks")
+ENGINES = ("loop", "vmap", "hooks", "ghost")
 
 
 def resolve_engine(engine: str) -> str:
@@ -126,7 +129,8 @@ class PerCaseGradients:
 
     def __init__(self, model: nn.Module, per_case_loss: PerCaseLossFn, params: dict[str, nn.Parameter],
                  engine: str = "loop", chunk_size: int | str = 8, multiplicity: int = 1,
-                 autocast: torch.dtype | str | None = None, memory_limit_mib: float | None = None):
+                 autocast: torch.dtype | str | None = None, memory_limit_mib: float | None = None,
+                 ghost: str = "cost"):
         if multiplicity < 1:
             raise ValueError(f"augmentation multiplicity must be >= 1, got {multiplicity}")
         if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -149,8 +153,9 @@ class PerCaseGradients:
             if autocast:
                 raise ValueError("autocast is not supported with the 'vmap' engine; use 'loop' or 'hooks'")
             self._vmapped = vmap(grad_and_value(self._case_loss), in_dims=(None, 0, 0), randomness="different")
-        if self.engine == "hooks":
-            self._hooked = HookedGradSample(model, per_case_loss, self.params)
+        if self.engine in ("hooks", "ghost"):
+            self._hooked = HookedGradSample(model, per_case_loss, self.params, ghost)
+        self.book_keeping = self.engine == "ghost"  # clipped_sum uses clipped_chunks
 
     def chunks(self, data: torch.Tensor, target: Target) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Per-case gradients and losses, ``chunk_size`` cases (loop: one case) at a time."""
@@ -160,10 +165,27 @@ class PerCaseGradients:
         if self.chunk_size == "auto":
             self.resolve_chunk_size(data[:k], slice_target(target, 0, k))
         step = k if self.engine == "loop" else self.chunk_size * k
-        run = {"loop": self._loop_case, "vmap": self._vmap_chunk, "hooks": self._hooks_chunk}[self.engine]
+        run = {"loop": self._loop_case, "vmap": self._vmap_chunk, "hooks": self._hooks_chunk,
+               "ghost": self._hooks_chunk}[self.engine]
         for start in range(0, data.shape[0], step):
             stop = min(start + step, data.shape[0])
             yield run(data[start:stop], slice_target(target, start, stop))
+
+    def clipped_chunks(self, data: torch.Tensor, target: Target, scales_of):
+        """'ghost' engine: (clipped sum, norms, losses) per chunk, clipped sum = sum_i s_i g_i with
+        s = scales_of(norms) for finite norms and 0 otherwise (non-finite norms returned as inf)."""
+        if not self.book_keeping:
+            raise ValueError(f"clipped_chunks is the 'ghost' engine's; this one is {self.engine!r}")
+        k = self.multiplicity
+        if data.shape[0] % k:
+            raise ValueError(f"batch of {data.shape[0]} patches is not {k} patches per case")
+        if self.chunk_size == "auto":
+            self.resolve_chunk_size(data[:k], slice_target(target, 0, k))
+        step = self.chunk_size * k
+        for start in range(0, data.shape[0], step):
+            stop = min(start + step, data.shape[0])
+            yield self._hooked.clipped(data[start:stop], slice_target(target, start, stop), k, scales_of,
+                                       self.autocast)
 
     def resolve_chunk_size(self, x: torch.Tensor, y: Target) -> int:
         """chunk_size 'auto': the most cases whose estimated memory (``case_bytes``) fits the memory limit, from a
