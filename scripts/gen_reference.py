@@ -3,7 +3,9 @@
 - settings.md: every key of the settings file (``nnunet_adpfl.common.config.SETTINGS``): type, default, allowed
   values and description;
 - commands.md: every ``nnunet-adpfl`` command and its options, from the parser the CLI builds
-  (``nnunet_adpfl.cli.build_parser``).
+  (``nnunet_adpfl.cli.build_parser``);
+- defaults.md: what ``dp_defaults`` ``auto`` chooses for a few N and epsilons, by the trainers' own rule (a noise
+  calibration per candidate: minutes on 2 cores; ``tests/test_docs.py`` checks it in the slow suite).
 
 Deterministic: the same code gives the same bytes (no terminal width, no time, no machine-dependent value).
 ``tests/test_docs.py`` fails when the committed pages differ from what this writes.
@@ -162,9 +164,53 @@ def commands_page() -> str:
     return "".join(lines)
 
 
-def pages() -> dict[str, str]:
-    """File name under docs/reference/ -> its text."""
-    return {"settings.md": settings_page(), "commands.md": commands_page()}
+# what dp_defaults 'auto' is shown for: a network of the size of our 3D kidney experiments (width 32)
+EXAMPLE_COUNTS = {"all": 294_988, "decoder": 155_692, "norm_bias": 1_448}
+EXAMPLE_CASES = (20, 100, 500)
+EXAMPLE_EPSILONS = (1.0, 8.0)
+EXAMPLE_PLAN_BATCH = 2
+SLOW_PAGES = ("defaults.md",)  # a noise calibration per candidate: minutes, so checked by a slow test only
+
+
+def defaults_page() -> str:
+    from nnunet_adpfl.training.dp_defaults import Inputs, choose
+
+    lines = [HEADER, "# What `dp_defaults` `auto` chooses: examples\n\n",
+             "What the DP trainers choose when the settings file leaves the expected batch, the run length, "
+             "`dp_trainable`, momentum and learning rate out, computed by the trainers' own rule "
+             "(`nnunet_adpfl.training.dp_defaults.choose`) for a network of "
+             f"{EXAMPLE_COUNTS['all']:,} parameters ({EXAMPLE_COUNTS['norm_bias']:,} in `norm_bias`, "
+             f"{EXAMPLE_COUNTS['decoder']:,} in the decoder: the 3D kidney network of our experiments at width 32), "
+             f"delta 1e-5, a plan batch of {EXAMPLE_PLAN_BATCH} and nnU-Net's run as the budget. For your own "
+             "network and N: `nnunet-adpfl recipe` ([choosing epsilon and the settings](../EPSILON.md)). "
+             "The bound is the signal-to-noise bound over the run B*sqrt(T)/(sigma*sqrt(d)); below 1 the run "
+             "learns little whatever its length.\n\n",
+             "| N | epsilon | start | `dp_trainable` (d) | expected batch B | steps T (epochs x iterations) | sigma | "
+             "bound | learning rate |\n", "|---|---|---|---|---|---|---|---|---|\n"]
+    reasons = []
+    for n in EXAMPLE_CASES:
+        for eps in EXAMPLE_EPSILONS:
+            for pretrained in (False, True):
+                inputs = Inputs(n, eps, 1e-5, EXAMPLE_COUNTS, pretrained, EXAMPLE_PLAN_BATCH)
+                chosen, best, why = choose(inputs, {})
+                d = EXAMPLE_COUNTS[chosen["dp_trainable"]]
+                epochs, iterations = chosen.get("num_epochs"), chosen.get("num_iterations_per_epoch")
+                lr = chosen.get("initial_lr", "nnU-Net's 0.01")
+                lines.append(f"| {n} | {eps:g} | {'public weights' if pretrained else 'scratch'} | "
+                             f"`{chosen['dp_trainable']}` ({d:,}) | {best.batch} | {best.steps:,} ({epochs} x "
+                             f"{iterations}) | {best.sigma:.3g} | {best.snr_over_run(d):.3g} | {lr} |\n")
+                reasons.append(why)
+    lines.append("\nThe trainers' log line for each row (the same text goes into the report's `dp_defaults`):\n\n")
+    lines.extend(f"- {_cell(why)}\n" for why in reasons)
+    return "".join(lines)
+
+
+def pages(slow: bool = True) -> dict[str, str]:
+    """File name under docs/reference/ -> its text (without the slow pages unless ``slow``)."""
+    out = {"settings.md": settings_page(), "commands.md": commands_page()}
+    if slow:
+        out["defaults.md"] = defaults_page()
+    return out
 
 
 def stale(pages_now: dict[str, str], folder: Path = OUT) -> list[str]:

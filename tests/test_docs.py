@@ -77,10 +77,20 @@ def _resolve(words: list[str], parsers) -> tuple[str, list[str]]:
     return "", words
 
 
-def test_the_generated_reference_pages_are_current(generator):
-    stale = generator.stale(generator.pages())
+def _assert_current(generator, pages):
+    stale = generator.stale(pages)
     assert not stale, (f"docs/reference/{', docs/reference/'.join(stale)} differ from the code; regenerate with: "
                        f"{generator.REGENERATE}")
+
+
+def test_the_generated_reference_pages_are_current(generator):
+    _assert_current(generator, generator.pages(slow=False))
+
+
+@pytest.mark.slow
+def test_the_generated_dp_defaults_examples_are_current(generator):
+    """A noise calibration per candidate (minutes on 2 cores), so in the slow suite only."""
+    _assert_current(generator, {name: text for name, text in generator.pages().items() if name in generator.SLOW_PAGES})
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
