@@ -1,5 +1,8 @@
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,38 @@ def test_federation_failure_names_each_sites_exit(tmp_path):
     assert "B: exit status 1" in message.splitlines()[0]
     assert message.splitlines()[1:] == ["A: Current learning rate: 0.00462", "B: ValueError: bad plan"]
     assert "killed by SIGKILL" in _failure_reason(_failure_message({"A": -9}, tmp_path))
+
+
+@pytest.mark.parametrize("through", ["run", "train_federated"])
+def test_sigterm_stops_the_commands_a_workflow_started(tmp_path, through):
+    """`timeout` or a scheduler ends a workflow with SIGTERM: the commands it started (a federation's sites, their
+    data-loader workers) stop with it instead of running on as orphans."""
+    pid_file = tmp_path / "child.pid"
+    child = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "time.sleep(120)"]
+    workflow = {
+        "run": f"from nnunet_adpfl.nnunet.pipeline import run\nrun({child!r}, dict(os.environ))",
+        "train_federated": (
+            "import subprocess\nfrom nnunet_adpfl.workflows import stages\n"
+            f"start = lambda *a, **k: subprocess.Popen({child!r}, start_new_session=True)\n"
+            "stages.start_aggregator = start\nstages.start_site = start\n"
+            f"class Lay: sites = []; logs = None; fed = __import__('pathlib').Path({str(tmp_path)!r})\n"
+            "stages.train_federated(Lay(), 't', '2d', {}, 1)"),
+    }[through]
+    proc = subprocess.Popen([sys.executable, "-c", f"import os\n{workflow}"])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    grandchild = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(grandchild, signal.SIGKILL)
+    pytest.fail("the started command outlived the workflow that SIGTERM ended")

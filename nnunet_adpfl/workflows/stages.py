@@ -24,7 +24,8 @@ from ..evaluation.evaluation import mean_per_label
 from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
 from ..federation.federation_file import adopt_plan
-from ..nnunet.pipeline import describe_exits, nnunet_command, nnunet_env, predict, run, stop, workflow_device
+from ..nnunet.pipeline import (describe_exits, nnunet_command, nnunet_env, predict, run, sigterm_stops_children,
+                               stop, workflow_device)
 
 DATASET_ID = 501
 CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres", "kidney_roi": "3d_fullres"}
@@ -160,29 +161,36 @@ def new_run(lay: Layout, planned_fed: Path, mode: str, rounds: int, epochs_per_r
 
 
 def train_federated(lay: Layout, trainer: str, config: str, settings: dict, rounds: int) -> float:
-    logs = lay.logs
-    start = time.time()
-    procs = {"aggregator": start_aggregator(lay)}
-    for site in lay.sites:
-        procs[site] = start_site(lay, site, trainer, config, settings)
-    _log(f"aggregator and {len(lay.sites)} sites started (logs in {logs})")
-    reported = 0
-    try:
-        while any(p.poll() is None for p in procs.values()):
-            failed = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
-            if failed:
-                raise RuntimeError(_failure_message(failed, logs))
-            closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())
-            if closed > reported:
-                reported = closed
-                _log(f"round {closed}/{rounds} closed ({time.time() - start:.0f} s)")
-            time.sleep(2)
-    finally:
-        stop(procs.values())
+    """The aggregator and every site's stock training command, until all have exited; they are stopped (with
+    their data-loader workers) however this ends: an error, Ctrl-C or SIGTERM."""
+    start, procs = time.time(), {}
+    with sigterm_stops_children():
+        try:
+            procs["aggregator"] = start_aggregator(lay)
+            for site in lay.sites:
+                procs[site] = start_site(lay, site, trainer, config, settings)
+            _log(f"aggregator and {len(lay.sites)} sites started (logs in {lay.logs})")
+            _wait_for_federation(lay, procs, rounds, start)
+        finally:
+            stop(procs.values())
     failed = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
     if failed:
-        raise RuntimeError(_failure_message(failed, logs))
+        raise RuntimeError(_failure_message(failed, lay.logs))
     return time.time() - start
+
+
+def _wait_for_federation(lay: Layout, procs: dict, rounds: int, start: float) -> None:
+    """Until every party has exited, logging each closed round; raises when one fails."""
+    reported = 0
+    while any(p.poll() is None for p in procs.values()):
+        failed = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
+        if failed:
+            raise RuntimeError(_failure_message(failed, lay.logs))
+        closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())
+        if closed > reported:
+            reported = closed
+            _log(f"round {closed}/{rounds} closed ({time.time() - start:.0f} s)")
+        time.sleep(2)
 
 
 def _failure_message(failed: dict[str, int], logs: Path) -> str:
