@@ -1,7 +1,7 @@
 """ADP-FL experiment (issue 4, item 6): NP-FL, DP-FL, ADP-FL and ADP-FL minus each mechanism on the three synthetic
 tasks, 3 sites, epsilon 8, the same rounds for every run (nnunet_adpfl.workflows.fed_experiment). Resumable.
 
-    python scripts/adpfl_experiment.py --work-dir work_dirs/adpfl_experiment --output docs/ADPFL_EXPERIMENT_TABLES.md
+    python scripts/adpfl_experiment.py --work-dir work_dirs/adpfl_experiment --output work_dirs/adpfl_experiment/tables.md
 """
 import argparse
 

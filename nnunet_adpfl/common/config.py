@@ -1,7 +1,7 @@
 """Settings for the DP trainers, read from the JSON file named by ``nnUNet_adpfl_config``.
 
-Every key is documented in ``SETTINGS`` (and in README.md). Unknown keys and bad values raise
-``SettingsError`` naming the key, so a typo never silently falls back to a default.
+Every key is documented in ``SETTINGS`` (and in docs/reference/settings.md, generated from it). Unknown keys and
+bad values raise ``SettingsError`` naming the key, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ SETTINGS: dict[str, Setting] = {
                             "'all', 'decoder', 'norm_bias' or 'head'"),
     "dp_defaults": Setting("auto", str, "what the DP trainers choose where this file leaves expected_batch_size, "
                            "the steps, dp_trainable, momentum or initial_lr out: 'auto' (from N, epsilon, delta, the "
-                           "parameter counts and dp_max_case_passes; see README) or 'nnunet' (the plan's batch at "
-                           "most N/2, nnU-Net's 1000 x 250 steps, all parameters, momentum 0.9)",
+                           "parameter counts and dp_max_case_passes; see docs/EPSILON.md) or 'nnunet' (the plan's "
+                           "batch at most N/2, nnU-Net's 1000 x 250 steps, all parameters, momentum 0.9)",
                            lambda v: v in ("auto", "nnunet"), "'auto' or 'nnunet'"),
     "dp_max_case_passes": Setting(None, int, "dp_defaults 'auto': most per-case passes (steps x expected batch) the "
                                   "chosen run may take; null = those of nnU-Net's run for the plan "
