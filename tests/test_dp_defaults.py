@@ -34,20 +34,38 @@ def test_unset_batch_is_the_plans_at_most_half_the_cases():
 def test_search_stays_small_within_the_budget_and_half_the_cases():
     for n, budget in ((8, 25_000_000), (390, 500_000), (2700, 2_500_000), (20, 2000)):
         pairs = dp_defaults.search_pairs(n, budget)
-        assert 1 <= len(pairs) <= 12
+        assert 1 <= len(pairs) <= 15
         assert all(1 <= b <= n // 2 and t * b <= budget for t, b in pairs)
         assert all(b & (b - 1) == 0 for _, b in pairs)  # powers of two
     assert {t for t, _ in dp_defaults.search_pairs(100, 10**6, steps=60)} == {60}
     assert {b for _, b in dp_defaults.search_pairs(100, 10**6, batch=8)} == {8}
 
 
-def test_rule_best_bound_then_fewest_passes_within_ten_percent():
+def test_rule_best_bound_then_budget_from_scratch_fewest_passes_otherwise():
     c = dp_defaults.Candidate
     cands = [c(1000, 4, 0.1, 1.0), c(1000, 8, 0.2, 1.9), c(4000, 8, 0.2, 4.0), c(250, 16, 0.4, 1.0)]
     # bounds (x sqrt d): 126, 133, 126, 253: the last, alone within 10% of the best
     assert dp_defaults.best_candidate(cands, 100) == cands[3]
-    cheap = [c(1000, 4, 0.1, 1.0), c(1000, 8, 0.2, 1.9)]  # 126 within 10% of 133 and half the passes
-    assert dp_defaults.best_candidate(cheap, 100) == cheap[0]
+    flat = [c(1000, 4, 0.1, 1.0), c(1000, 8, 0.2, 1.9), c(16000, 2, 0.05, 1.9)]  # 126, 133, 133: all within 10%
+    assert dp_defaults.best_candidate(flat, 100, pretrained=True) == flat[0]  # fine-tuning: fewest passes
+    assert dp_defaults.best_candidate(flat, 10**6) == flat[0]  # bound < 1 (learns little): fewest passes
+    # from scratch, bound >= 1: at least half the most passes (32000: only (16000, 2)), then the largest B
+    assert dp_defaults.best_candidate(flat, 100) == flat[2]
+    flat.append(c(64000, 1, 0.025, 1.9))  # 133 and 64000 passes: (16000, 2) still spends half, with a larger B
+    assert dp_defaults.best_candidate(flat, 100) == flat[2]
+    flat.append(c(8000, 8, 0.2, 5.3))  # 135 and 64000 passes: of the three with >= 32000, the largest B
+    assert dp_defaults.best_candidate(flat, 100) == flat[4]
+
+
+def test_issue_numbers_real_calibration():
+    """Issue 39: N = 2,700, B = 256, 500 steps, epsilon 8 -> sigma 1.57, noise 0.006 per coordinate, bound about 6.6
+    (d = 3e5); N = 20, B = 4, 200 steps -> sigma 2.01, noise 0.50, bound about 0.05."""
+    big = dp_defaults.calibrated(2700, 8.0, 1e-5, [(500, 256)])[0]
+    assert big.sigma == pytest.approx(1.57, abs=0.01) and big.noise_std(1.0) == pytest.approx(0.0061, abs=2e-4)
+    assert big.snr_over_run(3 * 10**5) == pytest.approx(6.6, abs=0.1)
+    small = dp_defaults.calibrated(20, 8.0, 1e-5, [(200, 4)])[0]
+    assert small.sigma == pytest.approx(2.01, abs=0.01) and small.noise_std(1.0) == pytest.approx(0.50, abs=0.01)
+    assert small.snr_over_run(3 * 10**5) == pytest.approx(0.05, abs=0.005)
 
 
 def test_choose_fills_only_what_is_not_given(fast_calibration):
@@ -148,3 +166,140 @@ def test_log_and_report_say_what_was_chosen_and_why(started):
                       "why": "the plan's batch 2 at most N/2 = 4; other settings as given or nnU-Net's"}
     with open(started.log_file) as f:
         assert f"DP defaults (nnunet): chose {record['chosen']}; {record['why']}" in f.read()
+
+
+SENSIBLE_N = (20, 160, 450, 2700, 3300)  # one hospital's site up to HAM10000 over 3 sites
+
+
+def test_rule_is_sensible_from_20_to_3300_cases(fast_calibration):
+    """From scratch (d = 3e5, plan batch 2, nnU-Net's budget of 500,000 per-case passes): a cohort too small to learn
+    (bound < 1) gets the cheapest run within 10% of the best bound; larger ones spend at least half the budget with
+    the largest batch within 10% of the best bound; the budget and N/2 are never exceeded."""
+    batches = []
+    for n in SENSIBLE_N:
+        inp = dp_defaults.Inputs(n, 8.0, 1e-5, {"all": 3 * 10**5}, pretrained=False, plan_batch=2)
+        chosen, best, why = dp_defaults.choose(inp, {})
+        _, _, cands = dp_defaults.rule_candidates(inp, {})
+        top = dp_defaults.best_bound(cands, 3 * 10**5)
+        assert best.batch <= n // 2 and best.steps * best.batch <= 500_000 and best.steps % dp_defaults.STEP_QUANTUM == 0
+        near = [c for c in cands if c.snr_over_run(3 * 10**5) >= 0.9 * top]
+        assert best in near
+        if top < 1:
+            assert "below 1" in why and best.steps * best.batch == min(c.steps * c.batch for c in near)
+        else:
+            assert best.steps * best.batch >= 250_000 and "the budget spent" in why
+            most = max(c.steps * c.batch for c in near)
+            assert best == max((c for c in near if 2 * c.steps * c.batch >= most), key=lambda c: (c.batch, c.steps))
+        batches.append(best.batch)
+    assert batches[0] < batches[-1]
+    tuning = dp_defaults.Inputs(2700, 8.0, 1e-5, COUNTS, True, 2)
+    _, tuned, why = dp_defaults.choose(tuning, {})
+    cands = dp_defaults.rule_candidates(tuning, {})[2]
+    top = dp_defaults.best_bound(cands, COUNTS["norm_bias"])
+    assert top >= 1 and "fine-tuning public weights: the fewest" in why  # fine-tuning: the cheapest run in the band
+    assert tuned.steps * tuned.batch == min(c.steps * c.batch for c in cands
+                                            if c.snr_over_run(COUNTS["norm_bias"]) >= 0.9 * top)
+
+
+@pytest.mark.slow  # real calibration of about 70 (T, B): minutes on a loaded machine
+def test_rule_with_real_calibration_from_20_to_3300_cases():
+    """The same with Opacus' calibration: 20 cases learn little (bound < 1: 250 steps); from 450 cases the run spends
+    the budget with a batch of at least 128 and noise of at most 0.1 per coordinate per step."""
+    for n in SENSIBLE_N:
+        inp = dp_defaults.Inputs(n, 8.0, 1e-5, {"all": 3 * 10**5}, pretrained=False, plan_batch=2)
+        _, best, _ = dp_defaults.choose(inp, {})
+        assert best.batch <= n // 2 and best.steps * best.batch <= 500_000
+        if n == 20:
+            assert best.steps == 250
+        if n >= 450:
+            assert best.steps * best.batch >= 250_000 and best.batch >= 128 and best.noise_std(1.0) <= 0.1
+
+
+def test_federated_steps_are_multiples_of_the_rounds(fast_calibration):
+    """A site: the federation fixes rounds x epochs per round (here 20 x 2); the rule chooses the iterations per epoch
+    (and B) with the site's N, the budget spent over the whole run."""
+    inp = dp_defaults.Inputs(2700, 8.0, 1e-5, {"all": 3 * 10**5}, False, 2, epochs=40)
+    chosen, best, why = dp_defaults.choose(inp, {})
+    assert "num_epochs" not in chosen and chosen["num_iterations_per_epoch"] * 40 == best.steps
+    assert best.steps * best.batch >= 250_000 and "40 epochs (rounds x epochs per round)" in why
+    assert all(t % 40 == 0 for t, _ in dp_defaults.search_pairs(2700, 500_000, unit=40))
+    fixed, best_fixed, _ = dp_defaults.choose(inp, {"num_iterations_per_epoch": 5})
+    assert best_fixed.steps == 200 and "num_iterations_per_epoch" not in fixed
+
+
+def make_federation(tmp_path, settings: dict, initial_weights=None) -> dict:
+    """A dpfl federation of sites A, B over 3 rounds x 2 epochs; returns site A's settings."""
+    from nnunet_adpfl.federation.aggregator import create_federation
+    fed, keys = tmp_path / "fed", tmp_path / "keys"
+    create_federation(fed, keys, ["A", "B"], 3, 2, "dpfl", configuration="3d_fullres", initial_weights=initial_weights)
+    return {"federation_dir": str(fed), "site_id": "A", "site_key_file": str(keys / "A.key"), **settings}
+
+
+def test_federated_trainer_uses_the_rule_with_the_sites_cases(nnunet_paths, tmp_path, monkeypatch,
+                                                              fast_calibration):
+    trainer = make_trainer("nnUNetTrainerDPFL", settings=make_federation(tmp_path, {}), tmp_path=tmp_path,
+                           monkeypatch=monkeypatch)
+    trainer.initialize()
+    record, n = trainer.dp_defaults, len(trainer.do_split()[0])
+    assert record["mode"] == "auto (federated: site A)" and f"N={n}," in record["why"]
+    assert "6 epochs (rounds x epochs per round)" in record["why"]
+    chosen = record["chosen"]
+    assert set(chosen) == {"expected_batch_size", "num_iterations_per_epoch", "dp_trainable", "momentum"}
+    assert trainer.num_epochs == 6 and trainer.num_iterations_per_epoch == chosen["num_iterations_per_epoch"]
+    assert trainer.dp_settings["expected_batch_size"] == chosen["expected_batch_size"] <= n // 2
+    inp = dp_defaults.Inputs(n, 8.0, 1e-5, dp_defaults.trainable_counts(trainer.network), False, trainer.batch_size,
+                             epochs=6)
+    assert dp_defaults.choose(inp, {})[0] == chosen  # the rule's choice for the site's N over the federation's run
+    with open(trainer.log_file) as f:
+        assert f"DP defaults (auto (federated: site A)): chose {chosen}" in f.read()
+
+
+def test_federated_fine_tuning_from_the_federations_public_weights(nnunet_paths, tmp_path, monkeypatch,
+                                                                   fast_calibration):
+    public = tmp_path / "public.pth"
+    public.write_bytes(b"public weights")  # only its hash goes into federation.json here
+    trainer = make_trainer("nnUNetTrainerDPFL", settings=make_federation(tmp_path, {}, public), tmp_path=tmp_path,
+                           monkeypatch=monkeypatch)
+    trainer.initialize()
+    assert trainer.dp_settings["dp_trainable"] == "norm_bias" and trainer.initial_lr == dp_defaults.FINETUNE_LR
+    assert "public weights" in trainer.dp_defaults["why"]
+
+
+def test_federated_explicit_settings_win_and_nnunet_restores(nnunet_paths, tmp_path, monkeypatch, fast_calibration):
+    given = {"expected_batch_size": 3, "num_iterations_per_epoch": 4, "dp_trainable": "decoder", "momentum": 0.5}
+    trainer = make_trainer("nnUNetTrainerDPFL", settings=make_federation(tmp_path, given), tmp_path=tmp_path,
+                           monkeypatch=monkeypatch)
+    trainer.initialize()
+    assert trainer.dp_defaults["chosen"] == {} and trainer.num_iterations_per_epoch == 4
+    assert all(trainer.dp_settings[k] == v for k, v in given.items() if k != "num_iterations_per_epoch")
+    old = make_trainer("nnUNetTrainerDPFL", settings=make_federation(tmp_path / "b", {"dp_defaults": "nnunet"}),
+                       tmp_path=tmp_path, monkeypatch=monkeypatch)
+    old.initialize()
+    assert old.dp_defaults["mode"] == "nnunet (federated: steps from federation.json)"
+    assert (old.num_epochs, old.num_iterations_per_epoch, old.dp_settings["dp_trainable"]) == (6, 250, "all")
+    assert old.dp_defaults["chosen"] == {"expected_batch_size": min(old.batch_size, len(old.do_split()[0]) // 2)}
+
+
+def test_calibrations_are_reused_only_when_the_accountant_confirms_them(tmp_path, monkeypatch):
+    """A restart reuses the rule's calibrations from the run's folder; a sigma edited below its calibration (less
+    noise: more epsilon than the key says) or damaged is recalibrated, never used."""
+    monkeypatch.setattr(dp_defaults, "_calibrations", {})
+    sigma = dp_defaults.calibrate(8.0, 1e-5, 0.1, 200)
+    dp_defaults.save_calibrations(tmp_path)
+    monkeypatch.setattr(dp_defaults, "_calibrations", {})
+    assert dp_defaults.load_calibrations(tmp_path) == 1
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("calibrated again")
+    with monkeypatch.context() as m:
+        m.setattr("nnunet_adpfl.privacy.accounting.calibrate_noise_multiplier", no_search)
+        assert dp_defaults.calibrate(8.0, 1e-5, 0.1, 200) == sigma
+    path = tmp_path / dp_defaults.CALIBRATION_CACHE
+    for edited in (0.9 * sigma, 1.5 * sigma, "NaN", None):
+        content = json.loads(path.read_text())
+        content["calibrations"][0]["sigma"] = edited
+        path.write_text(json.dumps(content))
+        monkeypatch.setattr(dp_defaults, "_calibrations", {})
+        assert dp_defaults.load_calibrations(tmp_path) == 0 and dp_defaults._calibrations == {}
+    path.write_text("{not json")
+    assert dp_defaults.load_calibrations(tmp_path) == 0

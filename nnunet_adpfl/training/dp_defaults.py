@@ -5,13 +5,24 @@ epsilon, delta, the trainable parameter counts and a compute budget. ``nnunet-ad
 With Poisson rate q = B/N, T steps and noise multiplier sigma (calibrated to epsilon), each step adds Gaussian noise
 of std sigma*C/B per trainable coordinate to a mean clipped gradient of norm <= C. Over d coordinates the noise norm
 is sigma*C*sqrt(d)/B, so one step's signal-to-noise ratio is at most B/(sigma*sqrt(d)); averaging T steps gains
-about sqrt(T). The rule takes the best bound over the run and, within 10% of it, the fewest per-case passes T*B.
+about sqrt(T). Once sigma is above about 2 this bound over the run hardly depends on T and B (sigma grows like
+q*sqrt(T)/epsilon: the bound tends to about N*epsilon/sqrt(d)), so it cannot choose the length of the run. The rule:
+the best bound; within 10% of it, from scratch and if the bound reaches 1, the run spends the compute budget (nnU-Net's
+per-case passes for the plan: nnU-Net's learning rate moves the weights a distance that grows with the steps, and
+200 steps did not train the kidney from scratch even without noise, docs/FINETUNE.md) with the largest batch: the
+least noise per step (sigma*C/B; more steps at a smaller batch keep the bound but add noise to the weights at every
+step: 250,000 steps at B = 2 and N = 450 are within 10% of the best bound with noise 0.79 per coordinate per step).
+The steps that spend the budget at a batch are a multiple of STEP_QUANTUM. Otherwise the cheapest run:
+below 1 the run learns little whatever its length; fine-tuning public weights starts near a good model, where more
+steps add noise faster than signal (docs/FINETUNE.md's fine-tuning runs: a few hundred steps).
 """
 from __future__ import annotations
 
-import functools
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..common.config import SettingsError, explicit_keys
 
@@ -27,18 +38,72 @@ LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 MOMENTUM = 0.9
 FINETUNE_TRAINABLE = ("norm_bias", "decoder")  # preferred dp_trainable when fine-tuning, first available
 NNUNET_STEPS = 1000 * 250  # nnU-Net's epochs x iterations per epoch
-ITERATIONS_PER_EPOCH = 250  # nnU-Net's; the rule's step counts are multiples of it
+ITERATIONS_PER_EPOCH = 250  # nnU-Net's; the step grid's counts are multiples of it
+STEP_QUANTUM = 50  # the steps that spend the budget (single site) are multiples of it
 STEP_GRID = (250, 1000, 4000, 16000, 64000, NNUNET_STEPS)  # coarse: each calibration costs about a second
 RULED = ("expected_batch_size", "num_epochs", "num_iterations_per_epoch", "dp_trainable", "momentum", "initial_lr")
-RULE = ("best signal-to-noise bound over the run B*sqrt(T)/(sigma*sqrt(d)), the fewest per-case passes T*B within "
-        "10% of it")
+BOUND = "best signal-to-noise bound over the run B*sqrt(T)/(sigma*sqrt(d))"
+RULE = f"{BOUND}; within 10% of it, the budget spent (at least half the most per-case passes T*B) with the largest B"
+RULE_SHORT = {"unlearnable": f"{BOUND} is below 1 (the run learns little whatever its length): the fewest per-case "
+                             "passes T*B within 10% of it",
+              "fine-tuning": f"{BOUND}; fine-tuning public weights: the fewest per-case passes T*B within 10% of it"}
+SPENDING_BATCHES = 3  # the largest powers of two <= N/2 tried with the steps that spend the budget
 
 
-@functools.lru_cache(maxsize=256)
+CALIBRATION_CACHE = "dp_noise_calibrations.json"  # in the run's output folder: the rule's sigmas for a restart
+_calibrations: dict[tuple, float] = {}  # (epsilon, delta, sample rate, steps, accountant) -> sigma, this process
+
+
 def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
-    """Opacus' noise calibration, cached: the rule and the trainer calibrate the same (q, T) once."""
-    from ..privacy.accounting import calibrate_noise_multiplier
-    return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, accountant)
+    """Opacus' noise calibration (a second or more each), cached: the rule and the trainer calibrate the same (q, T)
+    once; load_calibrations adds those of an earlier start of the run."""
+    key = (float(epsilon), float(delta), float(sample_rate), int(steps), accountant)
+    if key not in _calibrations:
+        from ..privacy.accounting import calibrate_noise_multiplier
+        _calibrations[key] = calibrate_noise_multiplier(*key)
+    return _calibrations[key]
+
+
+def spends_as_calibrated(key: tuple, sigma: float) -> bool:
+    """Whether the accountant confirms that ``sigma`` spends between 99% and 100% of the key's epsilon (Opacus'
+    calibration tolerance), the check a cached sigma must pass (one accountant evaluation, not a search)."""
+    from ..privacy.accounting import PrivacyAccountant
+    epsilon, delta, sample_rate, steps, accountant = key
+    if not (math.isfinite(sigma) and sigma > 0 and 0 < sample_rate <= 1 and steps >= 1 and 0 < delta < 1):
+        return False
+    spent = PrivacyAccountant(accountant, delta).epsilon([(sigma, sample_rate, steps)])
+    return 0.99 * epsilon * (1 - 1e-9) <= spent <= epsilon
+
+
+def load_calibrations(folder: str | os.PathLike) -> int:
+    """Adds the calibrations of ``folder``/CALIBRATION_CACHE that pass spends_as_calibrated to this process's cache;
+    returns how many. A damaged or edited file costs time (recalibration), never privacy."""
+    try:
+        entries = json.loads((Path(folder) / CALIBRATION_CACHE).read_text())["calibrations"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    loaded = 0
+    for entry in entries if isinstance(entries, list) else []:
+        try:
+            key = (float(entry["epsilon"]), float(entry["delta"]), float(entry["sample_rate"]), int(entry["steps"]),
+                   str(entry["accountant"]))
+            sigma = float(entry["sigma"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if key[4] in ("rdp", "prv") and key not in _calibrations and spends_as_calibrated(key, sigma):
+            _calibrations[key] = sigma
+            loaded += 1
+    return loaded
+
+
+def save_calibrations(folder: str | os.PathLike) -> None:
+    """This process's calibrations -> ``folder``/CALIBRATION_CACHE (atomically)."""
+    from ..common.atomic import write_json_atomic
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(Path(folder) / CALIBRATION_CACHE, {
+        "note": "noise multipliers of dp_defaults' search; each is checked with the accountant before reuse",
+        "calibrations": [{"epsilon": e, "delta": d, "sample_rate": q, "steps": t, "accountant": a, "sigma": sigma}
+                         for (e, d, q, t, a), sigma in sorted(_calibrations.items())]})
 
 
 @dataclass(frozen=True)
@@ -96,11 +161,31 @@ def trainable_choice(counts: dict[str, int], pretrained: bool) -> str:
     return next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
 
 
-def best_candidate(cands: list[Candidate], parameters: int) -> Candidate:
-    """The best signal-to-noise bound over the run; within 10% of it, the fewest per-case passes (then steps)."""
-    top = max(c.snr_over_run(parameters) for c in cands)
-    return min((c for c in cands if c.snr_over_run(parameters) >= 0.9 * top),
-               key=lambda c: (c.steps * c.batch, c.steps))
+def spends_budget(top_bound: float, pretrained: bool) -> bool:
+    """Whether the rule spends the compute budget: from scratch, when the run can learn (bound >= 1)."""
+    return top_bound >= 1 and not pretrained
+
+
+def best_candidate(cands: list[Candidate], parameters: int, pretrained: bool = False) -> Candidate:
+    """The best signal-to-noise bound over the run; within 10% of it, when spends_budget: the candidates that spend
+    at least half the most per-case passes, and of those the largest batch (then the most steps); otherwise the
+    fewest per-case passes (then steps)."""
+    top = best_bound(cands, parameters)
+    near = [c for c in cands if c.snr_over_run(parameters) >= 0.9 * top]
+    if not spends_budget(top, pretrained):
+        return min(near, key=lambda c: (c.steps * c.batch, c.steps))
+    most = max(c.steps * c.batch for c in near)
+    return max((c for c in near if 2 * c.steps * c.batch >= most), key=lambda c: (c.batch, c.steps))
+
+
+def rule_text(top_bound: float, pretrained: bool) -> str:
+    if spends_budget(top_bound, pretrained):
+        return RULE
+    return RULE_SHORT["unlearnable" if top_bound < 1 else "fine-tuning"]
+
+
+def best_bound(cands: list[Candidate], parameters: int) -> float:
+    return max(c.snr_over_run(parameters) for c in cands)
 
 
 def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, max_batch: int,
@@ -108,7 +193,7 @@ def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, ma
     """Settings of the best candidate among batches <= max_batch (memory), as a settings file."""
     choice = trainable_choice(counts, pretrained)
     fitting = [c for c in cands if c.batch <= max_batch] or [min(cands, key=lambda c: c.batch)]
-    best = best_candidate(fitting, counts[choice])
+    best = best_candidate(fitting, counts[choice], pretrained)
     epochs, iterations = split_steps(best.steps)
     settings = {"target_epsilon": epsilon, "expected_batch_size": best.batch, "num_epochs": epochs,
                 "num_iterations_per_epoch": iterations, "dp_trainable": choice, "momentum": MOMENTUM,
@@ -117,8 +202,9 @@ def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, ma
 
 
 def split_steps(steps: int) -> tuple[int, int]:
-    """(epochs, iterations per epoch): nnU-Net's 250 per epoch where T is a multiple of it, else one epoch."""
-    return (steps // ITERATIONS_PER_EPOCH, ITERATIONS_PER_EPOCH) if steps % ITERATIONS_PER_EPOCH == 0 else (1, steps)
+    """(epochs, iterations per epoch): the fewest epochs of at most nnU-Net's 250 iterations that divide T."""
+    epochs = next(e for e in range(math.ceil(steps / ITERATIONS_PER_EPOCH), steps + 1) if steps % e == 0)
+    return epochs, steps // epochs
 
 
 def finetune_lr(epsilon: float) -> float:
@@ -134,22 +220,39 @@ def powers_of_two(limit: int) -> list[int]:
     return [2 ** k for k in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
 
-def search_pairs(num_cases: int, budget: int, steps: int | None = None, batch: int | None = None
-                 ) -> list[tuple[int, int]]:
-    """The (T, B) the rule calibrates, T*B <= budget (per-case passes): B powers of two up to N/2 for a fixed T;
-    STEP_GRID for a fixed B; otherwise per T of STEP_GRID the largest such B and a quarter of it (for a fixed T a
-    larger B never lowers the bound; the quarter finds a cheaper point within 10%). At most 12 calibrations."""
+def spending_steps(batch: int, budget: int, unit: int = STEP_QUANTUM) -> int:
+    """Steps that spend at most ``budget`` per-case passes at ``batch``: a multiple of ``unit`` (STEP_QUANTUM; in a
+    federation rounds x epochs per round), at most nnU-Net's run (0 when not even one unit fits)."""
+    return min(NNUNET_STEPS // unit * unit, budget // batch // unit * unit)
+
+
+def step_grid(unit: int) -> list[int]:
+    """STEP_GRID in multiples of ``unit`` (each entry rounded, at least one unit)."""
+    return sorted({max(1, round(t / unit)) * unit for t in STEP_GRID})
+
+
+def search_pairs(num_cases: int, budget: int, steps: int | None = None, batch: int | None = None,
+                 unit: int = ITERATIONS_PER_EPOCH) -> list[tuple[int, int]]:
+    """The (T, B) the rule calibrates, T*B <= budget (per-case passes), T a multiple of ``unit``: B powers of two up
+    to N/2 for a fixed T; the step grid for a fixed B; otherwise per T of the grid the largest such B and a quarter
+    of it (for a fixed T a larger B never lowers the bound; the quarter finds a cheaper point within 10%), and the
+    largest SPENDING_BATCHES such B with the steps that spend the budget. At most 15 calibrations."""
+    grid = step_grid(unit)
     if steps is not None and batch is not None:
         return [(steps, batch)]
     if steps is not None:
         return [(steps, b) for b in powers_of_two(min(num_cases // 2, budget // steps))] or [(steps, 1)]
     if batch is not None:
-        return [(t, batch) for t in STEP_GRID if t * batch <= budget] or [(STEP_GRID[0], batch)]
-    pairs = []
-    for t in STEP_GRID:
+        return [(t, batch) for t in grid if t * batch <= budget] or [(grid[0], batch)]
+    pairs = set()
+    for t in grid:
         fits = powers_of_two(min(num_cases // 2, budget // t))
-        pairs += [(t, b) for b in {fits[-1], max(1, fits[-1] // 4)}] if fits else []
-    return sorted(pairs) or [(STEP_GRID[0], 1)]
+        pairs |= {(t, b) for b in {fits[-1], max(1, fits[-1] // 4)}} if fits else set()
+    for b in powers_of_two(num_cases // 2)[-SPENDING_BATCHES:]:
+        t = spending_steps(b, budget, unit if unit != ITERATIONS_PER_EPOCH else STEP_QUANTUM)
+        if t:
+            pairs.add((t, b))
+    return sorted(pairs) or [(grid[0], 1)]
 
 
 @dataclass(frozen=True)
@@ -163,6 +266,8 @@ class Inputs:
     plan_batch: int
     budget: int | None = None  # per-case passes; None = nnU-Net's standard run for this plan
     accountant: str = "rdp"
+    epochs: int | None = None  # federated: rounds x epochs per round (federation.json); the rule then chooses the
+    # iterations per epoch, so T is a multiple of it
 
 
 def budget(inp: Inputs) -> int:
@@ -183,59 +288,94 @@ def trainable_counts(network) -> dict[str, int]:
     return counts
 
 
-def choose(inp: Inputs, explicit: dict) -> tuple[dict, Candidate | None, str]:
-    """The values of B, T (as num_epochs x num_iterations_per_epoch), dp_trainable, momentum and initial_lr that
-    ``explicit`` (the settings file's values of these keys) leaves out; returns (chosen, candidate, why)."""
-    passes = budget(inp)
+def rule_candidates(inp: Inputs, explicit: dict) -> tuple[str, int | None, list[Candidate]]:
+    """(dp_trainable, the fixed steps or None, the calibrated candidates) of the rule for these inputs."""
     choice = explicit.get("dp_trainable") or trainable_choice(inp.counts, inp.pretrained)
     if choice not in inp.counts:
         raise ValueError(f"dp_trainable={choice!r} selects no parameter of this network")
-    fixed_steps = explicit.get("num_epochs") is not None or explicit.get("num_iterations_per_epoch") is not None
-    steps = ((explicit.get("num_epochs") or 1000) * (explicit.get("num_iterations_per_epoch") or 250)
-             if fixed_steps else None)
-    pairs = search_pairs(inp.num_cases, passes, steps, explicit.get("expected_batch_size"))
+    iterations = explicit.get("num_iterations_per_epoch")
+    if inp.epochs is not None:  # federated: the epochs are the federation's
+        steps = inp.epochs * iterations if iterations is not None else None
+    elif explicit.get("num_epochs") is not None or iterations is not None:
+        steps = (explicit.get("num_epochs") or 1000) * (iterations or ITERATIONS_PER_EPOCH)
+    else:
+        steps = None
     given_batch = explicit.get("expected_batch_size")  # the user's, up to N (checked by the trainer)
-    cands = calibrated(inp.num_cases, inp.epsilon, inp.delta, pairs, inp.accountant,
-                       inp.num_cases if given_batch else None)
-    best = best_candidate(cands, inp.counts[choice])
+    pairs = search_pairs(inp.num_cases, budget(inp), steps, given_batch, inp.epochs or ITERATIONS_PER_EPOCH)
+    return choice, steps, calibrated(inp.num_cases, inp.epsilon, inp.delta, pairs, inp.accountant,
+                                     inp.num_cases if given_batch else None)
+
+
+def choose(inp: Inputs, explicit: dict) -> tuple[dict, Candidate, str]:
+    """The values of B, T (as num_epochs x num_iterations_per_epoch; federated: num_iterations_per_epoch),
+    dp_trainable, momentum and initial_lr that ``explicit`` (the settings' values of these keys) leaves out; returns
+    (chosen, candidate, why)."""
+    choice, steps, cands = rule_candidates(inp, explicit)
+    best = best_candidate(cands, inp.counts[choice], inp.pretrained)
     chosen = {"expected_batch_size": best.batch, "dp_trainable": choice, "momentum": MOMENTUM}
-    if not fixed_steps:
+    if steps is None and inp.epochs is not None:
+        chosen["num_iterations_per_epoch"] = best.steps // inp.epochs
+    elif steps is None:
         chosen["num_epochs"], chosen["num_iterations_per_epoch"] = split_steps(best.steps)
     if inp.pretrained:
         chosen["initial_lr"] = finetune_lr(inp.epsilon)
     chosen = {k: v for k, v in chosen.items() if explicit.get(k) is None}
+    bound = best_bound(cands, inp.counts[choice])
+    run = "" if inp.epochs is None else f"{inp.epochs} epochs (rounds x epochs per round), "
     why = (f"N={inp.num_cases}, epsilon {inp.epsilon}, d={inp.counts[choice]:,} ({choice}), "
-           f"{'public weights' if inp.pretrained else 'from scratch'}, budget {passes:,} per-case passes: "
-           f"{RULE} among {len(cands)} (T, B): T={best.steps}, B={best.batch}, sigma {best.sigma:.3g}, "
-           f"bound {best.snr_over_run(inp.counts[choice]):.3g}")
+           f"{'public weights' if inp.pretrained else 'from scratch'}, {run}budget {budget(inp):,} per-case passes: "
+           f"{rule_text(bound, inp.pretrained)} among {len(cands)} (T, B): T={best.steps}, B={best.batch}, "
+           f"sigma {best.sigma:.3g}, bound {best.snr_over_run(inp.counts[choice]):.3g}")
     return chosen, best, why
+
+
+def federation_run(trainer) -> tuple[int, int | None, bool] | None:
+    """A federated trainer's (epochs = rounds x epochs per round, iterations per epoch fixed by federation.json or
+    None, whether the round-0 model is public weights); None for a single-site trainer."""
+    if getattr(trainer, "federation_mode", None) is None:
+        return None
+    cfg = trainer.client.cfg
+    return cfg["rounds"] * cfg["epochs_per_round"], cfg.get("iterations_per_epoch"), bool(cfg.get("initial_weights"))
 
 
 def apply_to_trainer(trainer) -> dict:
     """Chooses what the settings file leaves out and writes it into the trainer (called once its network exists);
-    returns the report's record. 'nnunet' (and a fixed noise_multiplier, and the federated trainers, whose steps
-    come from federation.json): today's defaults, the plan's batch at most N/2."""
+    returns the report's record. Federated trainers: the same rule with the site's N, over the federation's rounds x
+    epochs per round (the rule chooses the iterations per epoch unless federation.json or the site's settings fix
+    them; public weights = the federation's initial weights). 'nnunet' (and a fixed noise_multiplier): today's
+    defaults, the plan's batch at most N/2."""
     from ..common.initial_weights import pretrained_weights_argument
     s, given = trainer.dp_settings, explicit_keys()
     n = len(trainer.do_split()[0])
     if s["expected_batch_size"] is not None and s["expected_batch_size"] > n:
         raise SettingsError(f"expected_batch_size {s['expected_batch_size']} exceeds the {n} training cases of "
                             f"fold {trainer.fold}")
-    federated = getattr(trainer, "federation_mode", None) is not None
-    if s["dp_defaults"] == "nnunet" or s["target_epsilon"] is None or s["noise_multiplier"] is not None or federated:
+    federation = federation_run(trainer)
+    if s["dp_defaults"] == "nnunet" or s["target_epsilon"] is None or s["noise_multiplier"] is not None:
         chosen = {} if s["expected_batch_size"] is not None else {
             "expected_batch_size": unset_batch(trainer.batch_size, n)}
-        mode = "nnunet" if not federated else "nnunet (federated: steps from federation.json)"
+        mode = "nnunet" if federation is None else "nnunet (federated: steps from federation.json)"
         why = f"the plan's batch {trainer.batch_size} at most N/2 = {n // 2}; other settings as given or nnU-Net's"
     else:
-        pretrained = pretrained_weights_argument() is not None
+        explicit = {k: s[k] for k in given if k in RULED}
+        epochs = None
+        if federation is not None:
+            epochs, fixed_iterations, pretrained = federation
+            explicit.pop("num_epochs", None)  # the federation's rounds decide the epochs
+            if fixed_iterations:
+                explicit["num_iterations_per_epoch"] = fixed_iterations
+        else:
+            pretrained = pretrained_weights_argument() is not None
         inp = Inputs(n, s["target_epsilon"], s["delta"], trainable_counts(trainer.network), pretrained,
-                     trainer.batch_size, s["dp_max_case_passes"], s["accountant"])
+                     trainer.batch_size, s["dp_max_case_passes"], s["accountant"], epochs)
+        reused = load_calibrations(trainer.output_folder)
         try:
-            chosen, _, why = choose(inp, {k: s[k] for k in given if k in RULED})
+            chosen, _, why = choose(inp, explicit)
         except ValueError as e:
             raise SettingsError(str(e)) from None
-        mode = "auto"
+        save_calibrations(trainer.output_folder)
+        why += f"; {reused} calibrations reused from {CALIBRATION_CACHE}" if reused else ""
+        mode = "auto" if federation is None else f"auto (federated: site {trainer.client.site})"
     for key, value in chosen.items():
         if key in ("num_epochs", "num_iterations_per_epoch", "initial_lr"):
             setattr(trainer, key, value)

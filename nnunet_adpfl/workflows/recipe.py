@@ -11,7 +11,7 @@ import argparse
 import json
 
 from ..training.dp_defaults import (FINETUNE_LR, LOW_EPSILON_FINETUNE_LR, Candidate, Inputs, calibrated,  # noqa: F401
-                                    budget, candidates, choose, search_pairs, suggest,
+                                    budget, candidates, choose, rule_candidates, search_pairs, suggest,
                                     trainable_counts)
 
 CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data at the public weights, from "
@@ -22,7 +22,7 @@ CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data 
                "(enhancing tumour 0) only decoder learned it (0.72 at lr 0.03, 0.62 at 0.01; norm_bias stayed at 0 with "
                "C = 1 at lr 0.01 and with C public at 0.03). Where the public model already segments every class, decoder at lr 0.03 lost tumours and "
                "cysts below it (kidney_roi) and at lr 0.01 matched norm_bias: compare per class with the public "
-               "model. For ADP-FL keep adpfl_clip_max_ratio at 1 (docs/FINETUNE.md).")
+               "model. For ADP-FL keep adpfl_clip_max_ratio at 1 (docs/experiments/FINETUNE.md).")
 
 
 def parameter_counts(plans: str, dataset_json: str, configuration: str) -> dict[str, int]:
@@ -68,14 +68,19 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     return "\n".join(lines)
 
 
+def trainer_inputs(args, counts: dict[str, int]) -> Inputs:
+    """The rule's inputs, as the DP trainer (or, with --rounds, a federated DP trainer) has them."""
+    batch = plan_batch(args.plans, args.configuration) if args.plans else args.plan_batch
+    epochs = args.rounds * args.epochs_per_round if args.rounds else None
+    return Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
+                  args.accountant, epochs)
+
+
 def trainer_choice(args, counts: dict[str, int]) -> tuple[list[Candidate], tuple]:
     """What the DP trainers choose with no settings file (dp_defaults 'auto'): the same function, same inputs."""
-    batch = plan_batch(args.plans, args.configuration) if args.plans else args.plan_batch
-    inp = Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
-                 args.accountant)
+    inp = trainer_inputs(args, counts)
     chosen, best, _ = choose(inp, {})
-    cands = calibrated(args.cases, args.epsilon, args.delta, search_pairs(args.cases, budget(inp)), args.accountant)
-    return cands, (best, {"target_epsilon": args.epsilon, **chosen})
+    return rule_candidates(inp, {})[2], (best, {"target_epsilon": args.epsilon, **chosen})
 
 
 def _cmd(args) -> int:
@@ -115,6 +120,9 @@ def add_cli(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="your grid: largest expected batch your memory allows")
     p.add_argument("--plan-batch", type=int, default=2, help="the plan's batch size (without --plans)")
     p.add_argument("--max-case-passes", type=int, help="setting dp_max_case_passes (default: nnU-Net's run)")
+    p.add_argument("--rounds", type=int, help="a federated site: the federation's rounds (the trainer then chooses "
+                   "the iterations per epoch)")
+    p.add_argument("--epochs-per-round", type=int, default=1, help="with --rounds: the federation's epochs per round")
     p.add_argument("--clip", type=float, default=1.0, help="clip norm C")
     p.add_argument("--plans", help="nnUNetPlans.json (counts the trainable parameters of each dp_trainable choice)")
     p.add_argument("--dataset-json", help="dataset.json next to the plan")
