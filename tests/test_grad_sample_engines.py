@@ -138,6 +138,10 @@ def _reference_clipped(net, loss, params, x, y, k=1):
                          [("all", *case) for case in CASES]
                          + [("cost", 2, False, True, False), ("cost", 3, True, True, False)])
 def test_ghost_engine_norms_and_clipped_sum_match_the_per_case_loop(ghost, dim, residual, ds, regions, monkeypatch):
+    """'all': every conv weight by ghost norm; 'cost' with a mixed choice (the test nets are too small for the time
+    rule to pick any): ghost norms for the convs that change the channel count, per-case gradients for the rest."""
+    if ghost == "cost":
+        monkeypatch.setattr(grad_sample, "ghost_is_cheaper", lambda m, shape, k: m.in_channels != m.out_channels)
     net, x, y, loss = setup(dim, residual, ds, regions)
     params = trainable_params_reached_by_loss(net, loss.per_case, x[:1], [t[:1] for t in y] if ds else y[:1])
     norms, ref_sum, clip = _reference_clipped(net, loss, params, x, y)
@@ -153,6 +157,18 @@ def test_ghost_engine_norms_and_clipped_sum_match_the_per_case_loop(ghost, dim, 
              and id(m.weight) in trained}
     if ghost == "all":  # every trained conv and transposed conv weight went through the ghost norm, in both chunks
         assert len(ghosted) == 2 * len(convs) and set(ghosted) == convs
+    else:
+        assert set(ghosted) == {m for m in convs if m.in_channels != m.out_channels} != convs
+
+
+def test_ghost_time_rule_picks_low_resolution_wide_convs_only():
+    x8, x64 = torch.zeros(1, 256, 8, 8), torch.zeros(1, 32, 64, 64)
+    wide, early = nn.Conv2d(256, 256, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+    up = nn.ConvTranspose2d(256, 128, 2, 2)
+    assert grad_sample.ghost_is_cheaper(wide, grad_sample._ghost_shape(wide, x8, wide(x8)), 1)  # 64 x 2560 < 2304 x 256
+    assert not grad_sample.ghost_is_cheaper(wide, grad_sample._ghost_shape(wide, x8, wide(x8)), 16)  # K = 16 patches
+    assert not grad_sample.ghost_is_cheaper(early, grad_sample._ghost_shape(early, x64, early(x64)), 1)
+    assert not grad_sample.ghost_is_cheaper(up, grad_sample._ghost_shape(up, x8, up(x8)), 1)
 
 
 def test_ghost_engine_with_multiplicity_and_a_non_finite_case():
@@ -171,3 +187,24 @@ def test_ghost_engine_with_multiplicity_and_a_non_finite_case():
     first = reference_grads(net, loss, params, x[:3], [t[:3] for t in y]).mean(0)
     assert bad.non_finite == 1 and torch.isinf(bad.norms[1])
     torch.testing.assert_close(torch.cat([g.flatten() for g in bad.clipped]), first)
+
+
+def test_instance_norm_rule_reuses_the_statistics_its_forward_saved():
+    net, x, y, loss = setup(2, False, True, False)
+    norm = next(m for m in net.modules() if isinstance(m, nn.InstanceNorm2d))
+    seen = []
+    hook = norm.register_forward_hook(lambda m, i, o: seen.append(
+        grad_sample._saved_norm_stats(m, grad_sample._producer(o), i[0])))
+    net(x)
+    hook.remove()
+    mean, rstd = seen[0]  # found (not None): the hooks engine does not recompute them
+    with torch.no_grad():
+        captured = []
+        h = norm.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+        net(x)
+        h.remove()
+        norm_input = captured[0].flatten(2)
+    var, ref_mean = torch.var_mean(norm_input, -1, unbiased=False)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(rstd, torch.rsqrt(var + norm.eps))
+    assert grad_sample._saved_norm_stats(norm, None, norm_input[..., None]) is None  # another node: recomputed

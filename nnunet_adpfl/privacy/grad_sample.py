@@ -13,9 +13,9 @@ twice, as ``conv`` and inside ``all_modules``; it still runs once, and hooks are
 Nothing couples cases: the losses are per case and InstanceNorm normalises each case on its own, so d(sum of
 losses)/d(output of case i) = d(loss_i)/d(output of case i).
 
-Book-keeping (the ``ghost`` engine, ``HookedGradSample.clipped``; Bu et al., fastDP): a conv weight whose per-case
-gradient is larger than its input's spatial Gram matrix (2 T^2 < D p: T output positions of a case, D = c_in x
-kernel volume, p = c_out) never gets per-case gradients. Its per-case squared norm is the ghost norm
+Book-keeping (the ``ghost`` engine, ``HookedGradSample.clipped``; Bu et al., fastDP): a conv weight whose ghost norm
+costs less than its per-case gradient (T (D + p) < D p: T output positions of a case, D = c_in x kernel volume,
+p = c_out; ``ghost_is_cheaper``) never gets per-case gradients. Its per-case squared norm is the ghost norm
 ||G_i A_i^T||^2 = <A_i^T A_i, G_i^T G_i> (A_i the case's unfolded input D x T, G_i its output gradient p x T), and
 after clipping its share of the clipped sum is one batched weight gradient with each case's output gradient scaled
 by that case's clipping factor. Every other parameter gets explicit per-case gradients as above.
@@ -75,15 +75,32 @@ def _conv_transposed(module, a: torch.Tensor, g: torch.Tensor) -> dict:
     return out
 
 
-def _instance_norm(module, a: torch.Tensor, g: torch.Tensor) -> dict:
-    """sum_s x_hat * g = (sum_s a * g - mean * sum_s g) / sqrt(var + eps), per case and channel (x_hat never built)."""
+def _instance_norm(module, a: torch.Tensor, g: torch.Tensor, stats=None) -> dict:
+    """sum_s x_hat * g = (sum_s a * g - mean * sum_s g) / sqrt(var + eps), per case and channel (x_hat never built).
+    ``stats``: (mean, 1 / sqrt(var + eps)) per case and channel as the forward computed them, else computed here."""
     if module.track_running_stats and not module.training:
         raise ValueError("the 'hooks' engine needs InstanceNorm in training mode or without running statistics")
     a, g = a.flatten(2), g.flatten(2)
-    var, mean = torch.var_mean(a, -1, unbiased=False)
+    if stats is None:
+        var, mean = torch.var_mean(a, -1, unbiased=False)
+        rstd = torch.rsqrt(var + module.eps)
+    else:
+        mean, rstd = (t.to(a.dtype) for t in stats)
     g_sum = g.sum(-1)
     a_dot_g = torch.einsum("bcs,bcs->bc", a, g)
-    return {module.weight: (a_dot_g - mean * g_sum) * torch.rsqrt(var + module.eps), module.bias: g_sum}
+    return {module.weight: (a_dot_g - mean * g_sum) * rstd, module.bias: g_sum}
+
+
+def _saved_norm_stats(module, node, a: torch.Tensor):
+    """The per-case, per-channel mean and 1 / sqrt(var + eps) that an InstanceNorm's forward saved for its backward
+    (aten's native batch norm on the (1, b * c, ...) view), or None where the node is another one."""
+    if not isinstance(module, _INSTANCE_NORMS) or type(node).__name__ != "NativeBatchNormBackward0" \
+            or node._saved_eps != module.eps or not node._saved_training:
+        return None
+    mean, rstd = node._saved_result1, node._saved_result2
+    if mean.shape != (a.shape[0] * a.shape[1],) or rstd.shape != mean.shape:
+        return None
+    return mean.detach().view(a.shape[0], a.shape[1]), rstd.detach().view(a.shape[0], a.shape[1])
 
 
 # ---- book-keeping (ghost norm) ---------------------------------------------------------------------------------
@@ -101,11 +118,12 @@ def _ghost_shape(module, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, in
     return None
 
 
-def ghost_is_cheaper(shape: tuple[int, int, int], multiplicity: int) -> bool:
-    """fastDP's rule: the two T x T Gram matrices of a case (its K patches side by side) are smaller than the
-    D x p per-case gradient."""
+def ghost_is_cheaper(module, shape: tuple[int, int, int], multiplicity: int) -> bool:
+    """Time rule (fastDP's complexities): the two Gram matrices of a case, its K patches side by side, cost
+    (K T)^2 (D + p) against T D p for its gradient, so ghost where K T (D + p) < D p. Never for a transposed conv:
+    its explicit per-case gradient (kernel = stride) was faster in every layer measured (docs/BENCHMARKS.md)."""
     t, d, p = shape
-    return 2 * (multiplicity * t) ** 2 < d * p
+    return not isinstance(module, _TRANSPOSED) and multiplicity * t * (d + p) < d * p
 
 
 def _unfold(module, a: torch.Tensor) -> torch.Tensor:
@@ -278,25 +296,28 @@ class HookedGradSample:
             for p, value in per_case.items():
                 sums[id(p)] = sums[id(p)] + value if id(p) in sums else value
 
-        def on_grad(module, a, g):
+        def on_grad(module, a, g, stats):
             dtype = module.weight.dtype
             with torch.no_grad():
                 shape = _ghost_shape(module, a, g) if ghost_weights and self.ghost != "none" else None
-                if shape is not None and (self.ghost == "all" or ghost_is_cheaper(shape, multiplicity)):
+                if shape is not None and (self.ghost == "all" or ghost_is_cheaper(module, shape, multiplicity)):
                     kept.setdefault(module, []).append((a.to(dtype), g.to(dtype)))
                     if module.bias is not None:
                         add({module.bias: g.to(dtype).sum(tuple(range(2, g.ndim)))})
                 else:
-                    add(_rule(module)(module, a.to(dtype), g.to(dtype)))
+                    rule = _rule(module)
+                    extra = {"stats": stats} if rule is _instance_norm else {}
+                    add(rule(module, a.to(dtype), g.to(dtype), **extra))
 
         def record(module, inputs, output):
             a, node, fired = inputs[0].detach(), _producer(output), []
+            stats = _saved_norm_stats(module, node, a)
             calls.append(fired)
             counts[module] = counts.get(module, 0) + 1
 
             def hook(grad_outputs):
                 fired.append(True)
-                on_grad(module, a, grad_outputs[0].reshape(output.shape))
+                on_grad(module, a, grad_outputs[0].reshape(output.shape), stats)
             node.register_prehook(hook)
 
         handles = [m.register_forward_hook(record) for m in self.layers]
