@@ -190,11 +190,16 @@ def run_grid(a) -> None:
              f"steps, load {os.getloadavg()[0]:.1f})")
         start, load = time.time(), os.getloadavg()[0]
         fe.run_task(fed_compare_args(task, work_dir, a, method, eps, seed), task)
+        training_wall = load_json(task_dir / "results.json").get(name, {}).get("wall_time_s")
         sidecar, logs = load_json(task_dir / SIDECAR), task_dir / "logs" / run_slug(name)
-        sidecar[name] = {"wall_s_with_evaluation": time.time() - start, "load_1min_start": load,
-                         "load_1min_end": os.getloadavg()[0], "rounds": a.rounds, "iterations": a.iterations,
-                         "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-                         "dp_defaults_site_A": dp_defaults_line(logs / "train_A.log")}
+        if name in sidecar and training_wall is None:
+            pass  # summarised again (results.json lost it: grids in parallel on one folder): keep the first record
+        else:
+            sidecar[name] = {"wall_s_with_evaluation": time.time() - start, "training_wall_s": training_wall,
+                             "load_1min_start": load, "load_1min_end": os.getloadavg()[0], "rounds": a.rounds,
+                             "iterations": a.iterations,
+                             "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                             "dp_defaults_site_A": dp_defaults_line(logs / "train_A.log")}
         (task_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         _log(f"[{i}/{len(order)}] {task}: {name} finished in {time.time() - start:.0f} s")
         write_table(Path(a.work_dir), a.output)
@@ -234,7 +239,8 @@ def collect(task_dir: Path, task: str) -> dict:
             extra["epoch_s"] = {site: epoch_times(logs / f"train_{site}.log") for site in summary["sites"]}
             changed = True
         out[name] = {"dice": extra.get("reported_dice", {}).get("dice", math.nan),
-                     "wall_s": summary.get("wall_time_s"), "epsilon": max(eps) if eps else None, **extra}
+                     "wall_s": summary.get("wall_time_s") or extra.get("training_wall_s"),
+                     "epsilon": max(eps) if eps else None, **extra}
     if changed:
         (task_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     return out
