@@ -444,6 +444,12 @@ def sweep(args) -> None:
         log(f"wrote section to {args.output}")
 
 
+def chunk_size(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="./work_dirs/bench",
@@ -478,8 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--engines", default="auto",
                        help="comma-separated private variants: engine[/cCHUNK][+bf16], engine in auto, loop, vmap, "
                             "hooks (default: %(default)s)")
-    group.add_argument("--chunk", type=int, default=32,
-                       help="cases per batched pass where a variant names no /cCHUNK (default: %(default)s)")
+    group.add_argument("--chunk", type=chunk_size, default="auto",
+                       help="cases per batched pass where a variant names no /cCHUNK: an integer or 'auto' (as "
+                            "max_physical_batch_size 'auto': the largest chunk that fits 25%% of the available RAM; "
+                            "default: %(default)s)")
     group.add_argument("--rounds", type=int, default=3, help="timed rounds per B (default: %(default)s)")
     group.add_argument("--sweep-warmup", type=int, default=1, help="warm-up rounds per B (default: %(default)s)")
     parser.add_argument("--measure-memory-of", metavar="VARIANT", default=None,

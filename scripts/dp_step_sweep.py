@@ -75,13 +75,12 @@ def sgd(net):
 class Step:
     """One variant: its own network copy, optimizer and step function."""
 
-    def __init__(self, spec: str, dim: int, batch: int, default_chunk: int):
+    def __init__(self, spec: str, dim: int, batch: int, default_chunk: int | str):
         self.net = build_network(dim)
         self.opt = sgd(self.net)
         self.loss = PerCaseLoss(False, None, deep_supervision_weights(len(NETWORKS[dim][0])))
         self.spec = spec
         if spec == STANDARD:
-            self.engine = "-"
             return
         v = parse_variant(spec)
         params = {n: p for n, p in self.net.named_parameters() if p.requires_grad and "seg_layers.0" not in n}
@@ -90,10 +89,17 @@ class Step:
         self.params = list(params.values())
         self.pc = PerCaseGradients(self.net, self.loss.per_case, params, v["engine"], v["chunk"] or default_chunk,
                                    autocast=v["autocast"])
-        self.engine = (self.pc.engine + (f" (chunk {self.pc.chunk_size})" if self.pc.engine != "loop" else "")
-                       + (", bf16 autocast" if v["autocast"] else ""))
+        self.autocast = v["autocast"]
         self.gen = make_noise_generator(torch.device("cpu"), 0)
         self.batch = batch
+
+    @property
+    def engine(self) -> str:
+        """The engine, its chunk (resolved at the first step where 'auto') and autocast."""
+        if self.spec == STANDARD:
+            return "-"
+        return (self.pc.engine + (f" (chunk {self.pc.chunk_size})" if self.pc.engine != "loop" else "")
+                + (", bf16 autocast" if self.autocast else ""))
 
     def __call__(self, x, y) -> None:
         if self.spec == STANDARD:
@@ -115,7 +121,7 @@ def timed(step: Step, x, y) -> float:
     return time.perf_counter() - start
 
 
-def sweep_one(dim: int, batch: int, specs: list[str], rounds: int, warmup: int, default_chunk: int,
+def sweep_one(dim: int, batch: int, specs: list[str], rounds: int, warmup: int, default_chunk: int | str,
               memory: bool, log) -> list[dict]:
     """Rows for one (dim, B): per variant median s/step, median per-round ratio, peak memory and its ratio."""
     variants = [STANDARD] + specs
