@@ -150,6 +150,7 @@ def test_smoke_run_end_to_end(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| dpsgd |" in proc.stdout and "| adpfl | nnUNetTrainerADPFL | loop |" in proc.stdout
-    assert "batch size" in proc.stdout and "step mask" in proc.stdout
+    # ADP-FL's defaults (since 7d3dc1b): adaptive clipping, no step mask (adpfl_step_sparsity 'none')
+    assert "batch size" in proc.stdout and "adaptive clip on" in proc.stdout and "step mask" not in proc.stdout
     text = out.read_text()
     assert "<!-- bench_dp_step:start -->" in text and "| adpfl |" in text

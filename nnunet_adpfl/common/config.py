@@ -88,25 +88,30 @@ SETTINGS: dict[str, Setting] = {
                  _positive, "> 0", nullable=True),
     "log_alignment": Setting(False, bool, "log cosine(mean raw gradient, mean clipped gradient) and "
                              "cosine(mean raw gradient, noisy step) per epoch (diagnostic only)"),
-    "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop', 'vmap', 'hooks', 'ghost' or 'auto' "
-                                 "(= hooks on CPU where supported, else loop; see docs/BENCHMARKS.md)",
+    "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop' (one case at a time), 'vmap', "
+                                 "'hooks' (per-case gradients from one batched pass per chunk), 'ghost' (hooks with "
+                                 "book-keeping clipping: ghost norms for low-resolution wide convs) or 'auto' = "
+                                 "'hooks' when the trained parameters are on the CPU and every trained layer is a "
+                                 "conv, transposed conv or affine InstanceNorm (all of nnU-Net's), else 'loop'; "
+                                 "the same at every batch size (docs/BENCHMARKS.md)",
                                  lambda v: v in ("auto", "loop", "vmap", "hooks", "ghost"),
                                  "'auto', 'loop', 'vmap', 'hooks' or 'ghost'"),
-    "max_physical_batch_size": Setting("auto", (int, str), "cases per batched pass of the 'vmap' and 'hooks' engines "
-                                       "(bounds memory; 'loop' does one case at a time). 'auto' = the largest "
+    "max_physical_batch_size": Setting("auto", (int, str), "cases per batched pass of the 'vmap', 'hooks' and "
+                                       "'ghost' engines (bounds memory; 'loop' does one case at a time). 'auto' = "
+                                       "the largest "
                                        "chunk whose estimated memory fits dp_memory_limit_mib: per case, the "
                                        "activations its forward saves (measured once on a data-free patch) plus "
                                        "two copies of its per-case gradient, times 1.4",
                                        lambda v: v == "auto" if isinstance(v, str) else v >= 1,
                                        "'auto' or an integer >= 1"),
-    "dp_autocast": Setting("auto", str, "mixed precision of the per-case forward/backward ('loop' and 'hooks' "
-                           "engines): 'bf16' (bf16 autocast), 'off' (fp32) or 'auto' = bf16 on a CUDA GPU with bf16 "
+    "dp_autocast": Setting("auto", str, "mixed precision of the per-case forward/backward ('loop', 'hooks' and "
+                           "'ghost' engines): 'bf16' (bf16 autocast), 'off' (fp32) or 'auto' = bf16 on a CUDA GPU with bf16 "
                            "support (nnU-Net's own GPU step uses AMP), fp32 on CPU and with 'vmap'. Per-case "
                            "gradients, norms, clipping, noise and the optimizer step stay fp32",
                            lambda v: v in ("auto", "bf16", "off"), "'auto', 'bf16' or 'off'"),
     "dp_memory_limit_mib": Setting(None, (int, float), "memory bound of max_physical_batch_size 'auto', in MiB; "
-                                   "null = 25% of the RAM available at set-up (CPU) or 50% of the GPU's free "
-                                   "memory at set-up", _positive, "> 0", nullable=True),
+                                   "null = 25% of the RAM available (CPU) or 50% of the GPU's free memory, read "
+                                   "when the first private step starts", _positive, "> 0", nullable=True),
     "federation_dir": Setting(None, str, "federated trainers: the shared federation folder", lambda v: bool(v),
                               "a path", nullable=True),
     "site_id": Setting(None, str, "federated trainers: this site's name in federation.json", lambda v: bool(v),
