@@ -105,8 +105,8 @@ SETTINGS: dict[str, Setting] = {
                                        lambda v: v == "auto" if isinstance(v, str) else v >= 1,
                                        "'auto' or an integer >= 1"),
     "dp_autocast": Setting("auto", str, "mixed precision of the per-case forward/backward ('loop', 'hooks' and "
-                           "'ghost' engines): 'bf16' (bf16 autocast), 'off' (fp32) or 'auto' = bf16 on a CUDA GPU with bf16 "
-                           "support (nnU-Net's own GPU step uses AMP), fp32 on CPU and with 'vmap'. Per-case "
+                           "'ghost' engines): 'bf16' (bf16 autocast), 'off' (fp32) or 'auto' = bf16 on a CUDA GPU "
+                           "with bf16 support (nnU-Net's own GPU step uses AMP), fp32 on CPU and with 'vmap'. Per-case "
                            "gradients, norms, clipping, noise and the optimizer step stay fp32",
                            lambda v: v in ("auto", "bf16", "off"), "'auto', 'bf16' or 'off'"),
     "dp_memory_limit_mib": Setting(None, (int, float), "memory bound of max_physical_batch_size 'auto', in MiB; "
