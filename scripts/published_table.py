@@ -341,7 +341,7 @@ def build_table(root: Path) -> str:
             length = "".join(f", {r} rounds x {i} steps" for r, i in lengths)
             for eps in EPSILONS[task]:
                 rows = task_rows(task, runs, eps)
-                if any(r["seeds"] for r in rows if r["method"] != NP):
+                if any(r["seeds"] for r in rows if r["method"] != NP) or eps == EPSILONS[task][0]:
                     parts.append(format_rows(task, eps, rows, cohort_dir.name, length))
     return "\n\n".join(parts) if parts else "(no finished run yet)"
 
