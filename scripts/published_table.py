@@ -124,7 +124,8 @@ def fed_compare_args(task: str, work_dir: Path, a, method: str, epsilon: float |
     fe.add_arguments(p)
     argv = ["--tasks", task, "--work-dir", str(work_dir), "--runs", method, "--repeats", str(seed_index),
             "--rounds", str(a.rounds), "--iterations", str(a.iterations), "--seed", str(a.seed),
-            "--private-settings", json.dumps({"expected_batch_size": None})]  # the trainers' default B
+            "--private-settings", json.dumps({"expected_batch_size": None,  # the trainers' default B
+                                              **({"dp_memory_limit_mib": a.dp_memory_mib} if a.dp_memory_mib else {})})]
     if a.num_cases is None:
         argv += ["--cohort-size", "published"]
     else:
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--num-test-cases", type=int, default=None, help="with --num-cases (default: the published one's)")
     r.add_argument("--device", default=None, help="device of the sites' training and of prediction (e.g. cuda; "
                    "default cpu): sets $nnUNet_adpfl_device for the runs")
+    r.add_argument("--dp-memory-mib", type=int, default=None, help="dp_memory_limit_mib of every private run: the "
+                   "memory bound of each site's per-case gradient chunks (compute only: the same gradients; default: "
+                   "the trainers' 25%% of the available RAM per site, which 3 sites and other work can overrun)")
     r.add_argument("--until", default=None, metavar="HH:MM", help="start no run after this time (UTC)")
     t = sub.add_parser("table", help="the table of the finished runs")
     for q in (r, t):
