@@ -303,3 +303,19 @@ def test_calibrations_are_reused_only_when_the_accountant_confirms_them(tmp_path
         assert dp_defaults.load_calibrations(tmp_path) == 0 and dp_defaults._calibrations == {}
     path.write_text("{not json")
     assert dp_defaults.load_calibrations(tmp_path) == 0
+
+
+def test_recipe_prints_what_a_federated_site_chooses(nnunet_paths, tmp_path, monkeypatch, capsys, fast_calibration):
+    """recipe --rounds/--epochs-per-round: the federated trainer's choice for the site's N (same rule, same inputs)."""
+    trainer = make_trainer("nnUNetTrainerDPFL", settings=make_federation(tmp_path, {}), tmp_path=tmp_path,
+                           monkeypatch=monkeypatch)
+    trainer.initialize()
+    root, _ = nnunet_paths
+    folder = next((root / "nnUNet_preprocessed").glob("Dataset501_*"))
+    assert main(["recipe", "--cases", str(len(trainer.do_split()[0])), "--epsilon", "8", "--rounds", "3",
+                 "--epochs-per-round", "2", "--plans", str(folder / "nnUNetPlans.json"), "--dataset-json",
+                 str(folder / "dataset.json")]) == 0
+    printed = capsys.readouterr().out.split(recipe.TRAINER_HEAD)[1].strip()
+    settings, _ = json.JSONDecoder().raw_decode(printed)
+    assert settings == {"target_epsilon": 8.0, **trainer.dp_defaults["chosen"]}
+    assert "num_iterations_per_epoch" in settings and "num_epochs" not in settings

@@ -62,7 +62,15 @@ class nnUNetTrainerDPClipCalibration(nnUNetTrainerDP):
     """Per-case gradient norms on a public dataset at the initial weights -> ``clip_calibration.json``.
 
     Run it on public data only. Settings as for the private run (``dp_trainable``, ``augmentation_multiplicity``,
-    ``expected_batch_size``); ``num_iterations_per_epoch`` Poisson batches are measured."""
+    ``expected_batch_size``); ``num_iterations_per_epoch`` Poisson batches are measured. No noise is added, so no
+    noise multiplier is calibrated (that search took 90-150 s at the start on a loaded 2-core machine)."""
+    takes_private_steps = False  # dp_defaults: only dp_trainable (as the private run's rule) and B
+
+    def _noise_multiplier(self, sample_rate: float) -> float:
+        return 0.0
+
+    def _budget_steps(self, sample_rate: float, sigma: float, remaining: int) -> int:
+        return remaining
 
     def run_training(self):
         self.on_train_start()

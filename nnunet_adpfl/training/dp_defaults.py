@@ -351,7 +351,16 @@ def apply_to_trainer(trainer) -> dict:
         raise SettingsError(f"expected_batch_size {s['expected_batch_size']} exceeds the {n} training cases of "
                             f"fold {trainer.fold}")
     federation = federation_run(trainer)
-    if s["dp_defaults"] == "nnunet" or s["target_epsilon"] is None or s["noise_multiplier"] is not None:
+    if not getattr(trainer, "takes_private_steps", True) and s["dp_defaults"] == "auto":
+        pretrained = pretrained_weights_argument() is not None
+        chosen = {k: v for k, v in (("dp_trainable", trainable_choice(trainable_counts(trainer.network), pretrained)),
+                                    ("expected_batch_size", unset_batch(trainer.batch_size, n)))
+                  if k not in given or s[k] is None}
+        mode = "auto (no private step: no noise search)"
+        start = "public weights" if pretrained else "from scratch"
+        why = (f"nothing is trained or released: the private run's dp_trainable ({start}), the plan's batch "
+               f"{trainer.batch_size} at most N/2 = {n // 2}")
+    elif s["dp_defaults"] == "nnunet" or s["target_epsilon"] is None or s["noise_multiplier"] is not None:
         chosen = {} if s["expected_batch_size"] is not None else {
             "expected_batch_size": unset_batch(trainer.batch_size, n)}
         mode = "nnunet" if federation is None else "nnunet (federated: steps from federation.json)"
