@@ -125,7 +125,8 @@ def fed_compare_args(task: str, work_dir: Path, a, method: str, epsilon: float |
     argv = ["--tasks", task, "--work-dir", str(work_dir), "--runs", method, "--repeats", str(seed_index),
             "--rounds", str(a.rounds), "--iterations", str(a.iterations), "--seed", str(a.seed),
             "--private-settings", json.dumps({"expected_batch_size": None,  # the trainers' default B
-                                              **({"dp_memory_limit_mib": a.dp_memory_mib} if a.dp_memory_mib else {})})]
+                                              **({"dp_memory_limit_mib": a.dp_memory_mib} if a.dp_memory_mib else {}),
+                                              **json.loads(a.private_settings or "{}")})]
     if a.num_cases is None:
         argv += ["--cohort-size", "published"]
     else:
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dp-memory-mib", type=int, default=None, help="dp_memory_limit_mib of every private run: the "
                    "memory bound of each site's per-case gradient chunks (compute only: the same gradients; default: "
                    "the trainers' 25%% of the available RAM per site, which 3 sites and other work can overrun)")
+    r.add_argument("--private-settings", default=None, help="JSON object of settings for every private run, e.g. "
+                   "'{\"dp_defaults\": \"nnunet\"}' (the plan's batch instead of the DP defaults' B); use its own "
+                   "--work-dir: the run names do not carry it")
     r.add_argument("--until", default=None, metavar="HH:MM", help="start no run after this time (UTC)")
     t = sub.add_parser("table", help="the table of the finished runs")
     for q in (r, t):
