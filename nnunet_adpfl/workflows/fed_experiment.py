@@ -1,6 +1,9 @@
 """``nnunet-adpfl fed-compare``: NP-FL, DP-FL, ADP-FL (and ADP-FL minus each mechanism) as simulated 3-site
 federations on one synthetic task, the same rounds x steps for every run and the same epsilon for the private
-ones; per-class Dice of each final global model on held-out test cases, epsilon and bytes uploaded.
+ones; per-class Dice of each final global model on held-out test cases, epsilon and bytes uploaded, and the ratios
+of mean Dice: the share of NP-FL's, ADP-FL's share of the DP-FL -> NP-FL gap and, for runs from public weights, the
+gain kept over the public model alone ((private - public only) / (NP-FL - public only)). Table: <work-dir>/results.md,
+its numbers: <work-dir>/results_table.json.
 
 Resumable: each run keeps its result in <work-dir>/<task>/results.json and is skipped when present. All runs of a
 task share one dataset, one federated plan and one preprocessing (nnunet_adpfl.simulate).
