@@ -80,11 +80,11 @@ def test_calibration_reports_per_case_norms_of_the_trainable_parameters_and_trai
     assert not list(out.glob("checkpoint*.pth"))
 
 
-def test_calibrate_clip_runs_the_stock_command_and_keeps_its_result(nnunet_paths, tmp_path):
+def test_calibrate_clip_runs_the_stock_command_and_keeps_its_result(nnunet_paths, tmp_path, monkeypatch):
     from nnunet_adpfl.workflows.pretrain import CALIBRATION_TRAINER, calibrate_clip
     root, _ = nnunet_paths
-    trainer = make_trainer()
-    trainer.initialize()
+    trainer = make_trainer(settings={"dp_defaults": "nnunet"}, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    trainer.initialize()  # only its network: no dp_defaults search (minutes of noise calibration on a loaded machine)
     weights = tmp_path / "public.pth"
     torch.save({"network_weights": trainer.network.state_dict()}, weights)
     settings = {"dp_trainable": "norm_bias", "expected_batch_size": 3, "target_epsilon": 8.0}
@@ -97,7 +97,26 @@ def test_calibrate_clip_runs_the_stock_command_and_keeps_its_result(nnunet_paths
     assert stored["initial_weights"]["file"] == str(weights)
     stamp = result.stat().st_mtime_ns
     assert calibrate_clip(root, "Dataset501_SynthKidney", "3d_fullres", weights, settings) == clip
-    assert result.stat().st_mtime_ns == stamp  # same settings: not measured again
+    assert result.stat().st_mtime_ns == stamp  # same settings and weights: not measured again
+    runs = []
+    monkeypatch.setattr("nnunet_adpfl.workflows.pretrain.run", lambda command, *args: runs.append(command))
+    torch.save({"network_weights": {k: v + 1 for k, v in trainer.network.state_dict().items()}}, weights)
+    calibrate_clip(root, "Dataset501_SynthKidney", "3d_fullres", weights, settings)
+    assert len(runs) == 1 and CALIBRATION_TRAINER in runs[0]  # other weights at the same path: measured again
+
+
+def test_calibration_trainer_calibrates_no_noise(nnunet_paths, tmp_path, monkeypatch):
+    """Nothing is trained or released: no noise multiplier search at the start (90-150 s on a loaded machine);
+    dp_trainable is what the private run's rule chooses (public weights: norm_bias)."""
+    def no_search(*args, **kwargs):
+        raise AssertionError("noise calibration in the clip calibration trainer")
+    monkeypatch.setattr("nnunet_adpfl.privacy.accounting.calibrate_noise_multiplier", no_search)
+    monkeypatch.setattr("sys.argv", ["nnUNetv2_train", "501", "3d_fullres", "all", "-pretrained_weights", "w.pth"])
+    trainer = make_trainer("nnUNetTrainerDPClipCalibration", settings={"num_iterations_per_epoch": 1},
+                           tmp_path=tmp_path, monkeypatch=monkeypatch)
+    trainer.initialize()
+    assert trainer.dp_defaults["mode"] == "auto (no private step: no noise search)"
+    assert trainer.dp_settings["dp_trainable"] == "norm_bias" and trainer._noise_multiplier(0.5) == 0.0
 
 
 def test_clip_argument_and_public_clip_needs_public_runs():

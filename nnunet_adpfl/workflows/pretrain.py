@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..common.atomic import write_json_atomic
+from ..common.initial_weights import file_sha256
 from ..federation.aggregator import load_federation
 from ..nnunet.pipeline import nnunet_command, nnunet_env, run
 from ..data.synthetic import TASKS, generate_dataset
@@ -98,12 +99,13 @@ def calibrate_clip(work: Path, dataset: str, config: str, checkpoint: Path, priv
     by :func:`pretrain_public` in ``work``) at those weights, with the private runs' trainable parameters,
     augmentation multiplicity and expected batch (``nnUNetTrainerDPClipCalibration``; no private data, no privacy
     cost). ``dataset``: the public dataset's folder name in ``work``'s nnU-Net folders. Kept: recomputed only when
-    those settings change."""
+    those settings or the weights change."""
     work = Path(work).resolve()
     result = work / "nnUNet_results" / dataset / f"{CALIBRATION_TRAINER}__nnUNetPlans__{config}" / "fold_all" / \
         CALIBRATION_FILE
     wanted = {k: private_settings[k] for k in CALIBRATION_KEYS if private_settings.get(k) is not None}
-    if not result.exists() or json.loads(result.read_text()).get("settings") != wanted:
+    kept = json.loads(result.read_text()) if result.exists() else {}
+    if kept.get("settings") != wanted or kept.get("initial_weights", {}).get("file_sha256") != file_sha256(checkpoint):
         logs = work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         settings = logs / "calibration_settings.json"
