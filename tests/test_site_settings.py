@@ -25,10 +25,11 @@ def test_federated_trainer_without_settings_stops_before_the_output_folder(nnune
     """Through nnU-Net's own get_trainer_from_args (what nnUNetv2_train calls)."""
     from nnunetv2.run.run_training import get_trainer_from_args
     root, env = nnunet_paths
+    before = set(root.rglob(f"{name}__*"))  # other tests share this nnU-Net root
     with pytest.raises(SystemExit) as stop:
         get_trainer_from_args("501", "3d_fullres", 0, name, "nnUNetPlans", device=torch.device("cpu"))
     _check_message(str(stop.value.code), name, *FEDERATED[name])
-    assert not list(root.rglob(f"{name}__*"))  # nnU-Net's output folder <trainer>__<plans>__<configuration>
+    assert set(root.rglob(f"{name}__*")) == before  # no nnU-Net output folder <trainer>__<plans>__<configuration>
 
 
 def test_settings_file_without_site_keys_names_them(nnunet_paths, tmp_path, monkeypatch):
