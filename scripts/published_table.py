@@ -395,4 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from nnunet_adpfl.cli import install_sigterm_handler
+
+    install_sigterm_handler()  # a scheduler's SIGTERM stops the running federation's sites too
     sys.exit(main())

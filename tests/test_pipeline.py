@@ -141,7 +141,8 @@ def test_sigterm_stops_the_commands_a_workflow_started(tmp_path, through):
             f"class Lay: sites = []; logs = None; fed = __import__('pathlib').Path({str(tmp_path)!r})\n"
             "stages.train_federated(Lay(), 't', '2d', {}, 1)"),
     }[through]
-    proc = subprocess.Popen([sys.executable, "-c", f"import os\n{workflow}"])
+    proc = subprocess.Popen([sys.executable, "-c", "import os\nfrom nnunet_adpfl.cli import install_sigterm_handler\n"
+                             f"install_sigterm_handler()\n{workflow}"])
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text()):
         assert time.time() < deadline and proc.poll() is None

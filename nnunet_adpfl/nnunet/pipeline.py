@@ -8,9 +8,7 @@ import signal
 from collections import deque
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from .paths import trainers_path
@@ -78,27 +76,6 @@ def describe_exits(codes: dict[str, int]) -> str:
     return "; ".join(f"{name}: {exit_status(code)}" for name, code in codes.items())
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-@contextmanager
-def sigterm_stops_children():
-    """Within this block SIGTERM (from ``timeout``, a scheduler, ``kill``) raises SystemExit, so the ``finally``
-    blocks that stop the commands started here run; by default Python would die at once and leave them running
-    as orphans (a federation's sites waiting for ever). Only in the main thread, and only where no one else
-    handles SIGTERM."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def stop(procs) -> None:
     """Terminate still-running commands started with ``start_new_session=True``, with their process groups
     (nnU-Net's data-loader workers included); SIGKILL after 30 s."""
@@ -123,26 +100,25 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_file, "a", buffering=1) if log_file else None  # line-buffered: follow it live
-    with sigterm_stops_children():
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            for line in proc.stdout:
-                lines.append(line)
-                if first_error is None and EXCEPTION_LINE.match(line):
-                    first_error = line.strip()
-                if log:
-                    log.write(line)
-                if echo:
-                    print(line, end="", flush=True)
-        except BaseException:  # interrupted (SIGTERM included): stop the command and its workers, not only wait
-            stop([proc])
-            raise
-        finally:
-            proc.stdout.close()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if first_error is None and EXCEPTION_LINE.match(line):
+                first_error = line.strip()
             if log:
-                log.close()
-        code = proc.wait()
+                log.write(line)
+            if echo:
+                print(line, end="", flush=True)
+    except BaseException:  # interrupted (SIGTERM included): stop the command and its workers, not only wait
+        stop([proc])
+        raise
+    finally:
+        proc.stdout.close()
+        if log:
+            log.close()
+    code = proc.wait()
     if code != 0:
         tail = "".join(lines)
         cause = f"first error: {first_error}\n" if first_error else ""

@@ -24,8 +24,8 @@ from ..evaluation.evaluation import mean_per_label
 from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
 from ..federation.federation_file import adopt_plan
-from ..nnunet.pipeline import (describe_exits, nnunet_command, nnunet_env, predict, run, sigterm_stops_children,
-                               stop, workflow_device)
+from ..nnunet.pipeline import (describe_exits, nnunet_command, nnunet_env, predict, run, stop,
+                               workflow_device)
 
 DATASET_ID = 501
 CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres", "kidney_roi": "3d_fullres"}
@@ -164,15 +164,14 @@ def train_federated(lay: Layout, trainer: str, config: str, settings: dict, roun
     """The aggregator and every site's stock training command, until all have exited; they are stopped (with
     their data-loader workers) however this ends: an error, Ctrl-C or SIGTERM."""
     start, procs = time.time(), {}
-    with sigterm_stops_children():
-        try:
-            procs["aggregator"] = start_aggregator(lay)
-            for site in lay.sites:
-                procs[site] = start_site(lay, site, trainer, config, settings)
-            _log(f"aggregator and {len(lay.sites)} sites started (logs in {lay.logs})")
-            _wait_for_federation(lay, procs, rounds, start)
-        finally:
-            stop(procs.values())
+    try:
+        procs["aggregator"] = start_aggregator(lay)
+        for site in lay.sites:
+            procs[site] = start_site(lay, site, trainer, config, settings)
+        _log(f"aggregator and {len(lay.sites)} sites started (logs in {lay.logs})")
+        _wait_for_federation(lay, procs, rounds, start)
+    finally:
+        stop(procs.values())
     failed = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
     if failed:
         raise RuntimeError(_failure_message(failed, lay.logs))
