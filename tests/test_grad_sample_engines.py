@@ -208,3 +208,21 @@ def test_instance_norm_rule_reuses_the_statistics_its_forward_saved():
     torch.testing.assert_close(mean, ref_mean)
     torch.testing.assert_close(rstd, torch.rsqrt(var + norm.eps))
     assert grad_sample._saved_norm_stats(norm, None, norm_input[..., None]) is None  # another node: recomputed
+
+
+@pytest.mark.parametrize("engine", ["hooks", "ghost"])
+def test_a_step_keeps_no_activation_alive(engine):
+    """Every step's layer outputs are freed after it: a hook that held its own layer's output made a cycle through
+    autograd that Python's GC never frees (the site grew by the batch's activations every step, then OOM)."""
+    import gc
+    import weakref
+    net, x, y, loss = setup(2, False, True, False, batch=4)
+    params = _params(net, loss, x, y)
+    outputs = []
+    probe = [m for m in net.modules() if isinstance(m, nn.Conv2d)][0].register_forward_hook(
+        lambda m, i, o: outputs.append(weakref.ref(o)))
+    pc = PerCaseGradients(net, loss.per_case, params, engine, chunk_size=2)
+    clipped_sum(pc, ClippingRule("flat"), 1.0, x, y)
+    probe.remove()
+    gc.collect()
+    assert len(outputs) == 2 and all(ref() is None for ref in outputs)

@@ -310,14 +310,14 @@ class HookedGradSample:
                     add(rule(module, a.to(dtype), g.to(dtype), **extra))
 
         def record(module, inputs, output):
-            a, node, fired = inputs[0].detach(), _producer(output), []
+            a, node, fired, shape = inputs[0].detach(), _producer(output), [], output.shape
             stats = _saved_norm_stats(module, node, a)
             calls.append(fired)
             counts[module] = counts.get(module, 0) + 1
 
-            def hook(grad_outputs):
-                fired.append(True)
-                on_grad(module, a, grad_outputs[0].reshape(output.shape), stats)
+            def hook(grad_outputs):  # holds no tensor with a grad_fn: output -> node -> hook -> output would be a
+                fired.append(True)   # cycle through autograd that Python's GC never frees (a leak every step)
+                on_grad(module, a, grad_outputs[0].reshape(shape), stats)
             node.register_prehook(hook)
 
         handles = [m.register_forward_hook(record) for m in self.layers]
