@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STEP = "tests/test_dp_step_invariants.py"
 TRAINER = "tests/test_dp_trainer_invariants.py"
+GHOST = "tests/test_grad_sample_engines.py::test_ghost_engine_norms_and_clipped_sum_match_the_per_case_loop"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,15 @@ MUTATIONS = [
              "nnunet_adpfl/training/trainable.py",
              "_InstanceNorm) and module.track_running_stats:", "_InstanceNorm) and False:",
              ("tests/test_privacy_invariants.py",)),
+    Mutation("ghost_norm_dropped", "book-keeping: the ghost-norm layers are left out of the per-case norms (cases "
+             "clipped by a norm smaller than their gradient's)",
+             "nnunet_adpfl/privacy/grad_sample.py",
+             "sq = sq + ghost_sq_norm(module, a, g, multiplicity)", "sq = sq",
+             (GHOST,)),
+    Mutation("ghost_sum_unscaled", "book-keeping: the ghost layers' share of the sum is the unclipped batch gradient",
+             "nnunet_adpfl/privacy/grad_sample.py",
+             "g * patch_scale.view(shape).to(g.dtype)", "g",
+             (GHOST,)),
 ]
 
 
