@@ -60,3 +60,15 @@ def test_default_memory_limit_is_a_quarter_of_available_ram_on_cpu():
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
     assert default_memory_limit_mib(torch.device("cpu")) == pytest.approx(0.25 * available, rel=0.2)
+
+
+def test_auto_chunk_on_cpu_stays_within_the_throughput_cap_however_much_memory_is_allowed(monkeypatch):
+    pc, net, x, y, loss = _engine(limit=1e9, batch=6)
+    one = case_bytes(net, loss.per_case, pc.params, x[:1], [t[:1] for t in y])
+    monkeypatch.setattr(per_case_grads, "AUTO_CPU_CHUNK_MIB", 3.5 * one / 2 ** 20)  # room for three and a half
+    assert [g[0].shape[0] for g, _ in pc.chunks(x, y)] == [3, 3] and pc.chunk_size == 3
+
+
+def test_the_settings_reference_states_the_cpu_cap():
+    from nnunet_adpfl.common.config import SETTINGS
+    assert f"{per_case_grads.AUTO_CPU_CHUNK_MIB} MiB" in SETTINGS["max_physical_batch_size"].doc

@@ -98,8 +98,8 @@ SETTINGS: dict[str, Setting] = {
                                  "'auto', 'loop', 'vmap', 'hooks' or 'ghost'"),
     "max_physical_batch_size": Setting("auto", (int, str), "cases per batched pass of the 'vmap', 'hooks' and "
                                        "'ghost' engines (bounds memory; 'loop' does one case at a time). 'auto' = "
-                                       "the largest "
-                                       "chunk whose estimated memory fits dp_memory_limit_mib: per case, the "
+                                       "the largest chunk whose estimated memory fits dp_memory_limit_mib and, on "
+                                       "CPU, 320 MiB (larger passes cost more per case there): per case, the "
                                        "activations its forward saves (measured once on a data-free patch) plus "
                                        "two copies of its per-case gradient, times 1.4",
                                        lambda v: v == "auto" if isinstance(v, str) else v >= 1,

@@ -63,6 +63,9 @@ def choose_engine(model: nn.Module, params: list[nn.Parameter]) -> str:
 
 
 AUTO_CPU_RAM_SHARE = 0.25   # chunk_size 'auto' on CPU: this share of the RAM available at set-up
+AUTO_CPU_CHUNK_MIB = 320    # ... and at most this estimated memory per batched pass: on CPU larger passes cost more
+                            # per case (2D B = 128, hooks: 0.95x the standard step in chunks of 8 (309 MiB), 1.31x in
+                            # chunks of 16, 1.66x in one chunk; docs/BENCHMARKS.md)
 AUTO_GPU_FREE_SHARE = 0.5   # on a GPU: this share of its free memory at set-up
 GRAD_COPIES = 2             # per-case gradients live twice at the peak (the engine's result and the clipping's
                             # temporaries)
@@ -188,11 +191,14 @@ class PerCaseGradients:
                                        self.autocast)
 
     def resolve_chunk_size(self, x: torch.Tensor, y: Target) -> int:
-        """chunk_size 'auto': the most cases whose estimated memory (``case_bytes``) fits the memory limit, from a
-        data-free case of the shape of ``x`` (one case's patches; only their shape is used). 1 for 'loop'."""
+        """chunk_size 'auto': the most cases whose estimated memory (``case_bytes``) fits the memory limit (on CPU
+        also AUTO_CPU_CHUNK_MIB), from a data-free case of the shape of ``x`` (one case's patches; only their shape is
+        used). 1 for 'loop'."""
         if self.chunk_size == "auto":
             limit = self.memory_limit_mib if self.memory_limit_mib is not None else \
                 default_memory_limit_mib(x.device)
+            if x.device.type == "cpu":
+                limit = min(limit, AUTO_CPU_CHUNK_MIB)
             per_case = case_bytes(self.model, self.per_case_loss, self.params, x, y, self.autocast)
             self.chunk_size = 1 if self.engine == "loop" else max(1, math.floor(limit * 2 ** 20 / per_case))
         return self.chunk_size
