@@ -37,11 +37,11 @@ def test_batch_sweep_times_every_variant_against_the_standard_step(monkeypatch, 
     section = sweep.run_sweep(args, lambda msg: None, "test machine", "the command", written.append)
     assert len(written) == 2 and written[-1] == section  # the section is rewritten after each B
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| 2D |")]
-    auto_chunk = re.compile(r"hooks \(chunk (\d+)\)")  # the default --chunk auto, resolved at the first step
-    got = [(r[1].strip(), r[2].strip(), auto_chunk.sub("hooks (chunk auto)", r[3].strip()) if r[2].strip() == "auto"
+    auto_chunk = re.compile(r"ghost \(chunk (\d+)\)")  # the default --chunk auto, resolved at the first step
+    got = [(r[1].strip(), r[2].strip(), auto_chunk.sub("ghost (chunk auto)", r[3].strip()) if r[2].strip() == "auto"
             else r[3].strip()) for r in rows]
     assert got == [
-        (b, v, e) for b in ("2", "3") for v, e in (("standard", "-"), ("auto", "hooks (chunk auto)"), ("loop", "loop"),
+        (b, v, e) for b in ("2", "3") for v, e in (("standard", "-"), ("auto", "ghost (chunk auto)"), ("loop", "loop"),
                                                    ("hooks/c1+bf16", "hooks (chunk 1), bf16 autocast"))]
     assert all(int(auto_chunk.match(r[3].strip()).group(1)) >= 3 for r in rows if r[2].strip() == "auto")
     for r in rows:

@@ -58,9 +58,9 @@ def test_a_non_finite_case_leaves_the_others_alone_and_contributes_zero():
     torch.testing.assert_close(flat, clean[[0, 2]].sum(0))
 
 
-def test_auto_is_hooks_on_cpu_for_nnunet_layers_and_loop_for_others():
+def test_auto_is_ghost_on_cpu_for_nnunet_layers_and_loop_for_others():
     net, x, y, loss = setup(3, True, True, False)
-    assert PerCaseGradients(net, loss.per_case, _params(net, loss, x, y), "auto").engine == "hooks"
+    assert PerCaseGradients(net, loss.per_case, _params(net, loss, x, y), "auto").engine == "ghost"
     other = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2))
     params = dict(other.named_parameters())
     per_case = lambda out, t: out.flatten(1).sum(1)  # noqa: E731
@@ -84,7 +84,7 @@ def test_autocast_is_refused_with_vmap():
         PerCaseGradients(net, loss.per_case, _params(net, loss, x, y), "vmap", autocast=torch.bfloat16)
 
 
-@pytest.mark.parametrize("engine", ["loop", "hooks"])
+@pytest.mark.parametrize("engine", ["loop", "hooks", "ghost"])
 def test_bf16_autocast_keeps_gradients_norms_and_the_clip_bound_in_fp32(engine):
     net, x, y, loss = setup(3, False, True, False, batch=3, dtype=torch.float32)
     params = _params(net, loss, x, y)
@@ -104,6 +104,27 @@ def test_bf16_autocast_keeps_gradients_norms_and_the_clip_bound_in_fp32(engine):
         assert all(g.dtype == torch.float32 for g in one.clipped) and one.norms.dtype == torch.float32
         norm = torch.sqrt(sum(g.double().pow(2).sum() for g in one.clipped))
         assert norm <= clip * (1 + 4 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("ghost", ["all", "cost"])
+def test_ghost_engine_keeps_each_case_within_the_clip_bound_in_fp32(dim, ghost, monkeypatch):
+    """The ghost norm is computed apart from the gradient it scales (Gram matrices vs one batched weight gradient),
+    so in fp32 a norm below the gradient's norm would let a case through above C. Each case alone, clipped to half
+    its norm: its contribution stays within C up to fp32 rounding, and its ghost norm matches the hooks engine's."""
+    if ghost == "cost":  # a mixed choice, as in the float64 test above
+        monkeypatch.setattr(grad_sample, "ghost_is_cheaper", lambda m, shape, k: m.in_channels != m.out_channels)
+    net, x, y, loss = setup(dim, True, True, False, batch=3, dtype=torch.float32)
+    params = _params(net, loss, x, y)
+    hooks = engine_grads("hooks", net, loss, params, x, y, chunk=3)
+    ghosted = PerCaseGradients(net, loss.per_case, params, "ghost", chunk_size=1, ghost=ghost)
+    for i in range(x.shape[0]):
+        clip = 0.5 * float(hooks[i].norm())
+        one = clipped_sum(ghosted, ClippingRule("flat"), clip, x[i:i + 1], [t[i:i + 1] for t in y])
+        assert one.norms.dtype == torch.float32
+        torch.testing.assert_close(one.norms[0], hooks[i].norm(), rtol=1e-5, atol=0)
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in one.clipped))
+        assert clip * (1 - 1e-3) <= norm <= clip * (1 + 4 * torch.finfo(torch.float32).eps)
 
 
 def test_dp_autocast_setting_chooses_bf16_on_cuda_only_and_never_with_vmap():

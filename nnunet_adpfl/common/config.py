@@ -91,7 +91,7 @@ SETTINGS: dict[str, Setting] = {
     "per_sample_engine": Setting("auto", str, "per-case gradient engine: 'loop' (one case at a time), 'vmap', "
                                  "'hooks' (per-case gradients from one batched pass per chunk), 'ghost' (hooks with "
                                  "book-keeping clipping: ghost norms for low-resolution wide convs) or 'auto' = "
-                                 "'hooks' when the trained parameters are on the CPU and every trained layer is a "
+                                 "'ghost' when the trained parameters are on the CPU and every trained layer is a "
                                  "conv, transposed conv or affine InstanceNorm (all of nnU-Net's), else 'loop'; "
                                  "the same at every batch size (docs/BENCHMARKS.md)",
                                  lambda v: v in ("auto", "loop", "vmap", "hooks", "ghost"),

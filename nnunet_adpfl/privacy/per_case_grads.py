@@ -56,10 +56,11 @@ def resolve_engine(engine: str) -> str:
 
 
 def choose_engine(model: nn.Module, params: list[nn.Parameter]) -> str:
-    """'auto': on CPU 'hooks' where every trained layer has a per-case rule (all of nnU-Net's layer types), else
-    'loop'; on other devices 'loop', the engine measured there (docs/BENCHMARKS.md)."""
+    """'auto': on CPU 'ghost' where every trained layer has a per-case rule (all of nnU-Net's layer types; as fast as
+    'hooks' or faster at every batch size measured, docs/BENCHMARKS.md), else 'loop'; on other devices 'loop', the
+    engine measured there."""
     on_cpu = all(p.device.type == "cpu" for p in params)
-    return "hooks" if on_cpu and not unsupported_layers(model, params) else "loop"
+    return "ghost" if on_cpu and not unsupported_layers(model, params) else "loop"
 
 
 AUTO_CPU_RAM_SHARE = 0.25   # chunk_size 'auto' on CPU: this share of the RAM available at set-up
