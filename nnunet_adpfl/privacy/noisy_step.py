@@ -19,7 +19,8 @@ from .per_case_grads import PerCaseGradients, Target
 
 def per_case_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """Flat L2 norm over all parameters, one per case; grads[k] has shape (m, ...)."""
-    return torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads))
+    flat = [g.reshape(g.shape[0], -1) for g in grads]
+    return torch.sqrt(sum(torch.linalg.vecdot(f, f) for f in flat))  # no squared copy of the gradients
 
 
 @dataclass
@@ -90,7 +91,7 @@ def add_noise(sums: list[torch.Tensor], noise_std: float, expected_batch_size: f
     out = []
     for s in sums:
         noise = torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype)
-        out.append((s + noise_std * noise) / expected_batch_size)
+        out.append(noise.mul_(noise_std).add_(s).div_(expected_batch_size))  # (s + std * noise) / B, in place
     return out
 
 
