@@ -483,11 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated batch sizes B (default: 2D 2,8,32,64,128,256; 3D 2,4,8,16,32)")
     group.add_argument("--engines", default="auto",
                        help="comma-separated private variants: engine[/cCHUNK][+bf16], engine in auto, loop, vmap, "
-                            "hooks (default: %(default)s)")
+                            "hooks, ghost (default: %(default)s)")
     group.add_argument("--chunk", type=chunk_size, default="auto",
                        help="cases per batched pass where a variant names no /cCHUNK: an integer or 'auto' (as "
-                            "max_physical_batch_size 'auto': the largest chunk that fits 25%% of the available RAM; "
-                            "default: %(default)s)")
+                            "max_physical_batch_size 'auto': the largest chunk that fits 25%% of the available RAM "
+                            "and 320 MiB; default: %(default)s)")
     group.add_argument("--rounds", type=int, default=3, help="timed rounds per B (default: %(default)s)")
     group.add_argument("--sweep-warmup", type=int, default=1, help="warm-up rounds per B (default: %(default)s)")
     parser.add_argument("--measure-memory-of", metavar="VARIANT", default=None,

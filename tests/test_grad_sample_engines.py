@@ -8,7 +8,8 @@ from nnunet_adpfl.privacy.clipping import ClippingRule
 from nnunet_adpfl.privacy.grad_sample import _producer
 from nnunet_adpfl.privacy.noisy_step import clipped_sum
 from nnunet_adpfl.common.config import SettingsError, load_settings
-from nnunet_adpfl.privacy.per_case_grads import PerCaseGradients, choose_autocast, trainable_params_reached_by_loss
+from nnunet_adpfl.privacy.per_case_grads import (PerCaseGradients, balanced_chunks, choose_autocast,
+                                                 trainable_params_reached_by_loss)
 from nnunet_adpfl.privacy import grad_sample
 from tests.test_per_case_grads import CASES, engine_grads, reference_grads, setup
 
@@ -31,6 +32,21 @@ def test_hooks_multiplicity_matches_loop():
     assert rows["hooks"][0].shape[0] == 2  # 6 patches = 2 cases of 3
     torch.testing.assert_close(rows["hooks"][0], rows["loop"][0], rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(rows["hooks"][1], rows["loop"][1].to(rows["hooks"][1].dtype))
+
+
+def test_chunks_are_balanced_and_cover_every_case_once():
+    assert balanced_chunks(4, 3) == [(0, 2), (2, 4)]  # not 3 + a lone case
+    assert [b - a for a, b in balanced_chunks(32, 3)] == [3] * 10 + [2]
+    assert [b - a for a, b in balanced_chunks(5, 2)] == [2, 2, 1]
+    assert balanced_chunks(6, 8) == [(0, 6)] and balanced_chunks(3, 1) == [(0, 1), (1, 2), (2, 3)]
+    assert balanced_chunks(0, 3) == []
+    for n in range(1, 40):
+        for size in range(1, 12):
+            bounds = balanced_chunks(n, size)
+            sizes = [b - a for a, b in bounds]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n and all(bounds[i][1] == bounds[i + 1][0]
+                                                                    for i in range(len(bounds) - 1))
+            assert max(sizes) <= size and max(sizes) - min(sizes) <= 1 and len(bounds) == -(-n // size)
 
 
 def test_hooks_chunking_does_not_change_result():
