@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEP = "tests/test_dp_step_invariants.py"
 TRAINER = "tests/test_dp_trainer_invariants.py"
 GHOST = "tests/test_grad_sample_engines.py::test_ghost_engine_norms_and_clipped_sum_match_the_per_case_loop"
+GHOST_FP32 = "tests/test_grad_sample_engines.py::test_ghost_engine_keeps_each_case_within_the_clip_bound_in_fp32"
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,12 @@ MUTATIONS = [
              "nnunet_adpfl/privacy/grad_sample.py",
              "g * patch_scale.view(shape).to(g.dtype)", "g",
              (GHOST,)),
+    Mutation("ghost_norm_low_precision", "book-keeping: the output-gradient Gram matrix in bf16 (ghost norms off by "
+             "rounding, a case's contribution above C)",
+             "nnunet_adpfl/privacy/grad_sample.py",
+             "gram_g = torch.bmm(cg, cg.transpose(1, 2))",
+             "gram_g = torch.bmm(cg.bfloat16(), cg.transpose(1, 2).bfloat16()).to(cg.dtype)",
+             (GHOST_FP32,)),
 ]
 
 
