@@ -164,7 +164,7 @@ def ghost_sq_norm(module, a: torch.Tensor, g: torch.Tensor, multiplicity: int) -
     return (gram_a * gram_g).flatten(1).sum(1)
 
 
-def _sq_norms(g: torch.Tensor) -> torch.Tensor:
+def per_case_sq_norms(g: torch.Tensor) -> torch.Tensor:
     """Per-case squared L2 norms of per-case gradients (m, ...), without a squared copy of them."""
     flat = g.reshape(g.shape[0], -1)
     return torch.linalg.vecdot(flat, flat)
@@ -251,7 +251,7 @@ class HookedGradSample:
         parameters' dtype."""
         sums, kept, losses = self._pass(x, y, multiplicity, autocast, ghost_weights=True)
         grads = self._per_case(sums, x.shape[0], multiplicity, only_present=True)
-        sq = sum((_sq_norms(g) for g in grads.values()),
+        sq = sum((per_case_sq_norms(g) for g in grads.values()),
                  torch.zeros(x.shape[0] // multiplicity, dtype=self.params[0].dtype, device=x.device))
         for module, calls in kept.items():
             for a, g in calls:

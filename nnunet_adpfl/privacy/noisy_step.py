@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from .clipping import ClippingRule
+from .grad_sample import per_case_sq_norms
 from .per_case_grads import PerCaseGradients, Target
 
 
 def per_case_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """Flat L2 norm over all parameters, one per case; grads[k] has shape (m, ...)."""
-    flat = [g.reshape(g.shape[0], -1) for g in grads]
-    return torch.sqrt(sum(torch.linalg.vecdot(f, f) for f in flat))  # no squared copy of the gradients
+    return torch.sqrt(sum(per_case_sq_norms(g) for g in grads))
 
 
 @dataclass
