@@ -21,7 +21,8 @@ The full grid on one GPU (the sites' nnUNetv2_train and nnUNetv2_predict on cuda
         --work-dir work_dirs/published_table_gpu
 
 Where the published cohort does not fit, ``--num-cases N`` runs the task at N training cases over the 3 sites (the
-published cohort's scale and test set size), in its own folder. ``--until HH:MM`` (UTC) starts no run after then.
+published cohort's scale and test set size), ``--scale`` at fewer voxels per case and ``--max-features`` with a
+narrower network, each in its own folder. ``--until HH:MM`` (UTC) starts no run after then.
 """
 from __future__ import annotations
 
@@ -69,8 +70,12 @@ def run_slug(name: str) -> str:
     return "run_" + "".join(c if c.isalnum() else "_" for c in name.lower())
 
 
-def cohort_folder(root: Path, num_cases: int | None) -> Path:
-    return root / ("published" if num_cases is None else f"{num_cases}cases")
+def cohort_folder(root: Path, num_cases: int | None, scale: float | None = None,
+                  max_features: int | None = None) -> Path:
+    """One folder per cohort and compute setting: runs of other sizes, scales or widths never share a table."""
+    name = "published" if num_cases is None else f"{num_cases}cases"
+    name += "" if scale is None else f"_scale{scale:g}"
+    return root / (name + ("" if max_features is None else f"_width{max_features}"))
 
 
 def grid(tasks: list[str], seeds: int, methods: list[str], epsilons: dict | None = None) -> list[tuple]:
@@ -127,13 +132,16 @@ def fed_compare_args(task: str, work_dir: Path, a, method: str, epsilon: float |
             "--private-settings", json.dumps({"expected_batch_size": None,  # the trainers' default B
                                               **({"dp_memory_limit_mib": a.dp_memory_mib} if a.dp_memory_mib else {}),
                                               **json.loads(a.private_settings or "{}")})]
-    if a.num_cases is None:
+    if a.max_features is not None:
+        argv += ["--max-features", str(a.max_features)]
+    if a.num_cases is None and a.scale is None:
         argv += ["--cohort-size", "published"]
     else:
         from nnunet_adpfl.data.tasks import published_cohort
 
         published = published_cohort(task, a.sites)
-        argv += ["--num-cases", str(a.num_cases), "--scale", str(published["scale"]),
+        argv += ["--num-cases", str(a.num_cases or sum(published["site_cases"])),
+                 "--scale", str(a.scale or published["scale"]),
                  "--num-test-cases", str(a.num_test_cases or published["num_test_cases"])]
     if epsilon is not None:
         argv += ["--epsilon", str(epsilon), "--label", eps_label(epsilon)]
@@ -172,7 +180,7 @@ def check_run_length(task_dir: Path, rounds: int, iterations: int) -> None:
 def run_grid(a) -> None:
     from nnunet_adpfl.workflows import fed_experiment as fe
 
-    work_dir = cohort_folder(Path(a.work_dir), a.num_cases)
+    work_dir = cohort_folder(Path(a.work_dir), a.num_cases, a.scale, a.max_features)
     epsilons = {t: tuple(a.epsilons) for t in a.tasks} if a.epsilons else None
     order = grid(a.tasks, a.seeds, a.methods, epsilons)
     deadline = _deadline(a.until)
@@ -356,7 +364,7 @@ def write_table(root: Path, output: str | None) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) the grid, writing the table after every run")
@@ -370,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--num-cases", type=int, default=None, help="training cases over all sites instead of the "
                    "published cohort (at the published cohort's scale); its own folder under --work-dir")
-    r.add_argument("--num-test-cases", type=int, default=None, help="with --num-cases (default: the published one's)")
+    r.add_argument("--num-test-cases", type=int, default=None, help="with --num-cases or --scale (default: the "
+                   "published one's)")
+    r.add_argument("--scale", type=float, default=None, help="spatial scale of the cases instead of the published "
+                   "cohort's (compute: fewer voxels per case); its own folder under --work-dir")
+    r.add_argument("--max-features", type=int, default=None, help="network width cap of the shared plan instead of "
+                   "fed-compare's 32 (compute); its own folder under --work-dir")
     r.add_argument("--device", default=None, help="device of the sites' training and of prediction (e.g. cuda; "
                    "default cpu): sets $nnUNet_adpfl_device for the runs")
     r.add_argument("--dp-memory-mib", type=int, default=None, help="dp_memory_limit_mib of every private run: the "
@@ -384,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     for q in (r, t):
         q.add_argument("--work-dir", default=DEFAULT_ROOT)
         q.add_argument("--output", default=None, help="markdown file for the table (also <work-dir>/published_table.md)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     os.environ.setdefault("nnUNet_compile", "f")
     if a.command == "run":
         if a.device:

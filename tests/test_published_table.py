@@ -116,3 +116,18 @@ def test_workflow_device_from_environment(monkeypatch):
     assert workflow_device() == "cpu"
     monkeypatch.setenv(DEVICE_VAR, "cuda")
     assert workflow_device() == "cuda"
+
+
+def test_compute_settings_get_their_own_folder_and_reach_fed_compare(tmp_path):
+    """--scale and --max-features change every run's cost and result: a folder of their own, and fed-compare gets
+    them (the published cohort's size and test set kept)."""
+    assert pt.cohort_folder(tmp_path, None).name == "published"
+    assert pt.cohort_folder(tmp_path, 1500).name == "1500cases"
+    assert pt.cohort_folder(tmp_path, None, 0.5, 8).name == "published_scale0.5_width8"
+    assert len({pt.cohort_folder(tmp_path, n, s, w).name for n in (None, 1500) for s in (None, 0.5)
+                for w in (None, 8)}) == 8
+    run = pt.build_parser().parse_args(["run", "--scale", "0.5", "--max-features", "8"])
+    a = pt.fed_compare_args("brain", tmp_path, run, pt.DP, 8.0, 1)
+    assert (a.scale, a.max_features, a.num_cases, a.num_test_cases, a.cohort_size) == (0.5, 8, 1350, 135, "small")
+    a = pt.fed_compare_args("brain", tmp_path, pt.build_parser().parse_args(["run"]), pt.DP, 8.0, 1)
+    assert a.cohort_size == "published" and a.max_features == 32
