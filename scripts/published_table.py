@@ -271,13 +271,16 @@ def mean_spread(values: list[float]) -> tuple[float, float | None]:
     return float(np.mean(finite)), (float(np.std(finite, ddof=1)) if len(finite) > 1 else None)
 
 
+LEARNED_DICE = 0.05  # a reference below 5 Dice points has not learned the class: no share of it is reported
+
+
 def share(value: float, reference: float) -> float:
-    return math.nan if not reference > 0 else value / reference
+    return math.nan if not reference >= LEARNED_DICE else value / reference
 
 
 def gap_closed(adp: float, dp: float, np_: float) -> float:
-    """ADP-FL's share of the DP-FL -> NP-FL gap; NaN where there is no gap."""
-    return math.nan if not np_ > dp else (adp - dp) / (np_ - dp)
+    """ADP-FL's share of the DP-FL -> NP-FL gap; NaN where there is no gap or NP-FL did not learn the class."""
+    return math.nan if not (np_ > dp and np_ >= LEARNED_DICE) else (adp - dp) / (np_ - dp)
 
 
 def _pct(x: float, digits: int = 0) -> str:
