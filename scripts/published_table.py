@@ -140,9 +140,10 @@ def fed_compare_args(task: str, work_dir: Path, a, method: str, epsilon: float |
         from nnunet_adpfl.data.tasks import published_cohort
 
         published = published_cohort(task, a.sites)
-        argv += ["--num-cases", str(a.num_cases or sum(published["site_cases"])),
-                 "--scale", str(a.scale or published["scale"]),
-                 "--num-test-cases", str(a.num_test_cases or published["num_test_cases"])]
+        given = {"--num-cases": (a.num_cases, sum(published["site_cases"])), "--scale": (a.scale, published["scale"]),
+                 "--num-test-cases": (a.num_test_cases, published["num_test_cases"])}
+        for flag, (value, default) in given.items():  # 0 is a value (refused or kept downstream), not "unset"
+            argv += [flag, str(default if value is None else value)]
     if epsilon is not None:
         argv += ["--epsilon", str(epsilon), "--label", eps_label(epsilon)]
     return p.parse_args(argv)

@@ -137,3 +137,6 @@ def test_compute_settings_get_their_own_folder_and_reach_fed_compare(tmp_path):
     assert (a.scale, a.max_features, a.num_cases, a.num_test_cases, a.cohort_size) == (0.5, 8, 1350, 135, "small")
     a = pt.fed_compare_args("brain", tmp_path, pt.build_parser().parse_args(["run"]), pt.DP, 8.0, 1)
     assert a.cohort_size == "published" and a.max_features == 32
+    run = pt.build_parser().parse_args(["run", "--scale", "0", "--num-test-cases", "0"])
+    a = pt.fed_compare_args("brain", tmp_path, run, pt.DP, 8.0, 1)
+    assert (a.scale, a.num_test_cases) == (0.0, 0)  # passed on (the generator refuses scale 0), not replaced
