@@ -130,7 +130,7 @@ def fed_compare_args(task: str, work_dir: Path, a, method: str, epsilon: float |
     argv = ["--tasks", task, "--work-dir", str(work_dir), "--runs", method, "--repeats", str(seed_index),
             "--rounds", str(a.rounds), "--iterations", str(a.iterations), "--seed", str(a.seed),
             "--private-settings", json.dumps({"expected_batch_size": None,  # the trainers' default B
-                                              **({"dp_memory_limit_mib": a.dp_memory_mib} if a.dp_memory_mib else {}),
+                                              **({"dp_memory_limit_mib": a.dp_memory_mib} if a.dp_memory_mib is not None else {}),
                                               **json.loads(a.private_settings or "{}")})]
     if a.max_features is not None:
         argv += ["--max-features", str(a.max_features)]

@@ -140,3 +140,6 @@ def test_compute_settings_get_their_own_folder_and_reach_fed_compare(tmp_path):
     run = pt.build_parser().parse_args(["run", "--scale", "0", "--num-test-cases", "0"])
     a = pt.fed_compare_args("brain", tmp_path, run, pt.DP, 8.0, 1)
     assert (a.scale, a.num_test_cases) == (0.0, 0)  # passed on (the generator refuses scale 0), not replaced
+    run = pt.build_parser().parse_args(["run", "--dp-memory-mib", "0"])
+    settings = json.loads(pt.fed_compare_args("brain", tmp_path, run, pt.DP, 8.0, 1).private_settings)
+    assert settings["dp_memory_limit_mib"] == 0  # passed on (the settings refuse it), not dropped for the default
