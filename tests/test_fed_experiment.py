@@ -303,3 +303,19 @@ def test_a_kept_public_cohort_written_with_other_arguments_is_refused(tmp_path):
     check_public_cohort(tmp_path, "skin", 60, 0.25, 0)  # the same cohort: reused
     with pytest.raises(SystemExit, match=r"scale 0.25 \(now 0.5\).*another work dir"):
         check_public_cohort(tmp_path, "skin", 60, 0.5, 0)
+
+
+@pytest.mark.parametrize("bad, message", [("{bad", "not valid JSON"), ("[1]", "JSON object"),
+                                          ('{"dp_memory_limit_mib": 0}', "must be > 0"),
+                                          ('{"dp_trainabel": "all"}', "unknown setting")])
+def test_bad_private_settings_are_refused_before_any_stage(tmp_path, bad, message):
+    import argparse
+    from nnunet_adpfl.workflows import fed_experiment as fe
+    parser = argparse.ArgumentParser()
+    fe.add_arguments(parser)
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=message):
+        fe._cmd(parser.parse_args(["--work-dir", str(work), "--private-settings", bad]))
+    assert not work.exists()  # refused before the data stage wrote anything
+    fe.check_private_settings(parser.parse_args(["--private-settings", '{"dp_trainable": "norm_bias", '
+                                                 '"dp_max_case_passes": 5200, "expected_batch_size": null}']))

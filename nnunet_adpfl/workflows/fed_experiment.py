@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common.config import SettingsError, load_settings
 from ..evaluation.metrics import nanmean
 from ..federation import files as ff
 from ..federation.aggregator import create_federation
@@ -372,7 +373,23 @@ def check_clip_choice(a) -> None:
                          f"'...{FROM_PUBLIC}' only" + (f" (not {', '.join(scratch)})" if scratch else ""))
 
 
+def check_private_settings(a) -> None:
+    """--private-settings: a JSON object of valid settings, refused before any stage runs (not when the sites start,
+    after the data and the plan)."""
+    try:
+        settings = json.loads(a.private_settings or "{}")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --private-settings is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise SystemExit("error: --private-settings must be a JSON object of settings")
+    try:
+        load_settings("", overrides=settings)  # "": no settings file of the environment
+    except SettingsError as e:
+        raise SystemExit(f"error: --private-settings: {e}") from None
+
+
 def _cmd(a) -> int:
     check_clip_choice(a)
+    check_private_settings(a)
     run_all(a)
     return 0
