@@ -175,6 +175,26 @@ def test_baseline_trainer_takes_run_length_from_settings(nnunet_paths, tmp_path,
     assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.initial_lr) == (2, 3, 1, 0.005)
 
 
+def test_seeded_baseline_trainer_starts_from_the_same_weights_and_batches(nnunet_paths, tmp_path, monkeypatch):
+    """With ``seed`` the standard runs of fed-compare (public pretraining, pooled nnU-Net) are reproducible: the same
+    initial network and the same first augmented batches (augmentation in the training process)."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    starts = []
+    for seed in (3, 3, 4):
+        t = make_trainer("nnUNetTrainerBaselineBudget", settings={**SHORT, "seed": seed}, tmp_path=tmp_path,
+                         monkeypatch=monkeypatch)
+        t.on_train_start()
+        try:
+            batches = [next(t.dataloader_train)["data"] for _ in range(2)]
+            starts.append(([p.detach().clone() for p in t.network.parameters()], batches))
+        finally:
+            t.on_train_end()
+    (weights, batches), (weights_again, batches_again), (other_weights, _) = starts
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_again))
+    assert all(torch.equal(a, b) for a, b in zip(batches, batches_again))
+    assert not all(torch.equal(a, b) for a, b in zip(weights, other_weights))
+
+
 def test_dp_trainable_decoder_freezes_the_encoder_and_reports_counts(nnunet_paths, tmp_path, monkeypatch):
     t = make_trainer(settings={**SHORT, "dp_trainable": "decoder"}, tmp_path=tmp_path, monkeypatch=monkeypatch)
     t.on_train_start()

@@ -1,4 +1,5 @@
 """The federated comparison's table: per-class Dice, the share of the DP-FL -> NP-FL gap closed, bytes."""
+import json
 import math
 
 import pytest
@@ -124,8 +125,8 @@ def test_standard_nnunet_row_trains_once_on_the_pooled_data(tmp_path, monkeypatc
     monkeypatch.setattr(fe, "_evaluate_standard", lambda *args: {"global_test_dice": {"kidney": 0.8}, "mode": args[4]})
     results = fe.run_task(a, "kidney")
     assert results[fe.STANDARD]["mode"] == "standard" and len(results) == 1
-    fed, raw, dataset, work, epochs, iterations, lr = calls[0]
-    assert dataset == pooled and raw == tmp_path / "kidney" / "pooled_raw" and (epochs, iterations) == (3, 4)
+    fed, raw, dataset, work, epochs, iterations, lr, seed = calls[0]
+    assert dataset == pooled and raw == tmp_path / "kidney" / "pooled_raw" and (epochs, iterations, seed) == (3, 4, 0)
     fe.run_task(a, "kidney")
     assert len(calls) == 1  # resumed: the recorded row is kept
 
@@ -319,3 +320,20 @@ def test_bad_private_settings_are_refused_before_any_stage(tmp_path, bad, messag
     assert not work.exists()  # refused before the data stage wrote anything
     fe.check_private_settings(parser.parse_args(["--private-settings", '{"dp_trainable": "norm_bias", '
                                                  '"dp_max_case_passes": 5200, "expected_batch_size": null}']))
+
+
+@pytest.mark.parametrize("seed", [5, None])
+def test_seeded_standard_training_writes_the_seed_and_augments_in_the_training_process(tmp_path, monkeypatch, seed):
+    from nnunet_adpfl.workflows import pretrain
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    monkeypatch.setattr(pretrain, "load_federation", lambda fed: {"configuration": "2d"})
+    monkeypatch.setattr(pretrain, "install_plan_and_preprocess", lambda *args: None)
+    commands = []
+    monkeypatch.setattr(pretrain, "run", lambda cmd, env, log: commands.append((cmd, env)))
+    dataset = tmp_path / "raw" / "Dataset502_X"
+    pretrain.train_standard(tmp_path / "fed", tmp_path / "raw", dataset, tmp_path / "work", 2, 3, seed=seed)
+    settings = json.loads((tmp_path / "work" / "logs" / "settings.json").read_text())
+    (cmd, env), = commands
+    assert settings.get("seed") == seed and cmd[-3:-2] == ["nnUNetTrainerBaselineBudget"]
+    assert env["nnUNet_n_proc_DA"] == ("0" if seed is not None else "2")  # nnU-Net's workers draw their own seeds

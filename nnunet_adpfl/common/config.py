@@ -122,8 +122,9 @@ SETTINGS: dict[str, Setting] = {
                                     "round's global model before stopping with an error", _positive, "> 0"),
     "num_threads": Setting(None, int, "federated trainers: CPU threads torch may use; null = nnU-Net's choice (all "
                            "cores). Set it when several sites share one machine", _positive, ">= 1", nullable=True),
-    "seed": Setting(None, int, "deterministic mode for tests: reseeds data sampling and augmentation at every "
-                    "federated round from (seed, site, round); use with nnUNet_n_proc_DA=0", _non_negative, ">= 0",
+    "seed": Setting(None, int, "deterministic mode: federated trainers reseed data sampling and augmentation at "
+                    "every round from (seed, site, round), nnUNetTrainerBaselineBudget seeds its initialisation, "
+                    "sampling and augmentation once; use with nnUNet_n_proc_DA=0", _non_negative, ">= 0",
                     nullable=True),
     "adpfl_noise_schedule": Setting("constant", str, "ADP-FL: noise multiplier schedule over rounds, "
                                     "calibrated to target_epsilon: constant, linear, exponential or step",

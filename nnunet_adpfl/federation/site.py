@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import files as ff
 from .federation_file import FederationFileError, site_federation
 from .released import ema_of_globals
 from ..common.config import SettingsError, load_settings
+from ..common.seeding import seed_all
 from ..common.tensors import load_unique_state, unique_state
 
 
@@ -171,10 +170,7 @@ class FederatedTrainerMixin:
         seed = self.fed_settings["seed"]
         if seed is None:
             return
-        s = round_seed(seed, self.client.site, r)
-        random.seed(s)
-        np.random.seed(s % (2 ** 32))
-        torch.manual_seed(s)
+        seed_all(round_seed(seed, self.client.site, r))
 
     def _check_plans(self) -> None:
         from .plan import plans_digest

@@ -92,7 +92,7 @@ def run_task(a, task: str) -> dict:
         _log(f"{task}: {STANDARD} ({STANDARD_TRAINER}, {a.rounds * a.iterations} steps)")
         start = time.time()
         checkpoint = train_standard(plan_lay.fed, plan_lay.pool, pooled, work / "standard", a.rounds, a.iterations,
-                                    a.lr)
+                                    a.lr, a.seed)
         results[STANDARD] = _evaluate_standard(work / "standard", checkpoint, config, pooled, "standard",
                                                time.time() - start)
         results_file.write_text(json.dumps(results, indent=2))
@@ -332,7 +332,8 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
                    "instead of --num-cases, --num-test-cases and --scale")
     p.add_argument("--release-ema", type=float, default=None, metavar="DECAY", help="every run's final model = EMA of "
                    "its global models with this decay (federation init --release-ema); use with --label")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the public cohort and the first repeat")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the public cohort and its "
+                   "training, the pooled nnU-Net and the first repeat")
     p.add_argument("--repeats", type=_at_least_one, default=1, help="train every run this many times with training seeds "
                    "--seed, --seed + 1, ... (same data, plan and public model); the table shows mean ± std")
 

@@ -38,9 +38,10 @@ def standard_checkpoint(work: Path, dataset_name: str, config: str) -> Path:
 
 
 def train_standard(fed: Path, raw: Path, dataset: Path, work: Path, epochs: int, iterations: int,
-                   lr: float | None = None) -> Path:
+                   lr: float | None = None, seed: int | None = None) -> Path:
     """Standard nnU-Net (fold ``all``) on the raw ``dataset`` (a folder of ``raw``) with the federation's plan;
-    preprocessing and results under ``work``. Returns the final checkpoint (kept: a second call only returns it)."""
+    preprocessing and results under ``work``. With ``seed`` the training is reproducible (seeded, augmentation in
+    the training process). Returns the final checkpoint (kept: a second call only returns it)."""
     work = Path(work).resolve()
     config = load_federation(fed)["configuration"]
     dataset_id = int(dataset.name[len("Dataset"):].split("_")[0])
@@ -52,13 +53,16 @@ def train_standard(fed: Path, raw: Path, dataset: Path, work: Path, epochs: int,
     settings = logs / "settings.json"
     settings.write_text(json.dumps({"num_epochs": epochs, "num_iterations_per_epoch": iterations,
                                     "num_val_iterations_per_epoch": 1,
-                                    **({} if lr is None else {"initial_lr": lr})}, indent=2))
+                                    **({} if lr is None else {"initial_lr": lr}),
+                                    **({} if seed is None else {"seed": seed})}, indent=2))
     env = nnunet_env(work, settings, nnUNet_raw=str(Path(raw).resolve()))
     if not (Path(env["nnUNet_preprocessed"]) / dataset.name / f"nnUNetPlans_{config}").exists():
         _log(f"installing the federation's plan and preprocessing {dataset.name}")
         install_plan_and_preprocess(Path(fed), dataset_id, config, env, logs / "preprocess.log")
     _log(f"training standard nnU-Net on {dataset.name}: {epochs} epochs x {iterations} steps (log: "
          f"{logs / 'train.log'})")
+    if seed is not None:
+        env = {**env, "nnUNet_n_proc_DA": "0"}  # nnU-Net's augmentation workers would draw their own seeds
     run([nnunet_command("nnUNetv2_train"), str(dataset_id), config, "all", "-tr", TRAINER, "-device", "cpu"], env,
         logs / "train.log")
     return checkpoint
@@ -66,7 +70,8 @@ def train_standard(fed: Path, raw: Path, dataset: Path, work: Path, epochs: int,
 
 def pretrain_public(fed: Path, task: str, work: Path, num_cases: int, scale: float, seed: int, epochs: int,
                     iterations: int, lr: float | None = None, dataset_id: int = PUBLIC_DATASET_ID) -> Path:
-    """Train standard nnU-Net on the task's public cohort with the federation's plan; returns its checkpoint."""
+    """Train standard nnU-Net on the task's public cohort with the federation's plan, seeded by ``seed`` (the
+    cohort's and the training's); returns its checkpoint."""
     raw = Path(work).resolve() / "nnUNet_raw"
     folder = next(raw.glob(f"Dataset{dataset_id:03d}_*"), None)
     if folder is not None and (folder / "sites.json").exists():
@@ -76,7 +81,7 @@ def pretrain_public(fed: Path, task: str, work: Path, num_cases: int, scale: flo
              "private sites)")
         folder = generate_dataset(task, raw, dataset_id, num_cases=num_cases, num_sites=1, num_test_cases=0,
                                   seed=seed, scale=scale, public=True)
-    checkpoint = train_standard(fed, raw, folder, work, epochs, iterations, lr)
+    checkpoint = train_standard(fed, raw, folder, work, epochs, iterations, lr, seed)
     _log(f"public weights: {checkpoint}")
     return checkpoint
 
@@ -131,7 +136,8 @@ def add_cli(sub) -> None:
                                                                   "the model go")
     p.add_argument("--num-cases", type=int, default=60)
     p.add_argument("--scale", type=float, default=0.5, help="as for the private data (same task geometry)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the public cohort and of its training (reproducible: "
+                                                      "augmentation runs in the training process)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--iterations", type=int, default=25, help="steps per epoch")
     p.add_argument("--lr", type=float, default=None, help="default nnU-Net's 0.01")
