@@ -195,6 +195,15 @@ def test_seeded_baseline_trainer_starts_from_the_same_weights_and_batches(nnunet
     assert not all(torch.equal(a, b) for a, b in zip(weights, other_weights))
 
 
+def test_seeded_baseline_trainer_with_augmentation_workers_says_the_run_is_not_reproducible(nnunet_paths, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    t = make_trainer("nnUNetTrainerBaselineBudget", settings={**SHORT, "seed": 1}, tmp_path=tmp_path,
+                     monkeypatch=monkeypatch)
+    with open(t.log_file) as log:
+        assert "set nnUNet_n_proc_DA=0 for a reproducible run" in log.read()
+
+
 def test_dp_trainable_decoder_freezes_the_encoder_and_reports_counts(nnunet_paths, tmp_path, monkeypatch):
     t = make_trainer(settings={**SHORT, "dp_trainable": "decoder"}, tmp_path=tmp_path, monkeypatch=monkeypatch)
     t.on_train_start()

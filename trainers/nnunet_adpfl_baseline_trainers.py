@@ -3,6 +3,7 @@ for the same epochs / iterations / learning rate as the private runs. With the s
 reproducible (network initialisation, sampling and augmentation; with ``nnUNet_n_proc_DA=0``)."""
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_adpfl.common.config import apply_run_length, load_settings
 from nnunet_adpfl.common.seeding import seed_all
@@ -16,3 +17,6 @@ class nnUNetTrainerBaselineBudget(nnUNetTrainer):
         apply_run_length(self, settings)
         if settings["seed"] is not None:
             seed_all(settings["seed"])
+            if get_allowed_n_proc_DA() != 0:
+                self.print_to_log_file(f"seed {settings['seed']}: augmentation runs in nnU-Net's workers, which draw "
+                                       "their own seeds; set nnUNet_n_proc_DA=0 for a reproducible run")
