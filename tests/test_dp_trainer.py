@@ -177,8 +177,8 @@ def test_baseline_trainer_takes_run_length_from_settings(nnunet_paths, tmp_path,
 
 def test_seeded_baseline_trainer_starts_from_the_same_weights_and_batches(nnunet_paths, tmp_path, monkeypatch):
     """With ``seed`` the standard runs of fed-compare (public pretraining, pooled nnU-Net) are reproducible: the same
-    initial network and the same first augmented batches (augmentation in the training process)."""
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    initial network and the same first augmented batches (one seeded augmentation worker)."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     starts = []
     for seed in (3, 3, 4):
         t = make_trainer("nnUNetTrainerBaselineBudget", settings={**SHORT, "seed": seed}, tmp_path=tmp_path,
@@ -189,10 +189,11 @@ def test_seeded_baseline_trainer_starts_from_the_same_weights_and_batches(nnunet
             starts.append(([p.detach().clone() for p in t.network.parameters()], batches))
         finally:
             t.on_train_end()
-    (weights, batches), (weights_again, batches_again), (other_weights, _) = starts
+    (weights, batches), (weights_again, batches_again), (other_weights, other_batches) = starts
     assert all(torch.equal(a, b) for a, b in zip(weights, weights_again))
     assert all(torch.equal(a, b) for a, b in zip(batches, batches_again))
     assert not all(torch.equal(a, b) for a, b in zip(weights, other_weights))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other_batches))
 
 
 def test_seeded_baseline_trainer_with_augmentation_workers_says_the_run_is_not_reproducible(nnunet_paths, tmp_path,
@@ -201,7 +202,7 @@ def test_seeded_baseline_trainer_with_augmentation_workers_says_the_run_is_not_r
     t = make_trainer("nnUNetTrainerBaselineBudget", settings={**SHORT, "seed": 1}, tmp_path=tmp_path,
                      monkeypatch=monkeypatch)
     with open(t.log_file) as log:
-        assert "set nnUNet_n_proc_DA=0 for a reproducible run" in log.read()
+        assert "set nnUNet_n_proc_DA=1 (or 0) for a reproducible run" in log.read()
 
 
 def test_dp_trainable_decoder_freezes_the_encoder_and_reports_counts(nnunet_paths, tmp_path, monkeypatch):

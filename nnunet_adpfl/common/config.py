@@ -123,9 +123,9 @@ SETTINGS: dict[str, Setting] = {
     "num_threads": Setting(None, int, "federated trainers: CPU threads torch may use; null = nnU-Net's choice (all "
                            "cores). Set it when several sites share one machine", _positive, ">= 1", nullable=True),
     "seed": Setting(None, int, "deterministic mode: federated trainers reseed data sampling and augmentation at "
-                    "every round from (seed, site, round), nnUNetTrainerBaselineBudget seeds its initialisation, "
-                    "sampling and augmentation once; use with nnUNet_n_proc_DA=0", _non_negative, ">= 0",
-                    nullable=True),
+                    "every round from (seed, site, round) (use with nnUNet_n_proc_DA=0); "
+                    "nnUNetTrainerBaselineBudget seeds its initialisation and augmentation workers once "
+                    "(nnUNet_n_proc_DA 0 or 1)", _non_negative, ">= 0", nullable=True),
     "adpfl_noise_schedule": Setting("constant", str, "ADP-FL: noise multiplier schedule over rounds, "
                                     "calibrated to target_epsilon: constant, linear, exponential or step",
                                     lambda v: v in ("constant", "linear", "exponential", "step"),

@@ -40,8 +40,8 @@ def standard_checkpoint(work: Path, dataset_name: str, config: str) -> Path:
 def train_standard(fed: Path, raw: Path, dataset: Path, work: Path, epochs: int, iterations: int,
                    lr: float | None = None, seed: int | None = None) -> Path:
     """Standard nnU-Net (fold ``all``) on the raw ``dataset`` (a folder of ``raw``) with the federation's plan;
-    preprocessing and results under ``work``. With ``seed`` the training is reproducible (seeded, augmentation in
-    the training process). Returns the final checkpoint (kept: a second call only returns it)."""
+    preprocessing and results under ``work``. With ``seed`` the training is reproducible (seeded, one seeded
+    augmentation worker). Returns the final checkpoint (kept: a second call only returns it)."""
     work = Path(work).resolve()
     config = load_federation(fed)["configuration"]
     dataset_id = int(dataset.name[len("Dataset"):].split("_")[0])
@@ -62,7 +62,7 @@ def train_standard(fed: Path, raw: Path, dataset: Path, work: Path, epochs: int,
     _log(f"training standard nnU-Net on {dataset.name}: {epochs} epochs x {iterations} steps (log: "
          f"{logs / 'train.log'})")
     if seed is not None:
-        env = {**env, "nnUNet_n_proc_DA": "0"}  # nnU-Net's augmentation workers would draw their own seeds
+        env = {**env, "nnUNet_n_proc_DA": "1"}  # one seeded worker: several hand out batches as they finish
     run([nnunet_command("nnUNetv2_train"), str(dataset_id), config, "all", "-tr", TRAINER, "-device", "cpu"], env,
         logs / "train.log")
     return checkpoint
@@ -137,7 +137,7 @@ def add_cli(sub) -> None:
     p.add_argument("--num-cases", type=int, default=60)
     p.add_argument("--scale", type=float, default=0.5, help="as for the private data (same task geometry)")
     p.add_argument("--seed", type=int, default=0, help="seed of the public cohort and of its training (reproducible: "
-                                                      "augmentation runs in the training process)")
+                                                      "one seeded augmentation worker)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--iterations", type=int, default=25, help="steps per epoch")
     p.add_argument("--lr", type=float, default=None, help="default nnU-Net's 0.01")
