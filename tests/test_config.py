@@ -34,6 +34,8 @@ def test_file_from_env(tmp_path, monkeypatch):
     ({"log_alignment": 1}, "log_alignment"),
     ({"target_epsilon": None}, "target_epsilon, noise_multiplier"),
     ({"max_grad_norm": None}, "may not be null"),
+    ({"seed": 2 ** 64}, "'seed' must be >= 0 and < 2\\*\\*64"),  # torch.manual_seed would overflow mid-start
+    ({"noise_seed": -1}, "'noise_seed' must be >= 0 and < 2\\*\\*64"),
 ])
 def test_bad_values_are_named(tmp_path, content, match):
     f = tmp_path / "s.json"

@@ -36,6 +36,10 @@ def _non_negative(v) -> bool:
     return v >= 0
 
 
+def _seed(v) -> bool:
+    return 0 <= v < 2 ** 64  # what torch's generators take
+
+
 SETTINGS: dict[str, Setting] = {
     "target_epsilon": Setting(8.0, (int, float), "privacy budget epsilon for the whole training run; "
                               "null to use a fixed noise_multiplier without a budget", _positive, "> 0",
@@ -125,7 +129,7 @@ SETTINGS: dict[str, Setting] = {
     "seed": Setting(None, int, "deterministic mode: federated trainers reseed data sampling and augmentation at "
                     "every round from (seed, site, round) (use with nnUNet_n_proc_DA=0); "
                     "nnUNetTrainerBaselineBudget seeds its initialisation and augmentation workers once "
-                    "(nnUNet_n_proc_DA 0 or 1)", _non_negative, ">= 0", nullable=True),
+                    "(nnUNet_n_proc_DA 0 or 1)", _seed, ">= 0 and < 2**64", nullable=True),
     "adpfl_noise_schedule": Setting("constant", str, "ADP-FL: noise multiplier schedule over rounds, "
                                     "calibrated to target_epsilon: constant, linear, exponential or step",
                                     lambda v: v in ("constant", "linear", "exponential", "step"),
@@ -179,8 +183,8 @@ SETTINGS: dict[str, Setting] = {
     "morph_thick_threshold": Setting(0.7, (int, float), "DP-Morph adaptive: more than this share -> thick -> "
                                      "opening; in between -> both", lambda v: 0 <= v <= 1, "in [0, 1]"),
     "noise_seed": Setting(None, int, "seed for the noise generator: FOR TESTS ONLY, a known seed makes the "
-                          "noise predictable and voids the guarantee; null = seeded from the OS", _non_negative,
-                          ">= 0", nullable=True),
+                          "noise predictable and voids the guarantee; null = seeded from the OS", _seed,
+                          ">= 0 and < 2**64", nullable=True),
 }
 
 
