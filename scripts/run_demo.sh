@@ -13,6 +13,16 @@
 # Extra arguments go to 'nnunet-adpfl fed-compare' (see --help), e.g. --iterations 4 for a quick, rougher run.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv_dir="${NNUNET_ADPFL_VENV:-$HOME/.cache/nnunet-adpfl/venv}"
+for arg in "$@"; do
+  if [[ "$arg" == -h || "$arg" == --help ]] && [ ! -x "$venv_dir/bin/nnunet-adpfl" ]; then
+    # help without the set-up (several GB on a fresh machine): this script's header and where the options are
+    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+    echo "Options: those of 'nnunet-adpfl fed-compare' (docs/reference/commands.md#fed-compare);"
+    echo "'$0 --help' lists them once the environment is set up ($venv_dir)."
+    exit 0
+  fi
+done
 venv="$(bash "$repo/scripts/setup_env.sh")"
 cd "$repo"
 exec "$venv/bin/nnunet-adpfl" fed-compare --work-dir work_dirs/demo --clip public --public-scale 1.0 \

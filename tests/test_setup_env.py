@@ -59,3 +59,13 @@ def test_stdout_is_the_venv_path_alone_on_every_path(tmp_path):
     present = run_setup(tmp_path, venv)
     assert present.stdout == f"{venv}\n"
     assert "torchvision" not in (venv / "calls.log").read_text()
+
+
+def test_main_job_help_on_a_fresh_machine_installs_nothing(tmp_path):
+    venv = tmp_path / "no venv yet"
+    env = {**os.environ, "NNUNET_ADPFL_VENV": str(venv), "PYTHON": str(tmp_path / "no-python")}
+    out = subprocess.run(["bash", str(REPO / "scripts" / "run_demo.sh"), "--help"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "main job" in out.stdout and "fed-compare" in out.stdout
+    assert not venv.exists()
