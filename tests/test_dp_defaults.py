@@ -80,11 +80,42 @@ def test_choose_fills_only_what_is_not_given(fast_calibration):
     assert best_fixed.steps == 3 * 250 and set(fixed) == {"expected_batch_size"}
     above_half, _, _ = dp_defaults.choose(inp, {"expected_batch_size": 150})  # explicit, > N/2: allowed as before
     assert "expected_batch_size" not in above_half
-    tuned, _, _ = dp_defaults.choose(dp_defaults.Inputs(200, 2.0, 1e-5, COUNTS, True, 2), {})
+    tuned, _, _ = dp_defaults.choose(dp_defaults.Inputs(200, 2.0, 1e-5, COUNTS, True, 2, clip_given=True), {})
     assert tuned["dp_trainable"] == "norm_bias" and tuned["initial_lr"] == dp_defaults.LOW_EPSILON_FINETUNE_LR
     capped, best_capped, _ = dp_defaults.choose(dp_defaults.Inputs(200, 8.0, 1e-5, COUNTS, False, 2, budget=3000),
                                                 {})
     assert best_capped.steps * best_capped.batch <= 3000
+
+
+MAIN_JOB_COUNTS = {"all": 162_246, "decoder": 96_102, "norm_bias": 1_446}  # the main job's 2D net
+
+
+def test_fine_tuning_trains_the_largest_set_whose_bound_reaches_the_threshold():
+    def pick(sigma, counts=MAIN_JOB_COUNTS):  # bound over the run 8*sqrt(50)/(sigma*sqrt(d))
+        return dp_defaults.finetune_trainable(counts, dp_defaults.Candidate(50, 8, 0.05, sigma))
+    assert pick(0.5)[0] == "all"  # all 0.28
+    choice, why = pick(1.0)  # all 0.14, decoder 0.18
+    assert choice == "decoder" and "all 0.14, decoder 0.18" in why
+    assert pick(1.82)[0] == "norm_bias"  # all 0.077, decoder 0.10: the main job's 23 cases per site
+    assert pick(0.5, {"norm_bias": 1_446, "decoder": 96_102})[0] == "decoder"  # a network without that set
+
+
+def test_fine_tuning_choice_at_the_measured_cohorts_and_what_keeps_the_default_set():
+    """The runs behind FINETUNE_MIN_BOUND (epsilon 8, B = 8, 5 rounds x 10 steps): 23 cases per site -> norm_bias,
+    124 and 201 -> all (the measured winners); a given max_grad_norm or dp_trainable keeps its set."""
+    fixed = {"expected_batch_size": 8, "num_iterations_per_epoch": 10}
+
+    def chosen(n, **kw):
+        inp = dp_defaults.Inputs(n, 8.0, 1e-5, MAIN_JOB_COUNTS, True, 8, epochs=5, **kw)
+        return dp_defaults.choose(inp, fixed)
+    small, best, why = chosen(23)
+    assert small["dp_trainable"] == "norm_bias" and best.sigma == pytest.approx(1.82, abs=0.01)
+    assert "reaches 0.15 when fine-tuning (all 0.077, decoder 0.1)" in why
+    assert chosen(124)[0]["dp_trainable"] == chosen(201)[0]["dp_trainable"] == "all"
+    kept, _, why = chosen(201, clip_given=True)
+    assert kept["dp_trainable"] == "norm_bias" and "max_grad_norm is given" in why
+    assert "dp_trainable" not in dp_defaults.choose(
+        dp_defaults.Inputs(201, 8.0, 1e-5, MAIN_JOB_COUNTS, True, 8, epochs=5), {**fixed, "dp_trainable": "decoder"})[0]
 
 
 def b10_plan(nnunet_paths) -> str:
@@ -262,7 +293,12 @@ def test_federated_fine_tuning_from_the_federations_public_weights(nnunet_paths,
                            monkeypatch=monkeypatch)
     trainer.initialize()
     assert trainer.dp_settings["dp_trainable"] == "norm_bias" and trainer.initial_lr == dp_defaults.FINETUNE_LR
-    assert "public weights" in trainer.dp_defaults["why"]
+    why = trainer.dp_defaults["why"]
+    assert "public weights" in why and "reaches 0.15 when fine-tuning" in why
+    clip = make_federation(tmp_path / "c", {"max_grad_norm": 0.4}, public)
+    clipped = make_trainer("nnUNetTrainerDPFL", settings=clip, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    clipped.initialize()
+    assert "max_grad_norm is given" in clipped.dp_defaults["why"]
 
 
 def test_federated_explicit_settings_win_and_nnunet_restores(nnunet_paths, tmp_path, monkeypatch, fast_calibration):

@@ -14,7 +14,9 @@ least noise per step (sigma*C/B; more steps at a smaller batch keep the bound bu
 step: 250,000 steps at B = 2 and N = 450 are within 10% of the best bound with noise 0.79 per coordinate per step).
 The steps that spend the budget at a batch are a multiple of STEP_QUANTUM. Otherwise the cheapest run:
 below 1 the run learns little whatever its length; fine-tuning public weights starts near a good model, where more
-steps add noise faster than signal (docs/FINETUNE.md's fine-tuning runs: a few hundred steps).
+steps add noise faster than signal (docs/FINETUNE.md's fine-tuning runs: a few hundred steps). Fine-tuning trains
+norm_bias, or the largest of all and decoder whose bound over the run reaches FINETUNE_MIN_BOUND (unless
+max_grad_norm is given: a clip norm measured on public data belongs to the set it was measured for).
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ FINETUNE_LR = 3e-2
 LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 MOMENTUM = 0.9
 FINETUNE_TRAINABLE = ("norm_bias", "decoder")  # preferred dp_trainable when fine-tuning, first available
+# Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches FINETUNE_MIN_BOUND is trained instead.
+# Measured on the main job's task at epsilon 8, B = 8, 50 steps (docs/experiments/FINETUNE.md, "Which parameters at
+# 150-200 cases per site"): at N = 23 per site decoder (bound 0.10) and all (0.08) fell to the public model or below
+# while norm_bias gained; at N = 124-201 all (0.19-0.22) and decoder (0.25-0.29) beat norm_bias. 0.15 lies between.
+FINETUNE_LARGER, FINETUNE_MIN_BOUND = ("all", "decoder"), 0.15
 NNUNET_STEPS = 1000 * 250  # nnU-Net's epochs x iterations per epoch
 ITERATIONS_PER_EPOCH = 250  # nnU-Net's; the step grid's counts are multiples of it
 STEP_QUANTUM = 50  # the steps that spend the budget (single site) are multiples of it
@@ -154,11 +161,21 @@ def calibrated(num_cases: int, epsilon: float, delta: float, pairs: list[tuple[i
 
 def trainable_choice(counts: dict[str, int], pretrained: bool) -> str:
     """All parameters from scratch; when fine-tuning public weights the first of FINETUNE_TRAINABLE the network
-    has. norm_bias comes first: with C from the public cohort it improved on the public model at epsilon 8 and 4 on
+    has (finetune_trainable trains a larger set where the cohort's bound allows). norm_bias comes first: with C from the public cohort it improved on the public model at epsilon 8 and 4 on
     every task measured, small lesions included (docs/FINETUNE.md, kidney_roi; at epsilon 1 it kept them near the
     public model only with the lower learning rate), where the decoder at the same learning rate fell below the
     public model's tumour and cyst Dice; the decoder kept more only for large structures (kidney 0.785 vs 0.740)."""
     return next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
+
+
+def finetune_trainable(counts: dict[str, int], best: Candidate) -> tuple[str, str]:
+    """(dp_trainable, why) when fine-tuning with dp_trainable and max_grad_norm left out: the largest set of
+    FINETUNE_LARGER whose bound over the run at ``best`` reaches FINETUNE_MIN_BOUND, else trainable_choice's."""
+    bounds = {c: best.snr_over_run(counts[c]) for c in FINETUNE_LARGER if c in counts}
+    choice = next((c for c, b in bounds.items() if b >= FINETUNE_MIN_BOUND), trainable_choice(counts, True))
+    listed = ", ".join(f"{c} {b:.2g}" for c, b in bounds.items())
+    return choice, (f"{choice}: the largest set whose bound over the run reaches {FINETUNE_MIN_BOUND} when "
+                    f"fine-tuning ({listed})")
 
 
 def spends_budget(top_bound: float, pretrained: bool) -> bool:
@@ -181,7 +198,7 @@ def best_candidate(cands: list[Candidate], parameters: int, pretrained: bool = F
 def rule_text(top_bound: float, pretrained: bool) -> str:
     if spends_budget(top_bound, pretrained):
         return RULE
-    return RULE_SHORT["unlearnable" if top_bound < 1 else "fine-tuning"]
+    return RULE_SHORT["fine-tuning" if pretrained else "unlearnable"]
 
 
 def best_bound(cands: list[Candidate], parameters: int) -> float:
@@ -189,11 +206,14 @@ def best_bound(cands: list[Candidate], parameters: int) -> float:
 
 
 def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, max_batch: int,
-            epsilon: float) -> tuple[Candidate, dict]:
-    """Settings of the best candidate among batches <= max_batch (memory), as a settings file."""
+            epsilon: float, clip_given: bool = False) -> tuple[Candidate, dict]:
+    """Settings of the best candidate among batches <= max_batch (memory), as a settings file; dp_trainable as
+    choose() picks it."""
     choice = trainable_choice(counts, pretrained)
     fitting = [c for c in cands if c.batch <= max_batch] or [min(cands, key=lambda c: c.batch)]
     best = best_candidate(fitting, counts[choice], pretrained)
+    if pretrained and not clip_given:
+        choice = finetune_trainable(counts, best)[0]
     epochs, iterations = split_steps(best.steps)
     settings = {"target_epsilon": epsilon, "expected_batch_size": best.batch, "num_epochs": epochs,
                 "num_iterations_per_epoch": iterations, "dp_trainable": choice, "momentum": MOMENTUM,
@@ -268,6 +288,7 @@ class Inputs:
     accountant: str = "rdp"
     epochs: int | None = None  # federated: rounds x epochs per round (federation.json); the rule then chooses the
     # iterations per epoch, so T is a multiple of it
+    clip_given: bool = False  # max_grad_norm set (e.g. measured on public data for the default set): keep that set
 
 
 def budget(inp: Inputs) -> int:
@@ -311,7 +332,14 @@ def choose(inp: Inputs, explicit: dict) -> tuple[dict, Candidate, str]:
     dp_trainable, momentum and initial_lr that ``explicit`` (the settings' values of these keys) leaves out; returns
     (chosen, candidate, why)."""
     choice, steps, cands = rule_candidates(inp, explicit)
-    best = best_candidate(cands, inp.counts[choice], inp.pretrained)
+    best = best_candidate(cands, inp.counts[choice], inp.pretrained)  # fine-tuning: the same for every d
+    trainable_why = ""
+    if inp.pretrained and not explicit.get("dp_trainable"):
+        if inp.clip_given:
+            trainable_why = f"; {choice}: max_grad_norm is given (measured for it unless dp_trainable is set)"
+        else:
+            choice, trainable_why = finetune_trainable(inp.counts, best)
+            trainable_why = f"; dp_trainable {trainable_why}"
     chosen = {"expected_batch_size": best.batch, "dp_trainable": choice, "momentum": MOMENTUM}
     if steps is None and inp.epochs is not None:
         chosen["num_iterations_per_epoch"] = best.steps // inp.epochs
@@ -325,7 +353,7 @@ def choose(inp: Inputs, explicit: dict) -> tuple[dict, Candidate, str]:
     why = (f"N={inp.num_cases}, epsilon {inp.epsilon}, d={inp.counts[choice]:,} ({choice}), "
            f"{'public weights' if inp.pretrained else 'from scratch'}, {run}budget {budget(inp):,} per-case passes: "
            f"{rule_text(bound, inp.pretrained)} among {len(cands)} (T, B): T={best.steps}, B={best.batch}, "
-           f"sigma {best.sigma:.3g}, bound {best.snr_over_run(inp.counts[choice]):.3g}")
+           f"sigma {best.sigma:.3g}, bound {best.snr_over_run(inp.counts[choice]):.3g}{trainable_why}")
     return chosen, best, why
 
 
@@ -376,7 +404,8 @@ def apply_to_trainer(trainer) -> dict:
         else:
             pretrained = pretrained_weights_argument() is not None
         inp = Inputs(n, s["target_epsilon"], s["delta"], trainable_counts(trainer.network), pretrained,
-                     trainer.batch_size, s["dp_max_case_passes"], s["accountant"], epochs)
+                     trainer.batch_size, s["dp_max_case_passes"], s["accountant"], epochs,
+                     clip_given="max_grad_norm" in given)
         reused = load_calibrations(trainer.output_folder)
         try:
             chosen, _, why = choose(inp, explicit)

@@ -16,7 +16,8 @@ from ..training.dp_defaults import (FINETUNE_LR, LOW_EPSILON_FINETUNE_LR, Candid
 
 CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data at the public weights, from "
                "nnUNetv2_train <public dataset> <configuration> all -tr nnUNetTrainerDPClipCalibration "
-               "-pretrained_weights <weights> (with these settings). The SNR bounds above assume the cases' norms "
+               "-pretrained_weights <weights> (with these settings, dp_trainable included: a given max_grad_norm "
+               "otherwise keeps norm_bias). The SNR bounds above assume the cases' norms "
                "reach C; with the default C = 1 and norm_bias, the kidney's were 0.04 (25x more noise than needed). "
                "decoder instead of norm_bias when the public model misses a class: on brain's weak public model "
                "(enhancing tumour 0) only decoder learned it (0.72 at lr 0.03, 0.62 at 0.01; norm_bias stayed at 0 with "
@@ -73,7 +74,7 @@ def trainer_inputs(args, counts: dict[str, int]) -> Inputs:
     batch = plan_batch(args.plans, args.configuration) if args.plans else args.plan_batch
     epochs = args.rounds * args.epochs_per_round if args.rounds else None
     return Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
-                  args.accountant, epochs)
+                  args.accountant, epochs, clip_given=args.clip is not None)
 
 
 def trainer_choice(args, counts: dict[str, int]) -> tuple[list[Candidate], tuple]:
@@ -99,12 +100,14 @@ def _cmd(args) -> int:
         if args.steps or args.batch_sizes:
             cands = candidates(args.cases, args.epsilon, args.delta, args.steps or [100, 300, 1000],
                                args.batch_sizes or [2, 4, 8, 16, 32], args.accountant)
-            suggestion, head = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon), GRID_HEAD
+            suggestion = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon, args.clip is not None)
+            head = GRID_HEAD
         else:
             (cands, suggestion), head = trainer_choice(args, counts), TRAINER_HEAD
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print(format_recipe(cands, counts, args.clip, suggestion, args.epsilon, args.delta, args.cases, head))
+    clip = 1.0 if args.clip is None else args.clip
+    print(format_recipe(cands, counts, clip, suggestion, args.epsilon, args.delta, args.cases, head))
     return 0
 
 
@@ -123,7 +126,8 @@ def add_cli(sub) -> None:
     p.add_argument("--rounds", type=int, help="a federated site: the federation's rounds (the trainer then chooses "
                    "the iterations per epoch)")
     p.add_argument("--epochs-per-round", type=int, default=1, help="with --rounds: the federation's epochs per round")
-    p.add_argument("--clip", type=float, default=1.0, help="clip norm C")
+    p.add_argument("--clip", type=float, help="clip norm C, as max_grad_norm in the settings (default 1; when given "
+                   "and fine-tuning, the trainers keep the default dp_trainable, the set it was measured for)")
     p.add_argument("--plans", help="nnUNetPlans.json (counts the trainable parameters of each dp_trainable choice)")
     p.add_argument("--dataset-json", help="dataset.json next to the plan")
     p.add_argument("--configuration", default="3d_fullres")
