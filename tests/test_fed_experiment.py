@@ -175,6 +175,26 @@ def test_repeats_train_each_run_again_with_the_next_training_seed(tmp_path, monk
         parser.parse_args(["--repeats", "0"])
 
 
+@pytest.mark.parametrize("clip, written", [([], None), (["--clip", "0.5"], 0.5)])
+def test_the_clip_norm_is_written_only_when_given(tmp_path, monkeypatch, clip, written):
+    """Left out, the trainers' default C applies and, from public weights, the DP defaults choose dp_trainable (a
+    given max_grad_norm keeps norm_bias)."""
+    import argparse
+
+    from nnunet_adpfl.workflows import fed_experiment as fe
+
+    parser = argparse.ArgumentParser()
+    fe.add_arguments(parser)
+    a = parser.parse_args(["--work-dir", str(tmp_path), "--runs", "DP-FL", "--rounds", "1", *clip])
+    for name in ("stage_data", "stage_plan", "create_federation", "new_run"):
+        monkeypatch.setattr(fe, name, lambda *args, **kw: tmp_path)
+    trained = []
+    monkeypatch.setattr(fe, "train_federated", lambda lay, trainer, config, settings, rounds: trained.append(settings))
+    monkeypatch.setattr(fe, "summarise", lambda *args: {"global_test_dice": {"kidney": 0.8}})
+    fe.run_task(a, "kidney")
+    assert trained[0].get("max_grad_norm") == written
+
+
 def test_labelled_runs_are_compared_with_dp_fl_of_the_same_label():
     results = {"NP-FL": result({"kidney": 0.8}, None, 1.0), "DP-FL": result({"kidney": 0.4}, 7.9, 1.0),
                "DP-FL [eps 1]": result({"kidney": 0.6}, 1.0, 1.0),

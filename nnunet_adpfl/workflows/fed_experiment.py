@@ -76,8 +76,8 @@ def run_task(a, task: str) -> dict:
                           iterations_per_epoch=a.iterations, configuration=config, seed=a.seed)
     stage_plan(plan_lay, pooled, config, a.max_features)
     private = {"target_epsilon": a.epsilon, "delta": a.delta, "expected_batch_size": a.batch_size,
-               "max_grad_norm": 1.0 if a.clip == PUBLIC_CLIP else a.clip, "num_val_iterations_per_epoch": 1,
-               **json.loads(a.private_settings or "{}")}
+               **({} if a.clip in (None, PUBLIC_CLIP) else {"max_grad_norm": a.clip}),
+               "num_val_iterations_per_epoch": 1, **json.loads(a.private_settings or "{}")}
     public = None
     if PUBLIC_ONLY in a.runs or any(name.endswith(FROM_PUBLIC) for name in a.runs):
         public_scale = a.scale if a.public_scale is None else a.public_scale
@@ -308,9 +308,10 @@ def add_arguments(p, tasks=("skin",), runs=DEFAULT_RUNS) -> None:
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=8, help="expected (Poisson) batch size of the private runs")
-    p.add_argument("--clip", type=_clip, default=1.0, help="clip norm C (initial C with adaptive clipping); 'public': "
+    p.add_argument("--clip", type=_clip, default=None, help="clip norm C (initial C with adaptive clipping); 'public': "
                    "the median per-case gradient norm of the public cohort at the public weights (runs from public "
-                   "weights only; no privacy cost)")
+                   "weights only; no privacy cost); default: the trainers' 1, left to them (as a clip norm given "
+                   "keeps dp_trainable norm_bias from public weights, leaving it out lets the DP defaults choose)")
     p.add_argument("--max-features", type=int, default=32, help="network width cap of the shared plan")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate of every run (default nnU-Net's 0.01)")
     p.add_argument("--private-lr", type=float, default=None, help="learning rate of the private runs (default --lr)")
