@@ -66,3 +66,7 @@ def test_fine_tuning_recipe_says_where_the_clip_norm_comes_from():
     assert "nnUNetTrainerDPClipCalibration" in tuned and "nnUNetTrainerDPClipCalibration" not in scratch
     assert "decoder instead of norm_bias when the public model misses a class" in tuned
     assert "For ADP-FL keep adpfl_clip_max_ratio at 1" in tuned
+    assert "warning" not in tuned and "below 1" in scratch  # fine-tuning: the bound is held against 0.15, not 1
+    noisy = recipe.Candidate(100, 4, 0.06, 30.0)  # norm_bias bound 4*10/(30*sqrt(2000)) = 0.03
+    settings = {"dp_trainable": "norm_bias", "initial_lr": 0.03}
+    assert "stay near the public model" in recipe.format_recipe([noisy], counts, 1.0, (noisy, settings), 8.0, 1e-5, 64)

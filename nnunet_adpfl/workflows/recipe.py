@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..training.dp_defaults import (FINETUNE_LR, LOW_EPSILON_FINETUNE_LR, Candidate, Inputs, calibrated,  # noqa: F401
-                                    budget, candidates, choose, rule_candidates, search_pairs, suggest,
-                                    trainable_counts)
+from ..training.dp_defaults import (FINETUNE_LR, FINETUNE_MIN_BOUND, LOW_EPSILON_FINETUNE_LR, Candidate,  # noqa: F401
+                                    Inputs, budget, calibrated, candidates, choose, rule_candidates, search_pairs,
+                                    suggest, trainable_counts)
 
 CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data at the public weights, from "
                "nnUNetv2_train <public dataset> <configuration> all -tr nnUNetTrainerDPClipCalibration "
@@ -63,7 +63,11 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     lines += ["", settings_head, json.dumps(settings, indent=2)]
     if "initial_lr" in settings:
         lines.append(CLIP_ADVICE)
-    if best.snr_over_run(counts[settings["dp_trainable"]]) < 1:
+    bound = best.snr_over_run(counts[settings["dp_trainable"]])
+    if "initial_lr" in settings and bound < FINETUNE_MIN_BOUND:
+        lines.append(f"warning: the run's signal-to-noise bound is below {FINETUNE_MIN_BOUND}: expect the private "
+                     "run to stay near the public model (more cases help most)")
+    elif "initial_lr" not in settings and bound < 1:
         lines.append("warning: the run's signal-to-noise bound is below 1: training moves the weights little beyond "
                      "their start (more cases help most; from scratch, expect a model that learns little)")
     return "\n".join(lines)
