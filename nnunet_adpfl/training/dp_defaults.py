@@ -161,8 +161,9 @@ def calibrated(num_cases: int, epsilon: float, delta: float, pairs: list[tuple[i
 
 def trainable_choice(counts: dict[str, int], pretrained: bool) -> str:
     """All parameters from scratch; when fine-tuning public weights the first of FINETUNE_TRAINABLE the network
-    has (finetune_trainable trains a larger set where the cohort's bound allows). norm_bias comes first: with C from the public cohort it improved on the public model at epsilon 8 and 4 on
-    every task measured, small lesions included (docs/FINETUNE.md, kidney_roi; at epsilon 1 it kept them near the
+    has (finetune_trainable trains a larger set where the cohort's bound allows). norm_bias comes first: with C from
+    the public cohort it improved on the public model at epsilon 8 and 4 on every task measured at about 20 cases
+    per site, small lesions included (docs/FINETUNE.md, kidney_roi; at epsilon 1 it kept them near the
     public model only with the lower learning rate), where the decoder at the same learning rate fell below the
     public model's tumour and cyst Dice; the decoder kept more only for large structures (kidney 0.785 vs 0.740)."""
     return next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
