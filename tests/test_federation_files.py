@@ -261,15 +261,16 @@ def test_shared_nnunet_modules_travel_once():
         tensors.load_unique_state(net, {k: v for k, v in list(shifted.items())[1:]})
 
 
-def test_subset_update_leaves_the_tensors_not_sent_unchanged(fed):
-    """dp_trainable: a site uploads only the tensors it trained; the others are a zero update for it."""
+def test_subset_update_averages_each_tensor_over_the_sites_that_trained_it(fed):
+    """dp_trainable: a site uploads only the tensors it trained (sites choose from their own N: a small site may train
+    norm_bias while a larger one trains all); a tensor is averaged over the sites that sent it, undiluted."""
     fed_dir, _, _, agg, clients = fed
     clients["A"].upload(1, {"w": delta(1)["w"]}, 2, {"subset": True})
-    clients["B"].upload(1, delta(2), 2, None)
+    clients["B"].upload(1, delta(2), 3, None)
     assert agg.run_round(1)["sites"] == ["A", "B"]
     got, g0 = clients["A"].wait_global(1), model()
-    torch.testing.assert_close(got["w"], g0["w"] + (delta(1)["w"] + delta(2)["w"]) / 2)
-    torch.testing.assert_close(got["b"], g0["b"] + delta(2)["b"] / 2)  # A's share of b is zero
+    torch.testing.assert_close(got["w"], g0["w"] + (2 * delta(1)["w"] + 3 * delta(2)["w"]) / 5)
+    torch.testing.assert_close(got["b"], g0["b"] + delta(2)["b"])  # only B trained b
 
 
 def test_sparse_subset_update(fed):
@@ -281,6 +282,19 @@ def test_sparse_subset_update(fed):
     got = clients["A"].wait_global(1)
     torch.testing.assert_close(got["b"], model()["b"] + delta(3)["b"])
     torch.testing.assert_close(got["w"], model()["w"])
+
+
+def test_a_trained_tensor_that_sparsification_left_empty_still_counts_as_a_zero_update(fed):
+    """ADP-FL's top-k upload: a trained tensor with no entry kept is a zero update of that site (error feedback keeps
+    the rest), not a frozen tensor: it weighs in the average."""
+    from nnunet_adpfl.privacy.sparsify import topk_encode
+    fed_dir, _, _, agg, clients = fed
+    encoded = topk_encode({"w": delta(3)["w"], "b": 1e-6 * delta(3)["b"]}, 12 / 15)  # the 12 of w kept
+    assert encoded["b::idx"].numel() == 0
+    clients["A"].upload(1, encoded, 2, {"encoding": "topk", "subset": True})
+    clients["B"].upload(1, delta(2), 3, None)
+    assert agg.run_round(1)["sites"] == ["A", "B"]
+    torch.testing.assert_close(clients["A"].wait_global(1)["b"], model()["b"] + 3 * delta(2)["b"] / 5)
 
 
 @pytest.mark.parametrize("tensors, privacy, reason", [

@@ -233,7 +233,7 @@ class Aggregator:
                 continue
             judged[site] = fingerprint
             try:
-                manifest, delta = ff.read_update(self.fed, r, site, self.cfg["id"], self.keys, spec)
+                manifest, delta, _ = ff.read_update(self.fed, r, site, self.cfg["id"], self.keys, spec)
             except ff.Rejected as e:
                 self.reject(r, site, e.reason)
                 continue
@@ -305,14 +305,14 @@ class Aggregator:
         used = {}
         for site in self._within_norm_bound(r, norms):  # sorted: the result does not depend on arrival order
             try:
-                manifest, delta = ff.read_update(self.fed, r, site, self.cfg["id"], self.keys, spec)
+                manifest, delta, trained = ff.read_update(self.fed, r, site, self.cfg["id"], self.keys, spec)
                 if manifest["sha256"] != accepted[site]["sha256"]:  # the norm bound was checked on the accepted one
                     raise ff.Rejected("the update changed since it was accepted")
             except Exception as e:  # noqa: BLE001  changed after it was accepted
                 self.reject(r, site, f"at aggregation: {getattr(e, 'reason', e)}")
                 del accepted[site], norms[site]
                 continue
-            self.strategy.add(delta, manifest["num_cases"])
+            self.strategy.add(delta, manifest["num_cases"], trained)
             used[site] = manifest
             del delta
         if not used:

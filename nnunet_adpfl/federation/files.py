@@ -227,8 +227,10 @@ def read_verified_tensors(tensor_path: Path, manifest: dict, spec: dict[str, tup
 
 
 def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dict[str, bytes],
-                spec: dict[str, tuple]) -> tuple[dict, dict]:
-    """A site's update for round r, fully checked; raises Rejected with the reason otherwise."""
+                spec: dict[str, tuple]) -> tuple[dict, dict, set[str] | None]:
+    """A site's update for round r, fully checked: (manifest, the dense update, the tensors a subset update holds,
+    i.e. those the site trained; None: all). Tensors a subset update leaves out are zero in the dense update.
+    Raises Rejected with the reason otherwise."""
     if site not in site_keys:
         raise Rejected(f"unknown site {str(site)[:80]!r}")
     tensor_path, manifest_path = update_paths(fed, r, site)
@@ -259,11 +261,14 @@ def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dic
     stored = read_verified_tensors(tensor_path, manifest, None, fed, max_tensor_bytes(spec))
     if subset and not stored:
         raise Rejected("subset update holds no tensors")
+    sent = {k.rsplit("::", 1)[0] for k in stored} if manifest.get("encoding") == "topk" else set(stored)
+    trained = sent if subset else None
     if manifest.get("encoding") == "topk":
-        sent = {k.rsplit("::", 1)[0] for k in stored}
-        return manifest, _decode_topk(stored, {k: v for k, v in spec.items() if k in sent} if subset else spec, spec)
-    return manifest, _zero_filled(_checked(stored, {k: v for k, v in spec.items() if k in stored} if subset else spec),
-                                  spec)
+        dense = _decode_topk(stored, {k: v for k, v in spec.items() if k in sent} if subset else spec, spec)
+    else:
+        dense = _zero_filled(_checked(stored, {k: v for k, v in spec.items() if k in stored} if subset else spec),
+                             spec)
+    return manifest, dense, trained
 
 
 def _checked(tensors: dict, spec: dict[str, tuple]) -> dict:
