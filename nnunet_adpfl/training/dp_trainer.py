@@ -35,7 +35,8 @@ from ..common.initial_weights import initial_weights_record, pretrained_origin, 
 from ..privacy.clipping import make_rule
 from ..common.config import SettingsError, apply_run_length, load_settings
 from ..privacy.local_log import describe, epoch_values, record_epoch
-from .dp_defaults import apply_to_trainer, calibrate, unset_batch
+from .dp_defaults import calibrate, unset_batch
+from .dp_defaults_trainer import apply_to_trainer
 from .dp_log import fold_warning, setup_lines
 from .losses import PerCaseLoss
 from ..privacy.noisy_step import add_noise, clipped_sum, cosine, make_noise_generator
