@@ -29,8 +29,12 @@ def _terminate_and_check_children_stop(tmp_path, script: str, argv: tuple = ()) 
     import time
 
     pid_file = tmp_path / "child.pid"
-    hang = ("import os, nnunet_adpfl.nnunet.pipeline as pipeline; _run = pipeline.run; pipeline.run = lambda args, env, "
-            f"*a, **k: _run(['bash', '-c', 'echo $$ > {pid_file}; sleep 120 & sleep 120'], dict(os.environ))\n")
+    hang_command = ['bash', '-c', f'echo $$ > {pid_file}; sleep 120 & sleep 120']
+    hang = ("import os, nnunet_adpfl.nnunet.pipeline as pipeline\n"  # run, and run_together (the sites at once)
+            "_run, _together = pipeline.run, pipeline.run_together\n"
+            f"pipeline.run = lambda args, env, *a, **k: _run({hang_command!r}, dict(os.environ))\n"
+            f"pipeline.run_together = lambda jobs: _together({{'A': ({hang_command!r}, dict(os.environ), "
+            f"{str(tmp_path / 'A.log')!r})}})\n")
     parent = subprocess.Popen([sys.executable, "-c", hang + script, *argv], cwd=tmp_path)
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text().strip()):
@@ -159,3 +163,35 @@ def test_sigterm_stops_the_commands_a_workflow_started(tmp_path, through):
         time.sleep(0.1)
     os.kill(grandchild, signal.SIGKILL)
     pytest.fail("the started command outlived the workflow that SIGTERM ended")
+
+
+def test_sites_commands_run_at_once_and_a_failure_stops_the_others(tmp_path):
+    """run_together: each command waits for the other's file, so run one after the other they would time out."""
+    from nnunet_adpfl.nnunet.pipeline import run_together
+
+    def waits_for(own, other):
+        return [sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(tmp_path / own)!r}).touch()\n"
+                f"deadline = time.time() + 60\nwhile not pathlib.Path({str(tmp_path / other)!r}).exists():\n"
+                f"    assert time.time() < deadline\n    time.sleep(0.05)\nprint('{own} done')"]
+    (tmp_path / "A.log").write_text("an earlier run\n")
+    run_together({"A": (waits_for("a", "b"), dict(os.environ), tmp_path / "A.log"),
+                  "B": (waits_for("b", "a"), dict(os.environ), tmp_path / "B.log")})
+    assert (tmp_path / "A.log").read_text() == "an earlier run\na done\n"  # appended
+    assert (tmp_path / "B.log").read_text() == "b done\n"
+
+    pid_file = tmp_path / "sleeper.pid"
+    sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+               "time.sleep(120)"]
+    fails = [sys.executable, "-c", f"import pathlib, time\nwhile not pathlib.Path({str(pid_file)!r}).exists(): "
+             "time.sleep(0.05)\nraise ValueError('bad fingerprint')"]
+    (tmp_path / "C.log").write_text("ValueError: an earlier run's error\n")
+    start = time.time()
+    with pytest.raises(RuntimeError) as failed:
+        run_together({"B": (sleeper, dict(os.environ), tmp_path / "B.log"),
+                      "C": (fails, dict(os.environ), tmp_path / "C.log")})
+    message = str(failed.value)
+    assert message.startswith("C: command failed (exit status 1)")
+    assert "first error: ValueError: bad fingerprint" in message and "earlier run" not in message
+    assert time.time() - start < 60  # B was stopped, not waited for
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)

@@ -120,10 +120,41 @@ def run(args: list[str], env: dict, log_file: str | Path | None = None, echo: bo
             log.close()
     code = proc.wait()
     if code != 0:
-        tail = "".join(lines)
-        cause = f"first error: {first_error}\n" if first_error else ""
-        raise RuntimeError(f"command failed ({exit_status(code)}): {' '.join(args)}\n{cause}--- last output ---\n{tail}")
+        raise _command_failed(args, code, first_error, lines)
     return time.time() - start
+
+
+def _command_failed(args: list[str], code: int, first_error: str | None, tail: "list[str] | deque[str]") -> RuntimeError:
+    cause = f"first error: {first_error}\n" if first_error else ""
+    return RuntimeError(f"command failed ({exit_status(code)}): {' '.join(args)}\n{cause}--- last output ---\n"
+                        f"{''.join(tail)}")
+
+
+def run_together(jobs: dict[str, tuple[list[str], dict, Path]]) -> None:
+    """Run independent commands at once (``{name: (args, env, log_file)}``: the sites of a simulated federation,
+    each on its own machine in a real one), each's output appended to its log. If one fails, or this process is
+    interrupted, the others are stopped; the error names the first that failed, with its new log's tail."""
+    procs, offsets = {}, {}
+    try:
+        for name, (args, env, log_file) in jobs.items():
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "ab") as log:
+                offsets[name] = log.tell()
+                procs[name] = subprocess.Popen([nnunet_command(args[0]), *args[1:]], env=env, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True)
+        while not (failed := {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}) \
+                and any(p.poll() is None for p in procs.values()):
+            time.sleep(0.2)
+    finally:
+        stop(procs.values())  # a no-op once all have exited
+    if failed:
+        name, code = next(iter(failed.items()))
+        args, _, log_file = jobs[name]
+        with open(log_file, "rb") as log:
+            log.seek(offsets[name])
+            lines = log.read().decode(errors="replace").splitlines(keepends=True)
+        first_error = next((line.strip() for line in lines if EXCEPTION_LINE.match(line)), None)
+        raise RuntimeError(f"{name}: {_command_failed(args, code, first_error, lines[-40:])}")
 
 
 def predict(images: Path, output: Path, dataset_id: int, config: str, trainer: str, env: dict, log_file: Path,

@@ -24,7 +24,7 @@ from ..evaluation.evaluation import mean_per_label
 from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
 from ..federation.federation_file import adopt_plan
-from ..nnunet.pipeline import (describe_exits, nnunet_command, nnunet_env, predict, run, stop,
+from ..nnunet.pipeline import (describe_exits, nnunet_command, nnunet_env, predict, run, run_together, stop,
                                workflow_device)
 
 DATASET_ID = 501
@@ -85,35 +85,46 @@ def split_sites(lay: Layout, pooled: Path) -> None:
         split_by_site(pooled, lay.sites_raw)
 
 
+def _install_plan_command(fed: Path, dataset_id: int, site: str | None, key_file: Path | None) -> list[str]:
+    key = [] if site is None else ["--site", site, "--key-file", str(key_file)]
+    return _cli("install-plan", str(fed), "-d", str(dataset_id), *key)
+
+
+def _preprocess_command(dataset_id: int, config: str) -> list[str]:
+    return ["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", config, "-np", "1"]
+
+
 def install_plan_and_preprocess(fed: Path, dataset_id: int, config: str, env: dict, log: Path,
                                 site: str | None = None, key_file: Path | None = None) -> None:
     """The federation's plan into ``env``'s nnUNet_preprocessed (authenticated with the site's key when given),
     then nnU-Net's preprocessing with it."""
-    key = [] if site is None else ["--site", site, "--key-file", str(key_file)]
-    run(_cli("install-plan", str(fed), "-d", str(dataset_id), *key), env, log)
-    run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", config, "-np", "1"], env, log)
+    run(_install_plan_command(fed, dataset_id, site, key_file), env, log)
+    run(_preprocess_command(dataset_id, config), env, log)
 
 
 def stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None = None) -> None:
+    """The sites' steps run at once, as on their own machines; the coordinator's plan between them."""
     fed_cfg = load_federation(lay.fed)
-    for site in lay.sites:
-        if not (lay.fed / "fingerprints" / f"{site}.json").exists():
-            _log(f"site {site}: sharing its aggregate fingerprint")
-            run(_cli("fingerprint", str(lay.fed), "--site", site, "--key-file", str(lay.keys / f"{site}.key"), "-d",
-                     str(lay.dataset_id), "-np", "1"), lay.site_env(site), lay.logs / f"fingerprint_{site}.log")
+    missing = [s for s in lay.sites if not (lay.fed / "fingerprints" / f"{s}.json").exists()]
+    if missing:
+        _log(f"sites {', '.join(missing)}: sharing their aggregate fingerprints")
+        run_together({s: (_cli("fingerprint", str(lay.fed), "--site", s, "--key-file", str(lay.keys / f"{s}.key"),
+                               "-d", str(lay.dataset_id), "-np", "1"), lay.site_env(s),
+                          lay.logs / f"fingerprint_{s}.log") for s in missing})
     if fed_cfg.get("plans_sha256") is None:
         _log("coordinator: planning once for all sites with nnU-Net's planner on the merged fingerprint")
         width = [] if max_features is None else ["--max-features", str(max_features)]
         run(_cli("plan", str(lay.fed), "--keys-dir", str(lay.keys), "-d", str(lay.dataset_id), "--dataset-name",
                  pooled.name.split("_", 1)[1], "--work-dir", str(lay.work / "coordinator" / "planner"), *width),
             nnunet_env(lay.work / "coordinator" / "planner"), lay.logs / "plan.log")
-    for site in lay.sites:
-        env = lay.site_env(site)
-        marker = Path(env["nnUNet_preprocessed"]) / pooled.name / f"nnUNetPlans_{config}"
-        if not marker.exists():
-            _log(f"site {site}: installing the federation plan and preprocessing")
-            install_plan_and_preprocess(lay.fed, lay.dataset_id, config, env, lay.logs / f"preprocess_{site}.log",
-                                        site, lay.keys / f"{site}.key")
+    envs = {s: lay.site_env(s) for s in lay.sites}
+    todo = [s for s in lay.sites
+            if not (Path(envs[s]["nnUNet_preprocessed"]) / pooled.name / f"nnUNetPlans_{config}").exists()]
+    if todo:
+        _log(f"sites {', '.join(todo)}: installing the federation plan and preprocessing")
+        for command in (lambda s: _install_plan_command(lay.fed, lay.dataset_id, s, lay.keys / f"{s}.key"),
+                        lambda s: _preprocess_command(lay.dataset_id, config)):
+            run_together({s: (command(s), envs[s], lay.logs / f"preprocess_{s}.log") for s in todo})
 
 
 def _settings_file(lay: Layout, site: str) -> Path:
