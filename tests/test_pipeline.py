@@ -21,6 +21,24 @@ def test_env_adds_our_trainers_and_keeps_the_users(tmp_path, monkeypatch):
     assert nnunet_env(tmp_path)["nnUNet_extTrainer"] == trainers_path()
 
 
+
+def test_simulated_sites_share_the_cores_for_nnunets_workers(tmp_path, monkeypatch):
+    """3 sites on 2 cores: 1 validation/export worker each, not 2 (twice the time); the user's setting wins."""
+    from nnunet_adpfl.workflows.stages import Layout
+    monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    lay = Layout(tmp_path, ["A", "B", "C"])
+    assert lay.site_env("A")["nnUNet_def_n_proc"] == "1"
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert lay.site_env("A")["nnUNet_def_n_proc"] == "4"
+    assert Layout(tmp_path, ["A", "B"]).site_env("A")["nnUNet_def_n_proc"] == "4"
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert Layout(tmp_path, ["A", "B"]).site_env("A")["nnUNet_def_n_proc"] == "3"
+    monkeypatch.setenv("nnUNet_def_n_proc", "3")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert lay.site_env("A")["nnUNet_def_n_proc"] == "3"
+    assert nnunet_env(tmp_path)["nnUNet_def_n_proc"] == "3"
+
 def _terminate_and_check_children_stop(tmp_path, script: str, argv: tuple = ()) -> None:
     """Run ``script`` (Python) whose first nnU-Net command hangs, SIGTERM it, and check that it exits through our
     handler and that the command's whole process group is gone."""

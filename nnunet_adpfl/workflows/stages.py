@@ -59,8 +59,12 @@ class Layout:
         return self.work / f"site_{site}"
 
     def site_env(self, site: str, settings: Path | None = None, **extra) -> dict:
+        """nnU-Net's environment at a simulated site. The sites share this machine's cores: each gets its share of
+        nnU-Net's validation and export workers (the user's ``nnUNet_def_n_proc`` wins). On 2 cores a site's final
+        validation took half the time with 1 worker than with 2 (27-29 s against 50-64 s, 3 sites' runs beside)."""
+        workers = os.environ.get("nnUNet_def_n_proc") or str(max(1, min(4, (os.cpu_count() or 1) // len(self.sites))))
         return nnunet_env(self.site_root(site), settings, nnUNet_raw=str(self.sites_raw / site),
-                          nnUNet_results=str(self.results / site), **extra)
+                          nnUNet_results=str(self.results / site), **{"nnUNet_def_n_proc": workers, **extra})
 
 
 def stage_data(lay: Layout, task: str, num_cases: int, scale: float, seed: int, num_test_cases: int = 4,
