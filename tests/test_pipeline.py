@@ -213,3 +213,41 @@ def test_sites_commands_run_at_once_and_a_failure_stops_the_others(tmp_path):
     assert time.time() - start < 60  # B was stopped, not waited for
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_wait_all_returns_at_the_first_failure_and_polls_between(tmp_path):
+    from nnunet_adpfl.nnunet.pipeline import stop, wait_all
+
+    def start(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    polls = []
+    assert wait_all({"a": start("pass"), "b": start("import time; time.sleep(1)")}, 0.05,
+                    lambda: polls.append(1)) == {}
+    assert len(polls) >= 3  # called while b still ran
+    sleeper = start("import time; time.sleep(120)")
+    begin = time.time()
+    try:
+        assert wait_all({"sleeper": sleeper, "fails": start("raise SystemExit(3)")}) == {"fails": 3}
+        assert time.time() - begin < 60 and sleeper.poll() is None  # returned without waiting for the sleeper
+    finally:
+        stop([sleeper])
+
+
+def test_the_workflow_logs_each_closed_round_once(tmp_path):
+    from nnunet_adpfl.federation import files as ff
+    from nnunet_adpfl.workflows.stages import closed_rounds_logger
+    logged = []
+    log_closed_rounds = closed_rounds_logger(tmp_path, 3, time.time(), logged.append)
+
+    def close(r):
+        path = ff.global_paths(tmp_path, r)[1]
+        path.parent.mkdir(parents=True)
+        path.write_text("{}")
+    log_closed_rounds()
+    close(1)
+    log_closed_rounds()
+    log_closed_rounds()
+    close(2)
+    close(3)
+    log_closed_rounds()
+    assert [line.split(" (")[0] for line in logged] == ["round 1/3 closed", "round 3/3 closed"]

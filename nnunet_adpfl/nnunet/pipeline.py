@@ -130,6 +130,18 @@ def _command_failed(args: list[str], code: int, first_error: str | None, tail: "
                         f"{''.join(tail)}")
 
 
+def wait_all(procs: dict[str, subprocess.Popen], interval: float = 0.2, on_poll=None) -> dict[str, int]:
+    """Until every process has exited or one has failed (``on_poll()`` called between polls); returns the failed
+    ones' exit statuses, empty when all succeeded."""
+    while True:
+        failed = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
+        if failed or all(p.poll() is not None for p in procs.values()):
+            return failed
+        if on_poll is not None:
+            on_poll()
+        time.sleep(interval)
+
+
 def run_together(jobs: dict[str, tuple[list[str], dict, Path]]) -> None:
     """Run independent commands at once (``{name: (args, env, log_file)}``: the sites of a simulated federation,
     each on its own machine in a real one), each's output appended to its log. If one fails, or this process is
@@ -142,9 +154,7 @@ def run_together(jobs: dict[str, tuple[list[str], dict, Path]]) -> None:
                 offsets[name] = log.tell()
                 procs[name] = subprocess.Popen([nnunet_command(args[0]), *args[1:]], env=env, stdout=log,
                                                stderr=subprocess.STDOUT, start_new_session=True)
-        while not (failed := {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}) \
-                and any(p.poll() is None for p in procs.values()):
-            time.sleep(0.2)
+        failed = wait_all(procs)
     finally:
         stop(procs.values())  # a no-op once all have exited
     if failed:

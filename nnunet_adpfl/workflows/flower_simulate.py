@@ -13,7 +13,7 @@ from pathlib import Path
 from ..federation import files as ff
 from ..federation.flower_local import FlowerNet
 from ..nnunet.pipeline import describe_exits, stop
-from .stages import Layout, start_site
+from .stages import Layout, closed_rounds_logger, start_site
 
 
 def local_federation_dir(lay, site: str) -> Path:
@@ -41,17 +41,14 @@ def train_federated_flower(lay: Layout, trainer: str, config: str, settings: dic
             trainers[site] = start_site(lay, site, trainer, config,
                                         {**settings, "federation_dir": str(local_federation_dir(lay, site))})
             net.procs[f"train_{site}"] = trainers[site]
-        reported = 0
+        log_closed_rounds = closed_rounds_logger(lay.fed, rounds, start, log)
         while run.poll() is None or any(p.poll() is None for p in trainers.values()):
             failed = {n: p.returncode for n, p in net.procs.items() if p.poll() not in (None, 0)}
             if failed:
                 raise RuntimeError(f"{list(failed)} failed ({describe_exits(failed)}); logs in {net.logs} and {lay.logs}")
             if time.time() - start > timeout_s:
                 raise TimeoutError(f"the federation over Flower did not finish in {timeout_s:.0f} s")
-            closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())
-            if closed > reported:
-                reported = closed
-                log(f"round {closed}/{rounds} closed ({time.time() - start:.0f} s)")
+            log_closed_rounds()
             time.sleep(2)
         if run.returncode != 0:
             raise RuntimeError(f"the relay run failed; see {net.logs / 'flwr_run.log'}")

@@ -25,7 +25,7 @@ from ..federation import files as ff
 from ..federation.aggregator import create_federation, load_federation
 from ..federation.federation_file import adopt_plan
 from ..nnunet.pipeline import (describe_exits, nnunet_command, nnunet_env, predict, run, run_together, stop,
-                               workflow_device)
+                               wait_all, workflow_device)
 
 DATASET_ID = 501
 CONFIGURATION = {"skin": "2d", "kidney": "3d_fullres", "brain": "3d_fullres", "kidney_roi": "3d_fullres"}
@@ -126,9 +126,10 @@ def stage_plan(lay: Layout, pooled: Path, config: str, max_features: int | None 
             if not (Path(envs[s]["nnUNet_preprocessed"]) / pooled.name / f"nnUNetPlans_{config}").exists()]
     if todo:
         _log(f"sites {', '.join(todo)}: installing the federation plan and preprocessing")
-        for command in (lambda s: _install_plan_command(lay.fed, lay.dataset_id, s, lay.keys / f"{s}.key"),
-                        lambda s: _preprocess_command(lay.dataset_id, config)):
-            run_together({s: (command(s), envs[s], lay.logs / f"preprocess_{s}.log") for s in todo})
+        run_together({s: (_install_plan_command(lay.fed, lay.dataset_id, s, lay.keys / f"{s}.key"), envs[s],
+                          lay.logs / f"preprocess_{s}.log") for s in todo})
+        run_together({s: (_preprocess_command(lay.dataset_id, config), envs[s], lay.logs / f"preprocess_{s}.log")
+                      for s in todo})
 
 
 def _settings_file(lay: Layout, site: str) -> Path:
@@ -193,18 +194,24 @@ def train_federated(lay: Layout, trainer: str, config: str, settings: dict, roun
     return time.time() - start
 
 
-def _wait_for_federation(lay: Layout, procs: dict, rounds: int, start: float) -> None:
-    """Until every party has exited, logging each closed round; raises when one fails."""
+def closed_rounds_logger(fed: Path, rounds: int, start: float, log=_log):
+    """A callable that logs the rounds of ``fed`` closed since its last call."""
     reported = 0
-    while any(p.poll() is None for p in procs.values()):
-        failed = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
-        if failed:
-            raise RuntimeError(_failure_message(failed, lay.logs))
-        closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(lay.fed, r)[1].exists())
+
+    def log_closed_rounds() -> None:
+        nonlocal reported
+        closed = sum(1 for r in range(1, rounds + 1) if ff.global_paths(fed, r)[1].exists())
         if closed > reported:
             reported = closed
-            _log(f"round {closed}/{rounds} closed ({time.time() - start:.0f} s)")
-        time.sleep(2)
+            log(f"round {closed}/{rounds} closed ({time.time() - start:.0f} s)")
+    return log_closed_rounds
+
+
+def _wait_for_federation(lay: Layout, procs: dict, rounds: int, start: float) -> None:
+    """Until every party has exited, logging each closed round; raises when one fails."""
+    failed = wait_all(procs, interval=2, on_poll=closed_rounds_logger(lay.fed, rounds, start))
+    if failed:
+        raise RuntimeError(_failure_message(failed, lay.logs))
 
 
 def _failure_message(failed: dict[str, int], logs: Path) -> str:
