@@ -12,7 +12,7 @@ import torch
 
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.federation.aggregator import create_federation
-from nnunet_adpfl.nnunet.pipeline import nnunet_command
+from nnunet_adpfl.nnunet.pipeline import nnunet_command, wait_all as pipeline_wait_all
 from nnunet_adpfl.privacy.adaptive import noise_aware_clip_lr
 from nnunet_adpfl.workflows.stages import (Layout, stage_data, stage_plan, new_run, start_aggregator, start_site,
                                          site_validation, summarise)
@@ -38,12 +38,12 @@ def planned(tmp_path_factory):
 
 def wait_all(procs: dict, timeout: float = 600) -> None:
     end = time.time() + timeout
+
+    def before_the_deadline() -> None:
+        assert time.time() < end, "federation did not finish in time"
     try:
-        while any(p.poll() is None for p in procs.values()):
-            bad = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
-            assert not bad, f"failed: {bad}"
-            assert time.time() < end, "federation did not finish in time"
-            time.sleep(1)
+        bad = pipeline_wait_all(procs, 1, before_the_deadline)
+        assert not bad, f"failed: {bad}"
     finally:
         for p in procs.values():
             if p.poll() is None:
