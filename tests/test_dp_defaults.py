@@ -95,7 +95,7 @@ def test_fine_tuning_trains_the_largest_set_whose_bound_reaches_the_threshold():
         return dp_defaults.finetune_trainable(counts, dp_defaults.Candidate(50, 8, 0.05, sigma))
     assert pick(0.5)[0] == "all"  # all 0.28
     choice, why = pick(1.0)  # all 0.14, decoder 0.18
-    assert choice == "decoder" and "all 0.14, decoder 0.18" in why
+    assert choice == "decoder" and why.startswith("decoder: the largest set whose bound") and "all 0.14, decoder 0.18" in why
     assert pick(1.82)[0] == "norm_bias"  # all 0.077, decoder 0.10: the main job's 23 cases per site
     assert pick(0.5, {"norm_bias": 1_446, "decoder": 96_102})[0] == "decoder"  # a network without that set
 
@@ -110,7 +110,7 @@ def test_fine_tuning_choice_at_the_measured_cohorts_and_what_keeps_the_default_s
         return dp_defaults.choose(inp, fixed)
     small, best, why = chosen(23)
     assert small["dp_trainable"] == "norm_bias" and best.sigma == pytest.approx(1.82, abs=0.01)
-    assert "reaches 0.15 when fine-tuning (all 0.077, decoder 0.1)" in why
+    assert "norm_bias: no larger set's bound over the run reaches 0.15 when fine-tuning (all 0.077, decoder 0.1)" in why
     assert chosen(124)[0]["dp_trainable"] == chosen(201)[0]["dp_trainable"] == "all"
     kept, _, why = chosen(201, clip_given=True)
     assert kept["dp_trainable"] == "norm_bias" and "max_grad_norm is given" in why

@@ -177,8 +177,8 @@ def finetune_trainable(counts: dict[str, int], best: Candidate) -> tuple[str, st
     bounds = {c: best.snr_over_run(counts[c]) for c in FINETUNE_LARGER if c in counts}
     choice = next((c for c, b in bounds.items() if b >= FINETUNE_MIN_BOUND), trainable_choice(counts, True))
     listed = ", ".join(f"{c} {b:.2g}" for c, b in bounds.items())
-    return choice, (f"{choice}: the largest set whose bound over the run reaches {FINETUNE_MIN_BOUND} when "
-                    f"fine-tuning ({listed})")
+    reason = "the largest set whose bound" if choice in bounds else "no larger set's bound"
+    return choice, f"{choice}: {reason} over the run reaches {FINETUNE_MIN_BOUND} when fine-tuning ({listed})"
 
 
 def spends_budget(top_bound: float, pretrained: bool) -> bool:
