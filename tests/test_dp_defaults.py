@@ -90,28 +90,40 @@ def test_choose_fills_only_what_is_not_given(fast_calibration):
 MAIN_JOB_COUNTS = {"all": 162_246, "decoder": 96_102, "norm_bias": 1_446}  # the main job's 2D net
 
 
-def test_fine_tuning_trains_the_largest_set_whose_bound_reaches_the_threshold():
-    def pick(sigma, counts=MAIN_JOB_COUNTS):  # bound over the run 8*sqrt(50)/(sigma*sqrt(d))
-        return dp_defaults.finetune_trainable(counts, dp_defaults.Candidate(50, 8, 0.05, sigma))
+BRAIN_W32_COUNTS = {"all": 325_190, "decoder": 182_819, "norm_bias": 1_027}  # the 3D net of "Near the threshold"
+
+
+def test_fine_tuning_trains_the_largest_set_whose_bound_reaches_the_threshold_for_its_cohort():
+    def pick(sigma, cases=23, counts=MAIN_JOB_COUNTS):  # bound over the run 8*sqrt(50)/(sigma*sqrt(d))
+        return dp_defaults.finetune_trainable(counts, dp_defaults.Candidate(50, 8, 8 / cases, sigma))
     assert pick(0.5)[0] == "all"  # all 0.28
     choice, why = pick(1.0)  # all 0.14, decoder 0.18
-    assert choice == "decoder" and why.startswith("decoder: the largest set whose bound") and "all 0.14, decoder 0.18" in why
+    assert choice == "decoder" and why.startswith("decoder: the largest set whose bound over the run reaches 0.15 "
+                                                  "when fine-tuning at N=23") and "all 0.14, decoder 0.18" in why
     assert pick(1.82)[0] == "norm_bias"  # all 0.077, decoder 0.10: the main job's 23 cases per site
-    assert pick(0.5, {"norm_bias": 1_446, "decoder": 96_102})[0] == "decoder"  # a network without that set
+    assert pick(0.5, counts={"norm_bias": 1_446, "decoder": 96_102})[0] == "decoder"  # a network without that set
+    assert pick(1.0, cases=79)[0] == "decoder" and pick(1.0, cases=80)[0] == "all"  # 0.15 below 80 cases, 0.09 from
+    assert pick(2.2, cases=80)[0] == "norm_bias"  # all 0.064, decoder 0.083: below 0.09 at 80 cases too
 
 
 def test_fine_tuning_choice_at_the_measured_cohorts_and_what_keeps_the_default_set():
-    """The runs behind FINETUNE_MIN_BOUND (epsilon 8, B = 8, 5 rounds x 10 steps): 23 cases per site -> norm_bias,
-    124 and 201 -> all (the measured winners); a given max_grad_norm or dp_trainable keeps its set."""
+    """The runs behind the thresholds (B = 8, 5 rounds x 10 steps): 2D at epsilon 8, 23 cases per site ->
+    norm_bias, 124 and 201 -> all (the measured winners); 3D (brain, width 32) at epsilon 8 and 5, 82-134 cases ->
+    all (above decoder and norm_bias on 3 seeds each); a given max_grad_norm or dp_trainable keeps its set."""
     fixed = {"expected_batch_size": 8, "num_iterations_per_epoch": 10}
 
-    def chosen(n, **kw):
-        inp = dp_defaults.Inputs(n, 8.0, 1e-5, MAIN_JOB_COUNTS, True, 8, epochs=5, **kw)
+    def chosen(n, epsilon=8.0, counts=MAIN_JOB_COUNTS, **kw):
+        inp = dp_defaults.Inputs(n, epsilon, 1e-5, counts, True, 8, epochs=5, **kw)
         return dp_defaults.choose(inp, fixed)
     small, best, why = chosen(23)
     assert small["dp_trainable"] == "norm_bias" and best.sigma == pytest.approx(1.82, abs=0.01)
-    assert "norm_bias: no larger set's bound over the run reaches 0.15 when fine-tuning (all 0.077, decoder 0.1)" in why
+    assert ("norm_bias: no larger set's bound over the run reaches 0.15 when fine-tuning at N=23 (0.09 from 80 cases, "
+            "else 0.15; all 0.077, decoder 0.1)") in why
     assert chosen(124)[0]["dp_trainable"] == chosen(201)[0]["dp_trainable"] == "all"
+    for n, epsilon in ((103, 8.0), (134, 8.0), (82, 8.0), (103, 5.0), (134, 5.0), (82, 5.0)):
+        brain, best, why = chosen(n, epsilon, BRAIN_W32_COUNTS)
+        assert brain["dp_trainable"] == "all", (n, epsilon, why)
+    assert best.snr_over_run(BRAIN_W32_COUNTS["all"]) == pytest.approx(0.092, abs=0.001)  # N = 82 at epsilon 5
     kept, _, why = chosen(201, clip_given=True)
     assert kept["dp_trainable"] == "norm_bias" and "max_grad_norm is given" in why
     assert "dp_trainable" not in dp_defaults.choose(

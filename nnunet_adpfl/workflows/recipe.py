@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..training.dp_defaults import (FINETUNE_LR, FINETUNE_MIN_BOUND, LOW_EPSILON_FINETUNE_LR, Candidate,  # noqa: F401
+from ..training.dp_defaults import (FINETUNE_LR, LOW_EPSILON_FINETUNE_LR, Candidate, finetune_min_bound,  # noqa: F401
                                     Inputs, budget, calibrated, candidates, choose, rule_candidates, search_pairs,
                                     suggest, trainable_counts)
 
@@ -64,8 +64,9 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     if "initial_lr" in settings:
         lines.append(CLIP_ADVICE)
     bound = best.snr_over_run(counts[settings["dp_trainable"]])
-    if "initial_lr" in settings and bound < FINETUNE_MIN_BOUND:
-        lines.append(f"warning: the run's signal-to-noise bound is below {FINETUNE_MIN_BOUND}: expect the private "
+    min_bound = finetune_min_bound(round(best.batch / best.sample_rate))
+    if "initial_lr" in settings and bound < min_bound:
+        lines.append(f"warning: the run's signal-to-noise bound is below {min_bound}: expect the private "
                      "run to stay near the public model (more cases help most)")
     elif "initial_lr" not in settings and bound < 1:
         lines.append("warning: the run's signal-to-noise bound is below 1: training moves the weights little beyond "
