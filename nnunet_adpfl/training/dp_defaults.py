@@ -124,6 +124,11 @@ class Candidate:
     sample_rate: float
     sigma: float
 
+    @property
+    def num_cases(self) -> int:
+        """N, the training cases the sampling rate B/N was computed for."""
+        return round(self.batch / self.sample_rate)
+
     def noise_std(self, clip: float) -> float:
         """Noise std per trainable coordinate of the averaged step."""
         return self.sigma * clip / self.batch
@@ -181,7 +186,7 @@ def finetune_min_bound(num_cases: int) -> float:
 def finetune_trainable(counts: dict[str, int], best: Candidate) -> tuple[str, str]:
     """(dp_trainable, why) when fine-tuning with dp_trainable and max_grad_norm left out: the largest set of
     FINETUNE_LARGER whose bound over the run at ``best`` reaches finetune_min_bound(N), else trainable_choice's."""
-    cases = round(best.batch / best.sample_rate)
+    cases = best.num_cases
     threshold = finetune_min_bound(cases)
     bounds = {c: best.snr_over_run(counts[c]) for c in FINETUNE_LARGER if c in counts}
     choice = next((c for c, b in bounds.items() if b >= threshold), trainable_choice(counts, True))
