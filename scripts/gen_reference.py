@@ -191,7 +191,7 @@ def defaults_page() -> str:
     for n in EXAMPLE_CASES:
         for eps in EXAMPLE_EPSILONS:
             for pretrained in (False, True):
-                inputs = Inputs(n, eps, 1e-5, EXAMPLE_COUNTS, pretrained, EXAMPLE_PLAN_BATCH)
+                inputs = Inputs(n, eps, 1e-5, EXAMPLE_COUNTS, pretrained, EXAMPLE_PLAN_BATCH, spatial_dims=3)
                 chosen, best, why = choose(inputs, {})
                 d = EXAMPLE_COUNTS[chosen["dp_trainable"]]
                 epochs, iterations = chosen.get("num_epochs"), chosen.get("num_iterations_per_epoch")

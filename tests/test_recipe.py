@@ -1,4 +1,5 @@
 """``nnunet-adpfl recipe``: its sigma spends at most the budget (independent accountant), SNR arithmetic, choices."""
+import json
 import math
 
 import pytest
@@ -70,3 +71,15 @@ def test_fine_tuning_recipe_says_where_the_clip_norm_comes_from():
     noisy = recipe.Candidate(100, 4, 0.06, 30.0)  # norm_bias bound 4*10/(30*sqrt(2000)) = 0.03
     settings = {"dp_trainable": "norm_bias", "initial_lr": 0.03}
     assert "stay near the public model" in recipe.format_recipe([noisy], counts, 1.0, (noisy, settings), 8.0, 1e-5, 64)
+
+
+def test_recipe_takes_the_spatial_dimensions_from_the_plan_or_the_configuration(tmp_path):
+    plans = tmp_path / "nnUNetPlans.json"
+    plans.write_text(json.dumps({"configurations": {"2d": {"patch_size": [40, 40]},
+                                                    "3d_fullres": {"patch_size": [24, 28, 24]}}}))
+    assert recipe.spatial_dims(str(plans), "2d") == 2 and recipe.spatial_dims(str(plans), "3d_fullres") == 3
+    assert recipe.spatial_dims(None, "2d") == 2 and recipe.spatial_dims(None, "3d_lowres") == 3
+    cands = recipe.candidates(51, 8.0, 1e-5, [50], [8])  # brain's site A of "Near the rule's threshold in 3D"
+    counts = {"all": 325_190, "decoder": 182_819, "norm_bias": 1_027}
+    assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=3)[1]["dp_trainable"] == "all"  # 0.093
+    assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=2)[1]["dp_trainable"] == "norm_bias"

@@ -15,7 +15,7 @@ step: 250,000 steps at B = 2 and N = 450 are within 10% of the best bound with n
 The steps that spend the budget at a batch are a multiple of STEP_QUANTUM. Otherwise the cheapest run:
 below 1 the run learns little whatever its length; fine-tuning public weights starts near a good model, where more
 steps add noise faster than signal (docs/FINETUNE.md's fine-tuning runs: a few hundred steps). Fine-tuning trains
-norm_bias, or the largest of all and decoder whose bound over the run reaches finetune_min_bound(N) (unless
+norm_bias, or the largest of all and decoder whose bound over the run reaches finetune_min_bound(N, dims) (unless
 max_grad_norm is given: a clip norm measured on public data belongs to the set it was measured for).
 """
 from __future__ import annotations
@@ -39,15 +39,18 @@ FINETUNE_LR = 3e-2
 LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 MOMENTUM = 0.9
 FINETUNE_TRAINABLE = ("norm_bias", "decoder")  # preferred dp_trainable when fine-tuning, first available
-# Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches finetune_min_bound(N) is trained instead.
-# Measured at epsilon 8 and 5, B = 8, 50 steps (docs/experiments/FINETUNE.md): 2D, N = 23 per site: decoder (bound
-# 0.10) and all (0.08) fell to the public model or below while norm_bias gained ("Which parameters at 150-200 cases
-# per site"); 2D, N = 124-201: all (0.19-0.22) and decoder (0.25-0.29) beat norm_bias; 3D, N = 82-134 ("Near the
-# rule's threshold in 3D"): all beat decoder at 0.12-0.14 (epsilon 8) and at 0.09-0.11 (epsilon 5), where the rule
-# at 0.15 chose norm_bias at two of three sites and kept far less of the gain. So the bound alone does not separate
-# the 2D failure from the 3D successes: 0.09 from FINETUNE_LARGE_COHORT cases (measured down to 82), 0.15 below it.
+# Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches finetune_min_bound(N, dims) is trained
+# instead. Measured at epsilon 8 and 5, B = 8, 50 steps (docs/experiments/FINETUNE.md): 2D, N = 23 per site: decoder
+# (bound 0.10) and all (0.08) fell to the public model or below while norm_bias gained ("Which parameters at 150-200
+# cases per site"); 2D, N = 36-60 (one seed): all (0.11-0.14) no better than norm_bias, decoder (0.14-0.19) best;
+# 2D, N = 124-201: all (0.19-0.22) and decoder (0.25-0.29) beat norm_bias; 3D (brain, "Near the rule's threshold in
+# 3D"): N = 82-134, all beat decoder at 0.12-0.14 (epsilon 8) and at 0.09-0.11 (epsilon 5); N = 41-67, all
+# (0.08-0.11) and decoder (0.11-0.14) far above norm_bias (epsilon 8). So the bound alone does not separate the 2D
+# failures from the 3D successes: 0.09 from FINETUNE_LARGE_COHORT[dims] cases (3D measured down to 41, 2D from the
+# 3D runs at 82+), 0.15 below it.
 FINETUNE_LARGER = ("all", "decoder")
-FINETUNE_MIN_BOUND, FINETUNE_LARGE_COHORT, FINETUNE_MIN_BOUND_LARGE_COHORT = 0.15, 80, 0.09
+FINETUNE_MIN_BOUND, FINETUNE_MIN_BOUND_LARGE_COHORT = 0.15, 0.09
+FINETUNE_LARGE_COHORT = {2: 80, 3: 40}  # spatial dimensions of the configuration -> N from which 0.09 suffices
 NNUNET_STEPS = 1000 * 250  # nnU-Net's epochs x iterations per epoch
 ITERATIONS_PER_EPOCH = 250  # nnU-Net's; the step grid's counts are multiples of it
 STEP_QUANTUM = 50  # the steps that spend the budget (single site) are multiples of it
@@ -178,23 +181,30 @@ def trainable_choice(counts: dict[str, int], pretrained: bool) -> str:
     return next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
 
 
-def finetune_min_bound(num_cases: int) -> float:
-    """The bound over the run a larger set needs when fine-tuning at a site with ``num_cases`` training cases."""
-    return FINETUNE_MIN_BOUND_LARGE_COHORT if num_cases >= FINETUNE_LARGE_COHORT else FINETUNE_MIN_BOUND
+def large_cohort(spatial_dims: int) -> int:
+    """N from which FINETUNE_MIN_BOUND_LARGE_COHORT suffices; 2D's (the more conservative) for other dimensions."""
+    return FINETUNE_LARGE_COHORT.get(spatial_dims, FINETUNE_LARGE_COHORT[2])
 
 
-def finetune_trainable(counts: dict[str, int], best: Candidate) -> tuple[str, str]:
+def finetune_min_bound(num_cases: int, spatial_dims: int) -> float:
+    """The bound over the run a larger set needs when fine-tuning at a site with ``num_cases`` training cases and a
+    configuration of ``spatial_dims`` (2 or 3) spatial dimensions."""
+    return FINETUNE_MIN_BOUND_LARGE_COHORT if num_cases >= large_cohort(spatial_dims) else FINETUNE_MIN_BOUND
+
+
+def finetune_trainable(counts: dict[str, int], best: Candidate, spatial_dims: int) -> tuple[str, str]:
     """(dp_trainable, why) when fine-tuning with dp_trainable and max_grad_norm left out: the largest set of
-    FINETUNE_LARGER whose bound over the run at ``best`` reaches finetune_min_bound(N), else trainable_choice's."""
+    FINETUNE_LARGER whose bound over the run at ``best`` reaches finetune_min_bound(N, dims), else
+    trainable_choice's."""
     cases = best.num_cases
-    threshold = finetune_min_bound(cases)
+    threshold = finetune_min_bound(cases, spatial_dims)
     bounds = {c: best.snr_over_run(counts[c]) for c in FINETUNE_LARGER if c in counts}
     choice = next((c for c, b in bounds.items() if b >= threshold), trainable_choice(counts, True))
     listed = ", ".join(f"{c} {b:.2g}" for c, b in bounds.items())
     reason = "the largest set whose bound" if choice in bounds else "no larger set's bound"
-    return choice, (f"{choice}: {reason} over the run reaches {threshold} when fine-tuning at N={cases} "
-                    f"({FINETUNE_MIN_BOUND_LARGE_COHORT} from {FINETUNE_LARGE_COHORT} cases, else "
-                    f"{FINETUNE_MIN_BOUND}; {listed})")
+    return choice, (f"{choice}: {reason} over the run reaches {threshold} when fine-tuning at N={cases} in "
+                    f"{spatial_dims}D ({FINETUNE_MIN_BOUND_LARGE_COHORT} from {large_cohort(spatial_dims)} cases, "
+                    f"else {FINETUNE_MIN_BOUND}; {listed})")
 
 
 def spends_budget(top_bound: float, pretrained: bool) -> bool:
@@ -225,14 +235,14 @@ def best_bound(cands: list[Candidate], parameters: int) -> float:
 
 
 def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, max_batch: int,
-            epsilon: float, clip_given: bool = False) -> tuple[Candidate, dict]:
+            epsilon: float, clip_given: bool = False, spatial_dims: int = 2) -> tuple[Candidate, dict]:
     """Settings of the best candidate among batches <= max_batch (memory), as a settings file; dp_trainable as
     choose() picks it."""
     choice = trainable_choice(counts, pretrained)
     fitting = [c for c in cands if c.batch <= max_batch] or [min(cands, key=lambda c: c.batch)]
     best = best_candidate(fitting, counts[choice], pretrained)
     if pretrained and not clip_given:
-        choice = finetune_trainable(counts, best)[0]
+        choice = finetune_trainable(counts, best, spatial_dims)[0]
     epochs, iterations = split_steps(best.steps)
     settings = {"target_epsilon": epsilon, "expected_batch_size": best.batch, "num_epochs": epochs,
                 "num_iterations_per_epoch": iterations, "dp_trainable": choice, "momentum": MOMENTUM,
@@ -308,6 +318,7 @@ class Inputs:
     epochs: int | None = None  # federated: rounds x epochs per round (federation.json); the rule then chooses the
     # iterations per epoch, so T is a multiple of it
     clip_given: bool = False  # max_grad_norm set (e.g. measured on public data for the default set): keep that set
+    spatial_dims: int = 2  # of the configuration (2d: 2, 3d_*: 3); 2 keeps the conservative fine-tuning threshold
 
 
 def budget(inp: Inputs) -> int:
@@ -357,7 +368,7 @@ def choose(inp: Inputs, explicit: dict) -> tuple[dict, Candidate, str]:
         if inp.clip_given:
             trainable_why = f"; {choice}: max_grad_norm is given (measured for it unless dp_trainable is set)"
         else:
-            choice, trainable_why = finetune_trainable(inp.counts, best)
+            choice, trainable_why = finetune_trainable(inp.counts, best, inp.spatial_dims)
             trainable_why = f"; dp_trainable {trainable_why}"
     chosen = {"expected_batch_size": best.batch, "dp_trainable": choice, "momentum": MOMENTUM}
     if steps is None and inp.epochs is not None:

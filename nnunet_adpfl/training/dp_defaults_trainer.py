@@ -55,7 +55,8 @@ def apply_to_trainer(trainer) -> dict:
             pretrained = pretrained_weights_argument() is not None
         inp = Inputs(n, s["target_epsilon"], s["delta"], trainable_counts(trainer.network), pretrained,
                      trainer.batch_size, s["dp_max_case_passes"], s["accountant"], epochs,
-                     clip_given="max_grad_norm" in given)
+                     clip_given="max_grad_norm" in given,
+                     spatial_dims=len(trainer.configuration_manager.patch_size))
         reused = load_calibrations(trainer.output_folder)
         try:
             chosen, _, why = choose(inp, explicit)

@@ -40,13 +40,22 @@ def plan_batch(plans: str, configuration: str) -> int:
         return json.load(f)["configurations"][configuration]["batch_size"]
 
 
+def spatial_dims(plans: str | None, configuration: str) -> int:
+    """The configuration's spatial dimensions: its patch size's in the plan, else 2 for nnU-Net's '2d' and 3 for
+    the others (3d_fullres, 3d_lowres, 3d_cascade_fullres)."""
+    if plans:
+        with open(plans) as f:
+            return len(json.load(f)["configurations"][configuration]["patch_size"])
+    return 2 if configuration == "2d" else 3
+
+
 GRID_HEAD = "suggested settings (spread the steps over epochs or rounds as you like, same total):"
 TRAINER_HEAD = ("what the DP trainers choose where the settings file leaves these out (dp_defaults 'auto'; "
                 "explicit settings win):")
 
 
 def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, suggestion: tuple, epsilon: float,
-                  delta: float, num_cases: int, settings_head: str = GRID_HEAD) -> str:
+                  delta: float, num_cases: int, settings_head: str = GRID_HEAD, dims: int = 2) -> str:
     names = list(counts)
     head = (["steps", "expected batch B", "rate q", "sigma", "noise std / coord"]
             + [f"SNR {n} (d={counts[n]:,})" for n in names])
@@ -64,7 +73,7 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     if "initial_lr" in settings:
         lines.append(CLIP_ADVICE)
     bound = best.snr_over_run(counts[settings["dp_trainable"]])
-    min_bound = finetune_min_bound(best.num_cases)
+    min_bound = finetune_min_bound(best.num_cases, dims)
     if "initial_lr" in settings and bound < min_bound:
         lines.append(f"warning: the run's signal-to-noise bound is below {min_bound}: expect the private "
                      "run to stay near the public model (more cases help most)")
@@ -79,7 +88,8 @@ def trainer_inputs(args, counts: dict[str, int]) -> Inputs:
     batch = plan_batch(args.plans, args.configuration) if args.plans else args.plan_batch
     epochs = args.rounds * args.epochs_per_round if args.rounds else None
     return Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
-                  args.accountant, epochs, clip_given=args.clip is not None)
+                  args.accountant, epochs, clip_given=args.clip is not None,
+                  spatial_dims=spatial_dims(args.plans, args.configuration))
 
 
 def trainer_choice(args, counts: dict[str, int]) -> tuple[list[Candidate], tuple]:
@@ -105,14 +115,16 @@ def _cmd(args) -> int:
         if args.steps or args.batch_sizes:
             cands = candidates(args.cases, args.epsilon, args.delta, args.steps or [100, 300, 1000],
                                args.batch_sizes or [2, 4, 8, 16, 32], args.accountant)
-            suggestion = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon, args.clip is not None)
+            suggestion = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon, args.clip is not None,
+                                 spatial_dims(args.plans, args.configuration))
             head = GRID_HEAD
         else:
             (cands, suggestion), head = trainer_choice(args, counts), TRAINER_HEAD
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     clip = 1.0 if args.clip is None else args.clip
-    print(format_recipe(cands, counts, clip, suggestion, args.epsilon, args.delta, args.cases, head))
+    print(format_recipe(cands, counts, clip, suggestion, args.epsilon, args.delta, args.cases, head,
+                        spatial_dims(args.plans, args.configuration)))
     return 0
 
 
@@ -135,7 +147,8 @@ def add_cli(sub) -> None:
                    "and fine-tuning, the trainers keep the default dp_trainable, the set it was measured for)")
     p.add_argument("--plans", help="nnUNetPlans.json (counts the trainable parameters of each dp_trainable choice)")
     p.add_argument("--dataset-json", help="dataset.json next to the plan")
-    p.add_argument("--configuration", default="3d_fullres")
+    p.add_argument("--configuration", default="3d_fullres", help="nnU-Net configuration (its spatial dimensions set "
+                   "the fine-tuning threshold's cohort size)")
     p.add_argument("--trainable-parameters", type=int, help="number of trainable parameters d (without --plans)")
     p.add_argument("--pretrained", action="store_true", help="fine-tuning public weights (-pretrained_weights)")
     p.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
