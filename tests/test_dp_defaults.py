@@ -110,10 +110,9 @@ def test_fine_tuning_trains_the_largest_set_whose_bound_reaches_the_threshold_fo
 
 def test_fine_tuning_choice_at_the_measured_cohorts_and_what_keeps_the_default_set():
     """The runs behind the thresholds (B = 8, 5 rounds x 10 steps): 2D at epsilon 8, 23 cases per site ->
-    norm_bias, 36-60 -> decoder or norm_bias (all was no better than norm_bias there), 124 and 201 -> all (the
-    measured winners); 3D (brain, width 32) at epsilon 8 and 5, 82-134 cases -> all (above decoder and norm_bias on
-    3 seeds each), at epsilon 8, 41-67 cases -> all or decoder (both far above norm_bias, 3 seeds); a given
-    max_grad_norm or dp_trainable keeps its set."""
+    norm_bias, 124 and 201 -> all (the measured winners); 3D (brain, width 32) at epsilon 8 and 5, 82-134 cases ->
+    all (above decoder and norm_bias on 3 seeds each), at epsilon 8, 41-67 cases -> all or decoder (both far above
+    norm_bias, 3 seeds); a given max_grad_norm or dp_trainable keeps its set."""
     fixed = {"expected_batch_size": 8, "num_iterations_per_epoch": 10}
 
     def chosen(n, epsilon=8.0, counts=MAIN_JOB_COUNTS, **kw):
@@ -123,7 +122,6 @@ def test_fine_tuning_choice_at_the_measured_cohorts_and_what_keeps_the_default_s
     assert small["dp_trainable"] == "norm_bias" and best.sigma == pytest.approx(1.82, abs=0.01)
     assert ("norm_bias: no larger set's bound over the run reaches 0.15 when fine-tuning at N=23 in 2D (0.09 from 80 "
             "cases, else 0.15; all 0.077, decoder 0.1)") in why
-    assert [chosen(n)[0]["dp_trainable"] for n in (46, 60, 36)] == ["decoder", "decoder", "norm_bias"]
     assert chosen(124)[0]["dp_trainable"] == chosen(201)[0]["dp_trainable"] == "all"
     for n, epsilon in ((103, 8.0), (134, 8.0), (82, 8.0), (103, 5.0), (134, 5.0), (82, 5.0), (51, 8.0), (67, 8.0)):
         brain, best, why = chosen(n, epsilon, BRAIN_W32_COUNTS, spatial_dims=3)
@@ -131,7 +129,8 @@ def test_fine_tuning_choice_at_the_measured_cohorts_and_what_keeps_the_default_s
     assert best.snr_over_run(BRAIN_W32_COUNTS["all"]) == pytest.approx(0.107, abs=0.001)  # N = 67 at epsilon 8
     site_c, best, why = chosen(41, 8.0, BRAIN_W32_COUNTS, spatial_dims=3)  # all 0.082 < 0.09 <= decoder 0.109
     assert site_c["dp_trainable"] == "decoder" and "in 3D (0.09 from 40 cases" in why
-    assert chosen(51, 8.0, BRAIN_W32_COUNTS)[0]["dp_trainable"] == "norm_bias"  # the same cohort in 2D: 0.15
+    # the same cohort in 2D: 0.15 (in 2D at 36-60 cases all at 0.11-0.14 was no better than norm_bias)
+    assert chosen(51, 8.0, BRAIN_W32_COUNTS)[0]["dp_trainable"] == "norm_bias"
     kept, _, why = chosen(201, clip_given=True)
     assert kept["dp_trainable"] == "norm_bias" and "max_grad_norm is given" in why
     assert "dp_trainable" not in dp_defaults.choose(
