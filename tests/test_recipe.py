@@ -79,7 +79,7 @@ def test_recipe_takes_the_spatial_dimensions_from_the_plan_or_the_configuration(
                                                     "3d_fullres": {"patch_size": [24, 28, 24]}}}))
     assert recipe.spatial_dims(str(plans), "2d") == 2 and recipe.spatial_dims(str(plans), "3d_fullres") == 3
     assert recipe.spatial_dims(None, "2d") == 2 and recipe.spatial_dims(None, "3d_lowres") == 3
-    cands = recipe.candidates(51, 8.0, 1e-5, [50], [8])  # brain's site A of "Near the rule's threshold in 3D"
+    cands = recipe.candidates(51, 8.0, 1e-5, [50], [8])  # brain's site A of "In 3D at 41-67 cases per site"
     counts = {"all": 325_190, "decoder": 182_819, "norm_bias": 1_027}
     assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=3)[1]["dp_trainable"] == "all"  # 0.093
     assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=2)[1]["dp_trainable"] == "norm_bias"

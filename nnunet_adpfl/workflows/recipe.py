@@ -83,18 +83,17 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     return "\n".join(lines)
 
 
-def trainer_inputs(args, counts: dict[str, int]) -> Inputs:
+def trainer_inputs(args, counts: dict[str, int], dims: int) -> Inputs:
     """The rule's inputs, as the DP trainer (or, with --rounds, a federated DP trainer) has them."""
     batch = plan_batch(args.plans, args.configuration) if args.plans else args.plan_batch
     epochs = args.rounds * args.epochs_per_round if args.rounds else None
     return Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
-                  args.accountant, epochs, clip_given=args.clip is not None,
-                  spatial_dims=spatial_dims(args.plans, args.configuration))
+                  args.accountant, epochs, clip_given=args.clip is not None, spatial_dims=dims)
 
 
-def trainer_choice(args, counts: dict[str, int]) -> tuple[list[Candidate], tuple]:
+def trainer_choice(args, counts: dict[str, int], dims: int) -> tuple[list[Candidate], tuple]:
     """What the DP trainers choose with no settings file (dp_defaults 'auto'): the same function, same inputs."""
-    inp = trainer_inputs(args, counts)
+    inp = trainer_inputs(args, counts, dims)
     chosen, best, _ = choose(inp, {})
     return rule_candidates(inp, {})[2], (best, {"target_epsilon": args.epsilon, **chosen})
 
@@ -111,20 +110,20 @@ def _cmd(args) -> int:
     else:
         raise SystemExit("error: give --plans and --dataset-json (counts per dp_trainable) or "
                          "--trainable-parameters D")
+    dims = spatial_dims(args.plans, args.configuration)
     try:
         if args.steps or args.batch_sizes:
             cands = candidates(args.cases, args.epsilon, args.delta, args.steps or [100, 300, 1000],
                                args.batch_sizes or [2, 4, 8, 16, 32], args.accountant)
-            suggestion = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon, args.clip is not None,
-                                 spatial_dims(args.plans, args.configuration))
+            suggestion = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon,
+                                 args.clip is not None, dims)
             head = GRID_HEAD
         else:
-            (cands, suggestion), head = trainer_choice(args, counts), TRAINER_HEAD
+            (cands, suggestion), head = trainer_choice(args, counts, dims), TRAINER_HEAD
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     clip = 1.0 if args.clip is None else args.clip
-    print(format_recipe(cands, counts, clip, suggestion, args.epsilon, args.delta, args.cases, head,
-                        spatial_dims(args.plans, args.configuration)))
+    print(format_recipe(cands, counts, clip, suggestion, args.epsilon, args.delta, args.cases, head, dims))
     return 0
 
 
