@@ -15,7 +15,7 @@ step: 250,000 steps at B = 2 and N = 450 are within 10% of the best bound with n
 The steps that spend the budget at a batch are a multiple of STEP_QUANTUM. Otherwise the cheapest run:
 below 1 the run learns little whatever its length; fine-tuning public weights starts near a good model, where more
 steps add noise faster than signal (docs/FINETUNE.md's fine-tuning runs: a few hundred steps). Fine-tuning trains
-norm_bias, or the largest of all and decoder whose bound over the run reaches finetune_min_bound(N, dims) (unless
+norm_bias, or the largest of all and decoder whose bound over the run reaches finetune_min_bound(set, N, dims) (unless
 max_grad_norm is given: a clip norm measured on public data belongs to the set it was measured for).
 """
 from __future__ import annotations
@@ -39,18 +39,19 @@ FINETUNE_LR = 3e-2
 LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 MOMENTUM = 0.9
 FINETUNE_TRAINABLE = ("norm_bias", "decoder")  # preferred dp_trainable when fine-tuning, first available
-# Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches finetune_min_bound(N, dims) is trained
-# instead. Measured at epsilon 8 and 5, B = 8, 50 steps (docs/experiments/FINETUNE.md): 2D, N = 23 per site: decoder
-# (bound 0.10) and all (0.08) fell to the public model or below while norm_bias gained ("Which parameters at 150-200
-# cases per site"); 2D, N = 36-60 (one seed): all (0.11-0.14) no better than norm_bias, decoder (0.14-0.19) best;
-# 2D, N = 124-201: all (0.19-0.22) and decoder (0.25-0.29) beat norm_bias; 3D (brain, "Near the rule's threshold in
-# 3D"): N = 82-134, all beat decoder at 0.12-0.14 (epsilon 8) and at 0.09-0.11 (epsilon 5); N = 41-67, all
-# (0.08-0.11) and decoder (0.11-0.14) far above norm_bias (epsilon 8). So the bound alone does not separate the 2D
-# failures from the 3D successes: 0.09 from FINETUNE_LARGE_COHORT[dims] cases (3D measured down to 41, 2D from the
-# 3D runs at 82+), 0.15 below it.
+# Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches finetune_min_bound(set, N, dims) is
+# trained instead. Measured at epsilon 8 and 5, B = 8, 50 steps (docs/experiments/FINETUNE.md): 2D, N = 23 per site:
+# decoder (bound 0.10) and all (0.08) fell to the public model or below while norm_bias gained ("Which parameters at
+# 150-200 cases per site"); 2D, N = 36-60 (one seed): all (0.11-0.14) no better than norm_bias, decoder (0.14-0.19)
+# best; 2D, N = 124-201: all (0.19-0.22) and decoder (0.25-0.29) beat norm_bias; 3D (brain, "Near the rule's
+# threshold in 3D"): N = 82-134, all beat decoder at 0.12-0.14 (epsilon 8) and at 0.09-0.11 (epsilon 5); N = 41-67,
+# all (0.08-0.11) and decoder (0.11-0.14) far above norm_bias (epsilon 8); N = 20-33, decoder (0.065-0.095) above
+# norm_bias and all (0.049-0.071) not (epsilon 8). So the bound alone separates neither the 2D failures from the 3D
+# successes nor all from decoder: per dimensions and set, (N from which, bound); 0.15 below that N.
 FINETUNE_LARGER = ("all", "decoder")
-FINETUNE_MIN_BOUND, FINETUNE_MIN_BOUND_LARGE_COHORT = 0.15, 0.09
-FINETUNE_LARGE_COHORT = {2: 80, 3: 40}  # spatial dimensions of the configuration -> N from which 0.09 suffices
+FINETUNE_MIN_BOUND = 0.15
+FINETUNE_COHORT_BOUNDS = {2: {"all": (80, 0.09), "decoder": (80, 0.09)},  # 2D: from the 3D runs at 82+
+                          3: {"all": (40, 0.09), "decoder": (20, 0.065)}}  # 3D: measured down to 41 and 20
 NNUNET_STEPS = 1000 * 250  # nnU-Net's epochs x iterations per epoch
 ITERATIONS_PER_EPOCH = 250  # nnU-Net's; the step grid's counts are multiples of it
 STEP_QUANTUM = 50  # the steps that spend the budget (single site) are multiples of it
@@ -181,30 +182,33 @@ def trainable_choice(counts: dict[str, int], pretrained: bool) -> str:
     return next((c for c in FINETUNE_TRAINABLE if c in counts), "all") if pretrained else "all"
 
 
-def large_cohort(spatial_dims: int) -> int:
-    """N from which FINETUNE_MIN_BOUND_LARGE_COHORT suffices; 2D's (the more conservative) for other dimensions."""
-    return FINETUNE_LARGE_COHORT.get(spatial_dims, FINETUNE_LARGE_COHORT[2])
+def cohort_bounds(spatial_dims: int) -> dict[str, tuple[int, float]]:
+    """{set: (N from which, bound)} for a configuration's spatial dimensions; 2D's (the more conservative) for
+    other dimensions."""
+    return FINETUNE_COHORT_BOUNDS.get(spatial_dims, FINETUNE_COHORT_BOUNDS[2])
 
 
-def finetune_min_bound(num_cases: int, spatial_dims: int) -> float:
-    """The bound over the run a larger set needs when fine-tuning at a site with ``num_cases`` training cases and a
-    configuration of ``spatial_dims`` (2 or 3) spatial dimensions."""
-    return FINETUNE_MIN_BOUND_LARGE_COHORT if num_cases >= large_cohort(spatial_dims) else FINETUNE_MIN_BOUND
+def finetune_min_bound(trainable: str, num_cases: int, spatial_dims: int) -> float:
+    """The bound over the run ``trainable`` needs when fine-tuning at a site with ``num_cases`` training cases and
+    a configuration of ``spatial_dims`` (2 or 3) spatial dimensions."""
+    from_cases, bound = cohort_bounds(spatial_dims).get(trainable, (0, FINETUNE_MIN_BOUND))
+    return bound if num_cases >= from_cases else FINETUNE_MIN_BOUND
 
 
 def finetune_trainable(counts: dict[str, int], best: Candidate, spatial_dims: int) -> tuple[str, str]:
     """(dp_trainable, why) when fine-tuning with dp_trainable and max_grad_norm left out: the largest set of
-    FINETUNE_LARGER whose bound over the run at ``best`` reaches finetune_min_bound(N, dims), else
+    FINETUNE_LARGER whose bound over the run at ``best`` reaches its finetune_min_bound(set, N, dims), else
     trainable_choice's."""
     cases = best.num_cases
-    threshold = finetune_min_bound(cases, spatial_dims)
     bounds = {c: best.snr_over_run(counts[c]) for c in FINETUNE_LARGER if c in counts}
-    choice = next((c for c, b in bounds.items() if b >= threshold), trainable_choice(counts, True))
+    choice = next((c for c, b in bounds.items() if b >= finetune_min_bound(c, cases, spatial_dims)),
+                  trainable_choice(counts, True))
     listed = ", ".join(f"{c} {b:.2g}" for c, b in bounds.items())
-    reason = "the largest set whose bound" if choice in bounds else "no larger set's bound"
-    return choice, (f"{choice}: {reason} over the run reaches {threshold} when fine-tuning at N={cases} in "
-                    f"{spatial_dims}D ({FINETUNE_MIN_BOUND_LARGE_COHORT} from {large_cohort(spatial_dims)} cases, "
-                    f"else {FINETUNE_MIN_BOUND}; {listed})")
+    rule = ", ".join(f"{c} {b} from {n} cases" for c, (n, b) in cohort_bounds(spatial_dims).items())
+    reason = "the largest set whose bound over the run reaches its threshold" if choice in bounds else \
+        "no larger set's bound over the run reaches its threshold"
+    return choice, (f"{choice}: {reason} when fine-tuning at N={cases} in {spatial_dims}D ({rule}, else "
+                    f"{FINETUNE_MIN_BOUND}; {listed})")
 
 
 def spends_budget(top_bound: float, pretrained: bool) -> bool:

@@ -73,7 +73,7 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     if "initial_lr" in settings:
         lines.append(CLIP_ADVICE)
     bound = best.snr_over_run(counts[settings["dp_trainable"]])
-    min_bound = finetune_min_bound(best.num_cases, dims)
+    min_bound = finetune_min_bound(settings["dp_trainable"], best.num_cases, dims)
     if "initial_lr" in settings and bound < min_bound:
         lines.append(f"warning: the run's signal-to-noise bound is below {min_bound}: expect the private "
                      "run to stay near the public model (more cases help most)")
