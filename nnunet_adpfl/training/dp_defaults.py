@@ -42,12 +42,12 @@ FINETUNE_TRAINABLE = ("norm_bias", "decoder")  # preferred dp_trainable when fin
 # Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches finetune_min_bound(set, N, dims) is
 # trained instead. Measured at epsilon 8 and 5, B = 8, 50 steps (docs/experiments/FINETUNE.md): 2D, N = 23 per site:
 # decoder (bound 0.10) and all (0.08) fell to the public model or below while norm_bias gained ("Which parameters at
-# 150-200 cases per site"); 2D, N = 36-60 (one seed): all (0.11-0.14) no better than norm_bias, decoder (0.14-0.19)
-# best; 2D, N = 124-201: all (0.19-0.22) and decoder (0.25-0.29) beat norm_bias; 3D (brain, "Near the rule's
-# threshold in 3D"): N = 82-134, all beat decoder at 0.12-0.14 (epsilon 8) and at 0.09-0.11 (epsilon 5); N = 41-67,
-# all (0.08-0.11) and decoder (0.11-0.14) far above norm_bias (epsilon 8); N = 20-33, decoder (0.065-0.095) above
-# norm_bias and all (0.049-0.071) not (epsilon 8). So the bound alone separates neither the 2D failures from the 3D
-# successes nor all from decoder: per dimensions and set, (N from which, bound); 0.15 below that N.
+# 150-200 cases per site"); 2D, N = 36-60 (3 seeds): all (0.11-0.14) no better than norm_bias, decoder (0.14-0.19) a
+# point above both; 2D, N = 124-201: all (0.19-0.22) and decoder (0.25-0.29) beat norm_bias; 3D (brain, "Near the rule's
+# threshold in 3D"): N = 82-134, all beat decoder at 0.12-0.14 (epsilon 8) and at 0.09-0.11 (epsilon 5); N = 41-67, all
+# (0.08-0.11) and decoder (0.11-0.14) far above norm_bias (epsilon 8); N = 20-33, decoder (0.065-0.095) above norm_bias
+# and all (0.049-0.071) not (epsilon 8). So the bound alone separates neither the 2D failures from the 3D successes nor
+# all from decoder: per dimensions and set, (N from which, bound); 0.15 below that N.
 FINETUNE_LARGER = ("all", "decoder")
 FINETUNE_MIN_BOUND = 0.15
 FINETUNE_COHORT_BOUNDS = {2: {"all": (80, 0.09), "decoder": (80, 0.09)},  # 2D: from the 3D runs at 82+
