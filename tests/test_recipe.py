@@ -77,7 +77,8 @@ def test_recipe_takes_the_spatial_dimensions_from_the_plan_or_the_configuration(
     plans = tmp_path / "nnUNetPlans.json"
     plans.write_text(json.dumps({"configurations": {"2d": {"patch_size": [40, 40]},
                                                     "3d_fullres": {"patch_size": [24, 28, 24]}}}))
-    assert recipe.spatial_dims(str(plans), "2d") == 2 and recipe.spatial_dims(str(plans), "3d_fullres") == 3
+    plan = recipe.read_plan(str(plans))
+    assert recipe.spatial_dims(plan, "2d") == 2 and recipe.spatial_dims(plan, "3d_fullres") == 3
     assert recipe.spatial_dims(None, "2d") == 2 and recipe.spatial_dims(None, "3d_lowres") == 3
     cands = recipe.candidates(51, 8.0, 1e-5, [50], [8])  # brain's site A of "In 3D at 41-67 cases per site"
     counts = {"all": 325_190, "decoder": 182_819, "norm_bias": 1_027}

@@ -26,26 +26,25 @@ CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data 
                "model. For ADP-FL keep adpfl_clip_max_ratio at 1 (docs/experiments/FINETUNE.md).")
 
 
-def parameter_counts(plans: str, dataset_json: str, configuration: str) -> dict[str, int]:
+def read_plan(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def parameter_counts(plan: dict, dataset_json: str, configuration: str) -> dict[str, int]:
     """Trainable coordinates under each dp_trainable choice for the plan's network (as the trainer counts them)."""
     from ..federation.aggregator import build_network
     from ..training.dp_trainer import make_dp_safe
 
-    with open(plans) as f, open(dataset_json) as g:
-        return trainable_counts(make_dp_safe(build_network(json.load(f), json.load(g), configuration)))
+    with open(dataset_json) as g:
+        return trainable_counts(make_dp_safe(build_network(plan, json.load(g), configuration)))
 
 
-def plan_batch(plans: str, configuration: str) -> int:
-    with open(plans) as f:
-        return json.load(f)["configurations"][configuration]["batch_size"]
-
-
-def spatial_dims(plans: str | None, configuration: str) -> int:
+def spatial_dims(plan: dict | None, configuration: str) -> int:
     """The configuration's spatial dimensions: its patch size's in the plan, else 2 for nnU-Net's '2d' and 3 for
     the others (3d_fullres, 3d_lowres, 3d_cascade_fullres)."""
-    if plans:
-        with open(plans) as f:
-            return len(json.load(f)["configurations"][configuration]["patch_size"])
+    if plan:
+        return len(plan["configurations"][configuration]["patch_size"])
     return 2 if configuration == "2d" else 3
 
 
@@ -83,26 +82,27 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     return "\n".join(lines)
 
 
-def trainer_inputs(args, counts: dict[str, int], dims: int) -> Inputs:
+def trainer_inputs(args, counts: dict[str, int], plan: dict | None, dims: int) -> Inputs:
     """The rule's inputs, as the DP trainer (or, with --rounds, a federated DP trainer) has them."""
-    batch = plan_batch(args.plans, args.configuration) if args.plans else args.plan_batch
+    batch = plan["configurations"][args.configuration]["batch_size"] if plan else args.plan_batch
     epochs = args.rounds * args.epochs_per_round if args.rounds else None
     return Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
                   args.accountant, epochs, clip_given=args.clip is not None, spatial_dims=dims)
 
 
-def trainer_choice(args, counts: dict[str, int], dims: int) -> tuple[list[Candidate], tuple]:
+def trainer_choice(args, counts: dict[str, int], plan: dict | None, dims: int) -> tuple[list[Candidate], tuple]:
     """What the DP trainers choose with no settings file (dp_defaults 'auto'): the same function, same inputs."""
-    inp = trainer_inputs(args, counts, dims)
+    inp = trainer_inputs(args, counts, plan, dims)
     chosen, best, _ = choose(inp, {})
     return rule_candidates(inp, {})[2], (best, {"target_epsilon": args.epsilon, **chosen})
 
 
 def _cmd(args) -> int:
-    if args.plans:
+    plan = read_plan(args.plans) if args.plans else None
+    if plan:
         if not args.dataset_json:
             raise SystemExit("error: --plans needs --dataset-json")
-        counts = parameter_counts(args.plans, args.dataset_json, args.configuration)
+        counts = parameter_counts(plan, args.dataset_json, args.configuration)
     elif args.trainable_parameters:
         counts = {"all": args.trainable_parameters}
         if args.pretrained:
@@ -110,7 +110,7 @@ def _cmd(args) -> int:
     else:
         raise SystemExit("error: give --plans and --dataset-json (counts per dp_trainable) or "
                          "--trainable-parameters D")
-    dims = spatial_dims(args.plans, args.configuration)
+    dims = spatial_dims(plan, args.configuration)
     try:
         if args.steps or args.batch_sizes:
             cands = candidates(args.cases, args.epsilon, args.delta, args.steps or [100, 300, 1000],
@@ -119,7 +119,7 @@ def _cmd(args) -> int:
                                  args.clip is not None, dims)
             head = GRID_HEAD
         else:
-            (cands, suggestion), head = trainer_choice(args, counts, dims), TRAINER_HEAD
+            (cands, suggestion), head = trainer_choice(args, counts, plan, dims), TRAINER_HEAD
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     clip = 1.0 if args.clip is None else args.clip
@@ -147,7 +147,7 @@ def add_cli(sub) -> None:
     p.add_argument("--plans", help="nnUNetPlans.json (counts the trainable parameters of each dp_trainable choice)")
     p.add_argument("--dataset-json", help="dataset.json next to the plan")
     p.add_argument("--configuration", default="3d_fullres", help="nnU-Net configuration (its spatial dimensions set "
-                   "the fine-tuning threshold's cohort size)")
+                   "the fine-tuning thresholds)")
     p.add_argument("--trainable-parameters", type=int, help="number of trainable parameters d (without --plans)")
     p.add_argument("--pretrained", action="store_true", help="fine-tuning public weights (-pretrained_weights)")
     p.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
