@@ -77,10 +77,24 @@ def test_recipe_takes_the_spatial_dimensions_from_the_plan_or_the_configuration(
     plans = tmp_path / "nnUNetPlans.json"
     plans.write_text(json.dumps({"configurations": {"2d": {"patch_size": [40, 40]},
                                                     "3d_fullres": {"patch_size": [24, 28, 24]}}}))
-    plan = recipe.read_plan(str(plans))
+    plan = recipe.read_plan(str(plans), "2d")
     assert recipe.spatial_dims(plan, "2d") == 2 and recipe.spatial_dims(plan, "3d_fullres") == 3
     assert recipe.spatial_dims(None, "2d") == 2 and recipe.spatial_dims(None, "3d_lowres") == 3
     cands = recipe.candidates(51, 8.0, 1e-5, [50], [8])  # brain's site A of "In 3D at 41-67 cases per site"
     counts = {"all": 325_190, "decoder": 182_819, "norm_bias": 1_027}
     assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=3)[1]["dp_trainable"] == "all"  # 0.093
     assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=2)[1]["dp_trainable"] == "norm_bias"
+
+
+def test_recipe_refuses_a_missing_malformed_or_foreign_plan_with_a_clear_error(tmp_path):
+    bad, listed = tmp_path / "bad.json", tmp_path / "list.json"
+    bad.write_text("{not json")
+    listed.write_text("[1, 2]")
+    for path, message in ((tmp_path / "missing.json", "cannot read --plans"), (bad, "cannot read --plans"),
+                          (listed, "is not a JSON object")):
+        with pytest.raises(SystemExit, match=message):
+            recipe.read_plan(str(path), "3d_fullres")
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps({"configurations": {"2d": {"patch_size": [40, 40]}}}))
+    with pytest.raises(SystemExit, match="has no configuration '3d_fullres'"):
+        recipe.read_plan(str(plans), "3d_fullres")

@@ -26,9 +26,24 @@ CLIP_ADVICE = ("max_grad_norm: the median per-case gradient norm of PUBLIC data 
                "model. For ADP-FL keep adpfl_clip_max_ratio at 1 (docs/experiments/FINETUNE.md).")
 
 
-def read_plan(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: str, what: str) -> dict:
+    """A JSON object the user named on the command line; a clear error if it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {what} {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {what} {path} is not a JSON object")
+    return data
+
+
+def read_plan(path: str, configuration: str) -> dict:
+    """The plan, checked to hold ``configuration``."""
+    plan = read_json(path, "--plans")
+    if configuration not in plan.get("configurations", {}):
+        raise SystemExit(f"error: --plans {path} has no configuration {configuration!r}")
+    return plan
 
 
 def parameter_counts(plan: dict, dataset_json: str, configuration: str) -> dict[str, int]:
@@ -36,8 +51,8 @@ def parameter_counts(plan: dict, dataset_json: str, configuration: str) -> dict[
     from ..federation.aggregator import build_network
     from ..training.dp_trainer import make_dp_safe
 
-    with open(dataset_json) as g:
-        return trainable_counts(make_dp_safe(build_network(plan, json.load(g), configuration)))
+    return trainable_counts(make_dp_safe(build_network(plan, read_json(dataset_json, "--dataset-json"),
+                                                       configuration)))
 
 
 def spatial_dims(plan: dict | None, configuration: str) -> int:
@@ -98,7 +113,7 @@ def trainer_choice(args, counts: dict[str, int], plan: dict | None, dims: int) -
 
 
 def _cmd(args) -> int:
-    plan = read_plan(args.plans) if args.plans else None
+    plan = read_plan(args.plans, args.configuration) if args.plans else None
     if plan:
         if not args.dataset_json:
             raise SystemExit("error: --plans needs --dataset-json")
