@@ -181,7 +181,9 @@ def defaults_page() -> str:
              "(`nnunet_adpfl.training.dp_defaults.choose`) for a network of "
              f"{EXAMPLE_COUNTS['all']:,} parameters ({EXAMPLE_COUNTS['norm_bias']:,} in `norm_bias`, "
              f"{EXAMPLE_COUNTS['decoder']:,} in the decoder: the 3D kidney network of our experiments at width 32), "
-             f"delta 1e-5, a plan batch of {EXAMPLE_PLAN_BATCH} and nnU-Net's run as the budget. For your own "
+             f"delta 1e-5, a plan batch of {EXAMPLE_PLAN_BATCH} and nnU-Net's run as the budget, at a single site "
+             "(a federated site's fine-tuning thresholds are lower where a round averages 2 or more sites' updates: "
+             "`recipe --rounds R --sites K`). For your own "
              "network and N: `nnunet-adpfl recipe` ([choosing epsilon and the settings](../EPSILON.md)). "
              "The bound is the signal-to-noise bound over the run B*sqrt(T)/(sigma*sqrt(d)); below 1 the run "
              "learns little whatever its length.\n\n",
@@ -191,7 +193,7 @@ def defaults_page() -> str:
     for n in EXAMPLE_CASES:
         for eps in EXAMPLE_EPSILONS:
             for pretrained in (False, True):
-                inputs = Inputs(n, eps, 1e-5, EXAMPLE_COUNTS, pretrained, EXAMPLE_PLAN_BATCH, spatial_dims=3)
+                inputs = Inputs(n, eps, 1e-5, EXAMPLE_COUNTS, pretrained, EXAMPLE_PLAN_BATCH, spatial_dims=3, sites=1)
                 chosen, best, why = choose(inputs, {})
                 d = EXAMPLE_COUNTS[chosen["dp_trainable"]]
                 epochs, iterations = chosen.get("num_epochs"), chosen.get("num_iterations_per_epoch")

@@ -94,12 +94,13 @@ BRAIN_W32_COUNTS = {"all": 325_190, "decoder": 182_819, "norm_bias": 1_027}  # t
 
 
 def test_fine_tuning_trains_the_largest_set_whose_bound_reaches_the_threshold_for_its_cohort():
-    def pick(sigma, cases=23, counts=MAIN_JOB_COUNTS, dims=2):  # bound over the run 8*sqrt(50)/(sigma*sqrt(d))
-        return dp_defaults.finetune_trainable(counts, dp_defaults.Candidate(50, 8, 8 / cases, sigma), dims)
+    def pick(sigma, cases=23, counts=MAIN_JOB_COUNTS, dims=2, sites=3):  # bound 8*sqrt(50)/(sigma*sqrt(d))
+        return dp_defaults.finetune_trainable(counts, dp_defaults.Candidate(50, 8, 8 / cases, sigma), dims, sites)
     assert pick(0.5)[0] == "all"  # all 0.28
     choice, why = pick(1.0)  # all 0.14, decoder 0.18
     assert choice == "decoder" and why.startswith("decoder: the largest set whose bound over the run reaches its "
-                                                  "threshold when fine-tuning at N=23 in 2D") and "all 0.14, decoder 0.18" in why
+                                                  "threshold when fine-tuning at N=23 in 2D, 3 sites averaged per "
+                                                  "round") and "all 0.14, decoder 0.18" in why
     assert pick(1.82)[0] == "norm_bias"  # all 0.077, decoder 0.10: the main job's 23 cases per site
     assert pick(0.5, counts={"norm_bias": 1_446, "decoder": 96_102})[0] == "decoder"  # a network without that set
     assert pick(1.0, cases=79)[0] == "decoder" and pick(1.0, cases=80)[0] == "all"  # 2D: 0.15 below 80 cases, 0.09 from
@@ -109,6 +110,15 @@ def test_fine_tuning_trains_the_largest_set_whose_bound_reaches_the_threshold_fo
     assert pick(2.02, cases=20, **brain)[0] == "decoder" and pick(2.02, cases=19, **brain)[0] == "norm_bias"
     assert pick(2.1, cases=20, **brain)[0] == "norm_bias"  # decoder 0.063 < 0.065
     assert pick(1.0, cases=79, dims=1)[0] == "decoder"  # other dimensions: 2D's cut
+    # fewer sites average less noise: thresholds x sqrt(3/K); more than 3 keep 3's
+    assert pick(2.02, cases=20, sites=1, **brain)[0] == "norm_bias"  # decoder 0.065 < 0.065 * sqrt(3) = 0.113
+    assert pick(1.16, cases=20, sites=1, **brain)[0] == "decoder"  # decoder 0.114
+    assert pick(1.3, cases=20, sites=2, **brain)[0] == "decoder" and pick(1.8, cases=20, sites=2, **brain)[0] == \
+        "norm_bias"  # decoder 0.102 / 0.074 against 0.065 * sqrt(3/2) = 0.080
+    assert pick(2.02, cases=20, sites=10, **brain)[0] == "decoder" and pick(2.1, cases=20, sites=10, **brain)[0] == \
+        "norm_bias"
+    assert "in 3D, a single site (all 0.16 from 40 cases, decoder 0.11 from 20 cases, else 0.26;" in \
+        pick(2.02, cases=20, sites=1, **brain)[1]
 
 
 def test_fine_tuning_choice_at_the_measured_cohorts_and_what_keeps_the_default_set():
@@ -119,22 +129,27 @@ def test_fine_tuning_choice_at_the_measured_cohorts_and_what_keeps_the_default_s
     dp_trainable keeps its set."""
     fixed = {"expected_batch_size": 8, "num_iterations_per_epoch": 10}
 
-    def chosen(n, epsilon=8.0, counts=MAIN_JOB_COUNTS, **kw):
-        inp = dp_defaults.Inputs(n, epsilon, 1e-5, counts, True, 8, epochs=5, **kw)
+    def chosen(n, epsilon=8.0, counts=MAIN_JOB_COUNTS, sites=3, **kw):
+        inp = dp_defaults.Inputs(n, epsilon, 1e-5, counts, True, 8, epochs=5, sites=sites, **kw)
         return dp_defaults.choose(inp, fixed)
     small, best, why = chosen(23)
     assert small["dp_trainable"] == "norm_bias" and best.sigma == pytest.approx(1.82, abs=0.01)
-    assert ("norm_bias: no larger set's bound over the run reaches its threshold when fine-tuning at N=23 in 2D (all "
-            "0.09 from 80 cases, decoder 0.09 from 80 cases, else 0.15; all 0.077, decoder 0.1)") in why
+    assert ("norm_bias: no larger set's bound over the run reaches its threshold when fine-tuning at N=23 in 2D, 3 "
+            "sites averaged per round (all 0.09 from 80 cases, decoder 0.09 from 80 cases, else 0.15; all 0.077, "
+            "decoder 0.1)") in why
     assert chosen(124)[0]["dp_trainable"] == chosen(201)[0]["dp_trainable"] == "all"
     for n, epsilon in ((103, 8.0), (134, 8.0), (82, 8.0), (103, 5.0), (134, 5.0), (82, 5.0), (51, 8.0), (67, 8.0)):
         brain, best, why = chosen(n, epsilon, BRAIN_W32_COUNTS, spatial_dims=3)
         assert brain["dp_trainable"] == "all", (n, epsilon, why)
     assert best.snr_over_run(BRAIN_W32_COUNTS["all"]) == pytest.approx(0.107, abs=0.001)  # N = 67 at epsilon 8
     site_c, best, why = chosen(41, 8.0, BRAIN_W32_COUNTS, spatial_dims=3)  # all 0.082 < 0.09 <= decoder 0.109
-    assert site_c["dp_trainable"] == "decoder" and "in 3D (all 0.09 from 40 cases, decoder 0.065 from 20" in why
+    assert site_c["dp_trainable"] == "decoder" and "(all 0.09 from 40 cases, decoder 0.065 from 20" in why
     for n in (25, 33, 20):  # all 0.058 / 0.071 / 0.049, decoder 0.078 / 0.095 / 0.065
         assert chosen(n, 8.0, BRAIN_W32_COUNTS, spatial_dims=3)[0]["dp_trainable"] == "decoder", n
+    # one site alone (brain, N = 26: decoder 0.080 fell below norm_bias) and at N = 44
+    alone, best, why = chosen(26, 8.0, BRAIN_W32_COUNTS, spatial_dims=3, sites=1)
+    assert alone["dp_trainable"] == "norm_bias" and best.snr_over_run(BRAIN_W32_COUNTS["decoder"]) == \
+        pytest.approx(0.080, abs=0.001) and "a single site" in why
     # the same cohort in 2D: 0.15 (in 2D at 36-60 cases all at 0.11-0.14 was no better than norm_bias)
     assert chosen(51, 8.0, BRAIN_W32_COUNTS)[0]["dp_trainable"] == "norm_bias"
     kept, _, why = chosen(201, clip_given=True)
@@ -191,7 +206,7 @@ def test_trainer_fine_tuning_defaults_and_explicit_settings_win(nnunet_paths, tm
     trainer.initialize()
     assert trainer.dp_settings["dp_trainable"] == "norm_bias" and trainer.initial_lr == dp_defaults.FINETUNE_LR
     assert trainer.optimizer.param_groups[0]["lr"] == dp_defaults.FINETUNE_LR
-    assert "when fine-tuning at N=8 in 3D (all 0.09 from 40 cases" in trainer.dp_defaults["why"]  # the plan's dims
+    assert "when fine-tuning at N=8 in 3D, a single site (all 0.16 from 40 cases" in trainer.dp_defaults["why"]
     given = {"dp_trainable": "decoder", "initial_lr": 0.001, "num_epochs": 2, "num_iterations_per_epoch": 3,
              "expected_batch_size": 3, "momentum": 0.5}
     explicit = make_trainer(settings=given, tmp_path=tmp_path, monkeypatch=monkeypatch)
@@ -284,11 +299,12 @@ def test_federated_steps_are_multiples_of_the_rounds(fast_calibration):
     assert best_fixed.steps == 200 and "num_iterations_per_epoch" not in fixed
 
 
-def make_federation(tmp_path, settings: dict, initial_weights=None) -> dict:
+def make_federation(tmp_path, settings: dict, initial_weights=None, quorum=None) -> dict:
     """A dpfl federation of sites A, B over 3 rounds x 2 epochs; returns site A's settings."""
     from nnunet_adpfl.federation.aggregator import create_federation
     fed, keys = tmp_path / "fed", tmp_path / "keys"
-    create_federation(fed, keys, ["A", "B"], 3, 2, "dpfl", configuration="3d_fullres", initial_weights=initial_weights)
+    create_federation(fed, keys, ["A", "B"], 3, 2, "dpfl", configuration="3d_fullres", initial_weights=initial_weights,
+                      quorum=quorum)
     return {"federation_dir": str(fed), "site_id": "A", "site_key_file": str(keys / "A.key"), **settings}
 
 
@@ -320,7 +336,11 @@ def test_federated_fine_tuning_from_the_federations_public_weights(nnunet_paths,
     trainer.initialize()
     assert trainer.dp_settings["dp_trainable"] == "norm_bias" and trainer.initial_lr == dp_defaults.FINETUNE_LR
     why = trainer.dp_defaults["why"]
-    assert "public weights" in why and "reaches its threshold when fine-tuning at N=8 in 3D" in why
+    assert "public weights" in why and "when fine-tuning at N=8 in 3D, 2 sites averaged per round (all 0.11" in why
+    quorum = make_trainer("nnUNetTrainerDPFL", settings=make_federation(tmp_path / "q", {}, public, quorum=1),
+                          tmp_path=tmp_path, monkeypatch=monkeypatch)
+    quorum.initialize()  # a round may close with one site's update: the thresholds of a single site
+    assert "when fine-tuning at N=8 in 3D, a single site (all 0.16" in quorum.dp_defaults["why"]
     clip = make_federation(tmp_path / "c", {"max_grad_norm": 0.4}, public)
     clipped = make_trainer("nnUNetTrainerDPFL", settings=clip, tmp_path=tmp_path, monkeypatch=monkeypatch)
     clipped.initialize()

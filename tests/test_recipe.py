@@ -82,8 +82,9 @@ def test_recipe_takes_the_spatial_dimensions_from_the_plan_or_the_configuration(
     assert recipe.spatial_dims(None, "2d") == 2 and recipe.spatial_dims(None, "3d_lowres") == 3
     cands = recipe.candidates(51, 8.0, 1e-5, [50], [8])  # brain's site A of "In 3D at 41-67 cases per site"
     counts = {"all": 325_190, "decoder": 182_819, "norm_bias": 1_027}
-    assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=3)[1]["dp_trainable"] == "all"  # 0.093
-    assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=2)[1]["dp_trainable"] == "norm_bias"
+    assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=3, sites=3)[1]["dp_trainable"] == "all"  # 0.093
+    assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=2, sites=3)[1]["dp_trainable"] == "norm_bias"
+    assert recipe.suggest(cands, counts, True, 8, 8.0, spatial_dims=3)[1]["dp_trainable"] == "decoder"  # one site
 
 
 def test_recipe_refuses_a_missing_malformed_or_foreign_plan_with_a_clear_error(tmp_path):
@@ -98,3 +99,11 @@ def test_recipe_refuses_a_missing_malformed_or_foreign_plan_with_a_clear_error(t
     plans.write_text(json.dumps({"configurations": {"2d": {"patch_size": [40, 40]}}}))
     with pytest.raises(SystemExit, match="has no configuration '3d_fullres'"):
         recipe.read_plan(str(plans), "3d_fullres")
+
+
+def test_recipe_needs_the_sites_a_federated_fine_tuning_round_averages(capsys):
+    base = ["recipe", "--cases", "30", "--epsilon", "8", "--trainable-parameters", "1000"]
+    for extra, message in ((["--sites", "3"], "give --rounds too"), (["--rounds", "5", "--sites", "0"], "at least one"),
+                           (["--rounds", "5", "--pretrained"], "give --sites")):
+        with pytest.raises(SystemExit, match=message):
+            main(base + extra)

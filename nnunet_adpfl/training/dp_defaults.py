@@ -15,8 +15,9 @@ step: 250,000 steps at B = 2 and N = 450 are within 10% of the best bound with n
 The steps that spend the budget at a batch are a multiple of STEP_QUANTUM. Otherwise the cheapest run:
 below 1 the run learns little whatever its length; fine-tuning public weights starts near a good model, where more
 steps add noise faster than signal (docs/FINETUNE.md's fine-tuning runs: a few hundred steps). Fine-tuning trains
-norm_bias, or the largest of all and decoder whose bound over the run reaches finetune_min_bound(set, N, dims) (unless
-max_grad_norm is given: a clip norm measured on public data belongs to the set it was measured for).
+norm_bias, or the largest of all and decoder whose bound over the run reaches finetune_min_bound(set, N, dims, K), K
+the updates a round averages (unless max_grad_norm is given: a clip norm measured on public data belongs to the set it
+was measured for).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ FINETUNE_LR = 3e-2
 LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 MOMENTUM = 0.9
 FINETUNE_TRAINABLE = ("norm_bias", "decoder")  # preferred dp_trainable when fine-tuning, first available
-# Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches finetune_min_bound(set, N, dims) is
+# Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches finetune_min_bound(set, N, dims, K) is
 # trained instead. Measured at epsilon 8 and 5, B = 8, 50 steps (docs/experiments/FINETUNE.md): 2D, N = 23 per site:
 # decoder (bound 0.10) and all (0.08) fell to the public model or below while norm_bias gained ("Which parameters at
 # 150-200 cases per site"); 2D, N = 36-60 (3 seeds): all (0.11-0.14) no better than norm_bias, decoder (0.14-0.19) a
@@ -52,6 +53,10 @@ FINETUNE_LARGER = ("all", "decoder")
 FINETUNE_MIN_BOUND = 0.15
 FINETUNE_COHORT_BOUNDS = {2: {"all": (80, 0.09), "decoder": (80, 0.09)},  # 2D: from the 3D runs at 82+
                           3: {"all": (40, 0.09), "decoder": (20, 0.065)}}  # 3D: measured down to 41 and 20
+# The thresholds are a site's bound in federations of 3 sites, whose global model averages the noise of 3 updates.
+# Fewer sites average less: the threshold grows by sqrt(3 / K) (one site alone, 3D brain at 26 cases: decoder at
+# 0.080 fell below norm_bias, where 3 sites at 0.065-0.095 gained). More than 3 sites keep 3's (not measured).
+FINETUNE_MEASURED_SITES = 3
 NNUNET_STEPS = 1000 * 250  # nnU-Net's epochs x iterations per epoch
 ITERATIONS_PER_EPOCH = 250  # nnU-Net's; the step grid's counts are multiples of it
 STEP_QUANTUM = 50  # the steps that spend the budget (single site) are multiples of it
@@ -188,27 +193,33 @@ def cohort_bounds(spatial_dims: int) -> dict[str, tuple[int, float]]:
     return FINETUNE_COHORT_BOUNDS.get(spatial_dims, FINETUNE_COHORT_BOUNDS[2])
 
 
-def finetune_min_bound(trainable: str, num_cases: int, spatial_dims: int) -> float:
-    """The bound over the run ``trainable`` needs when fine-tuning at a site with ``num_cases`` training cases and
-    a configuration of ``spatial_dims`` (2 or 3) spatial dimensions."""
+def site_scale(sites: int) -> float:
+    """Factor on the thresholds for a global model that averages ``sites`` updates per round (1: a single site)."""
+    return math.sqrt(FINETUNE_MEASURED_SITES / min(sites, FINETUNE_MEASURED_SITES))
+
+
+def finetune_min_bound(trainable: str, num_cases: int, spatial_dims: int, sites: int) -> float:
+    """The bound over the run ``trainable`` needs when fine-tuning at a site with ``num_cases`` training cases, a
+    configuration of ``spatial_dims`` (2 or 3) spatial dimensions and ``sites`` updates averaged per round."""
     from_cases, bound = cohort_bounds(spatial_dims).get(trainable, (0, FINETUNE_MIN_BOUND))
-    return bound if num_cases >= from_cases else FINETUNE_MIN_BOUND
+    return (bound if num_cases >= from_cases else FINETUNE_MIN_BOUND) * site_scale(sites)
 
 
-def finetune_trainable(counts: dict[str, int], best: Candidate, spatial_dims: int) -> tuple[str, str]:
+def finetune_trainable(counts: dict[str, int], best: Candidate, spatial_dims: int, sites: int) -> tuple[str, str]:
     """(dp_trainable, why) when fine-tuning with dp_trainable and max_grad_norm left out: the largest set of
-    FINETUNE_LARGER whose bound over the run at ``best`` reaches its finetune_min_bound(set, N, dims), else
+    FINETUNE_LARGER whose bound over the run at ``best`` reaches its finetune_min_bound(set, N, dims, sites), else
     trainable_choice's."""
-    cases = best.num_cases
+    cases, scale = best.num_cases, site_scale(sites)
     bounds = {c: best.snr_over_run(counts[c]) for c in FINETUNE_LARGER if c in counts}
-    choice = next((c for c, b in bounds.items() if b >= finetune_min_bound(c, cases, spatial_dims)),
+    choice = next((c for c, b in bounds.items() if b >= finetune_min_bound(c, cases, spatial_dims, sites)),
                   trainable_choice(counts, True))
     listed = ", ".join(f"{c} {b:.2g}" for c, b in bounds.items())
-    rule = ", ".join(f"{c} {b} from {n} cases" for c, (n, b) in cohort_bounds(spatial_dims).items())
+    rule = ", ".join(f"{c} {b * scale:.2g} from {n} cases" for c, (n, b) in cohort_bounds(spatial_dims).items())
+    averaged = "a single site" if sites == 1 else f"{sites} sites averaged per round"
     reason = "the largest set whose bound over the run reaches its threshold" if choice in bounds else \
         "no larger set's bound over the run reaches its threshold"
-    return choice, (f"{choice}: {reason} when fine-tuning at N={cases} in {spatial_dims}D ({rule}, else "
-                    f"{FINETUNE_MIN_BOUND}; {listed})")
+    return choice, (f"{choice}: {reason} when fine-tuning at N={cases} in {spatial_dims}D, {averaged} ({rule}, else "
+                    f"{FINETUNE_MIN_BOUND * scale:.2g}; {listed})")
 
 
 def spends_budget(top_bound: float, pretrained: bool) -> bool:
@@ -239,14 +250,14 @@ def best_bound(cands: list[Candidate], parameters: int) -> float:
 
 
 def suggest(cands: list[Candidate], counts: dict[str, int], pretrained: bool, max_batch: int,
-            epsilon: float, clip_given: bool = False, spatial_dims: int = 2) -> tuple[Candidate, dict]:
+            epsilon: float, clip_given: bool = False, spatial_dims: int = 2, sites: int = 1) -> tuple[Candidate, dict]:
     """Settings of the best candidate among batches <= max_batch (memory), as a settings file; dp_trainable as
     choose() picks it."""
     choice = trainable_choice(counts, pretrained)
     fitting = [c for c in cands if c.batch <= max_batch] or [min(cands, key=lambda c: c.batch)]
     best = best_candidate(fitting, counts[choice], pretrained)
     if pretrained and not clip_given:
-        choice = finetune_trainable(counts, best, spatial_dims)[0]
+        choice = finetune_trainable(counts, best, spatial_dims, sites)[0]
     epochs, iterations = split_steps(best.steps)
     settings = {"target_epsilon": epsilon, "expected_batch_size": best.batch, "num_epochs": epochs,
                 "num_iterations_per_epoch": iterations, "dp_trainable": choice, "momentum": MOMENTUM,
@@ -323,6 +334,7 @@ class Inputs:
     # iterations per epoch, so T is a multiple of it
     clip_given: bool = False  # max_grad_norm set (e.g. measured on public data for the default set): keep that set
     spatial_dims: int = 2  # of the configuration (2d: 2, 3d_*: 3); 2 keeps the conservative fine-tuning threshold
+    sites: int = 1  # updates the global model averages per round (federation.json's quorum); 1: a single site
 
 
 def budget(inp: Inputs) -> int:
@@ -372,7 +384,7 @@ def choose(inp: Inputs, explicit: dict) -> tuple[dict, Candidate, str]:
         if inp.clip_given:
             trainable_why = f"; {choice}: max_grad_norm is given (measured for it unless dp_trainable is set)"
         else:
-            choice, trainable_why = finetune_trainable(inp.counts, best, inp.spatial_dims)
+            choice, trainable_why = finetune_trainable(inp.counts, best, inp.spatial_dims, inp.sites)
             trainable_why = f"; dp_trainable {trainable_why}"
     chosen = {"expected_batch_size": best.batch, "dp_trainable": choice, "momentum": MOMENTUM}
     if steps is None and inp.epochs is not None:

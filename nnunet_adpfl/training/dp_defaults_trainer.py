@@ -7,13 +7,15 @@ from .dp_defaults import (CALIBRATION_CACHE, RULED, Inputs, choose, load_calibra
                           trainable_choice, trainable_counts, unset_batch)
 
 
-def federation_run(trainer) -> tuple[int, int | None, bool] | None:
+def federation_run(trainer) -> tuple[int, int | None, bool, int] | None:
     """A federated trainer's (epochs = rounds x epochs per round, iterations per epoch fixed by federation.json or
-    None, whether the round-0 model is public weights); None for a single-site trainer."""
+    None, whether the round-0 model is public weights, the fewest updates a round averages: the quorum); None for a
+    single-site trainer."""
     if getattr(trainer, "federation_mode", None) is None:
         return None
     cfg = trainer.client.cfg
-    return cfg["rounds"] * cfg["epochs_per_round"], cfg.get("iterations_per_epoch"), bool(cfg.get("initial_weights"))
+    return (cfg["rounds"] * cfg["epochs_per_round"], cfg.get("iterations_per_epoch"), bool(cfg.get("initial_weights")),
+            cfg["quorum"])
 
 
 def apply_to_trainer(trainer) -> dict:
@@ -45,9 +47,9 @@ def apply_to_trainer(trainer) -> dict:
         why = f"the plan's batch {trainer.batch_size} at most N/2 = {n // 2}; other settings as given or nnU-Net's"
     else:
         explicit = {k: s[k] for k in given if k in RULED}
-        epochs = None
+        epochs, sites = None, 1
         if federation is not None:
-            epochs, fixed_iterations, pretrained = federation
+            epochs, fixed_iterations, pretrained, sites = federation
             explicit.pop("num_epochs", None)  # the federation's rounds decide the epochs
             if fixed_iterations:
                 explicit["num_iterations_per_epoch"] = fixed_iterations
@@ -56,7 +58,7 @@ def apply_to_trainer(trainer) -> dict:
         inp = Inputs(n, s["target_epsilon"], s["delta"], trainable_counts(trainer.network), pretrained,
                      trainer.batch_size, s["dp_max_case_passes"], s["accountant"], epochs,
                      clip_given="max_grad_norm" in given,
-                     spatial_dims=len(trainer.configuration_manager.patch_size))
+                     spatial_dims=len(trainer.configuration_manager.patch_size), sites=sites)
         reused = load_calibrations(trainer.output_folder)
         try:
             chosen, _, why = choose(inp, explicit)

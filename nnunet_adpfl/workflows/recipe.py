@@ -69,7 +69,7 @@ TRAINER_HEAD = ("what the DP trainers choose where the settings file leaves thes
 
 
 def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, suggestion: tuple, epsilon: float,
-                  delta: float, num_cases: int, settings_head: str = GRID_HEAD, dims: int = 2) -> str:
+                  delta: float, num_cases: int, settings_head: str = GRID_HEAD, dims: int = 2, sites: int = 1) -> str:
     names = list(counts)
     head = (["steps", "expected batch B", "rate q", "sigma", "noise std / coord"]
             + [f"SNR {n} (d={counts[n]:,})" for n in names])
@@ -87,9 +87,9 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     if "initial_lr" in settings:
         lines.append(CLIP_ADVICE)
     bound = best.snr_over_run(counts[settings["dp_trainable"]])
-    min_bound = finetune_min_bound(settings["dp_trainable"], best.num_cases, dims)
+    min_bound = finetune_min_bound(settings["dp_trainable"], best.num_cases, dims, sites)
     if "initial_lr" in settings and bound < min_bound:
-        lines.append(f"warning: the run's signal-to-noise bound is below {min_bound}: expect the private "
+        lines.append(f"warning: the run's signal-to-noise bound is below {min_bound:.2g}: expect the private "
                      "run to stay near the public model (more cases help most)")
     elif "initial_lr" not in settings and bound < 1:
         lines.append("warning: the run's signal-to-noise bound is below 1: training moves the weights little beyond "
@@ -102,7 +102,19 @@ def trainer_inputs(args, counts: dict[str, int], plan: dict | None, dims: int) -
     batch = plan["configurations"][args.configuration]["batch_size"] if plan else args.plan_batch
     epochs = args.rounds * args.epochs_per_round if args.rounds else None
     return Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
-                  args.accountant, epochs, clip_given=args.clip is not None, spatial_dims=dims)
+                  args.accountant, epochs, clip_given=args.clip is not None, spatial_dims=dims, sites=sites(args))
+
+
+def sites(args) -> int:
+    """Updates the global model averages per round: --sites with --rounds (federation.json's quorum), else 1."""
+    if args.sites is not None and args.sites < 1:
+        raise SystemExit(f"error: --sites {args.sites}: a round averages at least one site's update")
+    if args.sites is not None and not args.rounds:
+        raise SystemExit("error: --sites describes a federation: give --rounds too")
+    if args.rounds and args.pretrained and args.sites is None:
+        raise SystemExit("error: a federated site fine-tuning public weights: give --sites (federation.json's quorum, "
+                         "the fewest sites a round averages: the thresholds depend on it)")
+    return args.sites or 1
 
 
 def trainer_choice(args, counts: dict[str, int], plan: dict | None, dims: int) -> tuple[list[Candidate], tuple]:
@@ -113,6 +125,7 @@ def trainer_choice(args, counts: dict[str, int], plan: dict | None, dims: int) -
 
 
 def _cmd(args) -> int:
+    averaged = sites(args)
     plan = read_plan(args.plans, args.configuration) if args.plans else None
     if plan:
         if not args.dataset_json:
@@ -131,14 +144,14 @@ def _cmd(args) -> int:
             cands = candidates(args.cases, args.epsilon, args.delta, args.steps or [100, 300, 1000],
                                args.batch_sizes or [2, 4, 8, 16, 32], args.accountant)
             suggestion = suggest(cands, counts, args.pretrained, args.max_batch, args.epsilon,
-                                 args.clip is not None, dims)
+                                 args.clip is not None, dims, averaged)
             head = GRID_HEAD
         else:
             (cands, suggestion), head = trainer_choice(args, counts, plan, dims), TRAINER_HEAD
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     clip = 1.0 if args.clip is None else args.clip
-    print(format_recipe(cands, counts, clip, suggestion, args.epsilon, args.delta, args.cases, head, dims))
+    print(format_recipe(cands, counts, clip, suggestion, args.epsilon, args.delta, args.cases, head, dims, averaged))
     return 0
 
 
@@ -157,6 +170,8 @@ def add_cli(sub) -> None:
     p.add_argument("--rounds", type=int, help="a federated site: the federation's rounds (the trainer then chooses "
                    "the iterations per epoch)")
     p.add_argument("--epochs-per-round", type=int, default=1, help="with --rounds: the federation's epochs per round")
+    p.add_argument("--sites", type=int, help="with --rounds and --pretrained: the fewest sites a round averages "
+                   "(federation.json's quorum; below 3 the fine-tuning thresholds grow by sqrt(3/K))")
     p.add_argument("--clip", type=float, help="clip norm C, as max_grad_norm in the settings (default 1; when given "
                    "and fine-tuning, the trainers keep the default dp_trainable, the set it was measured for)")
     p.add_argument("--plans", help="nnUNetPlans.json (counts the trainable parameters of each dp_trainable choice)")
