@@ -41,22 +41,18 @@ LOW_EPSILON, LOW_EPSILON_FINETUNE_LR = 4.0, 1e-2
 MOMENTUM = 0.9
 FINETUNE_TRAINABLE = ("norm_bias", "decoder")  # preferred dp_trainable when fine-tuning, first available
 # Fine-tuning: the largest of FINETUNE_LARGER whose bound over the run reaches finetune_min_bound(set, N, dims, K) is
-# trained instead. Measured at epsilon 8 and 5, B = 8, 50 steps (docs/experiments/FINETUNE.md): 2D, N = 23 per site:
-# decoder (bound 0.10) and all (0.08) fell to the public model or below while norm_bias gained ("Which parameters at
-# 150-200 cases per site"); 2D, N = 36-60 (3 seeds): all (0.11-0.14) no better than norm_bias, decoder (0.14-0.19) a
-# point above both; 2D, N = 124-201: all (0.19-0.22) and decoder (0.25-0.29) beat norm_bias; 3D (brain, "Near the rule's
-# threshold in 3D"): N = 82-134, all beat decoder at 0.12-0.14 (epsilon 8) and at 0.09-0.11 (epsilon 5); N = 41-67, all
-# (0.08-0.11) and decoder (0.11-0.14) far above norm_bias (epsilon 8); N = 20-33, decoder (0.065-0.095) above norm_bias
-# and all (0.049-0.071) not (epsilon 8). So the bound alone separates neither the 2D failures from the 3D successes nor
-# all from decoder: per dimensions and set, (N from which, bound); 0.15 below that N.
+# trained instead. Measured at epsilon 8 and 5, B = 8, 50 steps, 3-site federations (docs/experiments/FINETUNE.md;
+# per cohort in docs/EPSILON.md): 2D at 23 and 36-60 cases per site, all at 0.08-0.14 no better than norm_bias (or
+# below the public model), at 124-201 all and decoder beat it; 3D from 82 cases all at 0.09-0.14, at 41-67 all at
+# 0.08-0.11 and decoder, at 20-33 decoder at 0.065-0.095 (not all at 0.049-0.071) beat it. So the bound alone
+# separates neither the 2D failures from the 3D successes nor all from decoder: per dimensions and set, (N from
+# which, bound); 0.15 below that N.
 FINETUNE_LARGER = ("all", "decoder")
 FINETUNE_MIN_BOUND = 0.15
 FINETUNE_COHORT_BOUNDS = {2: {"all": (80, 0.09), "decoder": (80, 0.09)},  # 2D: from the 3D runs at 82+
                           3: {"all": (40, 0.09), "decoder": (20, 0.065)}}  # 3D: measured down to 41 and 20
-# The thresholds are a site's bound in federations of 3 sites, whose global model averages the noise of 3 updates.
-# Fewer sites average less: the threshold grows by sqrt(3 / K) (one site alone, 3D brain at 26 cases: decoder at
-# 0.080 no better than norm_bias and all at 0.060 below the public model, where 3 sites at 0.065-0.095 gained; at 44
-# cases all at 0.085 the lowest, decoder at 0.114 within the spread above norm_bias). More than 3 sites keep 3's.
+# Thresholds of 3-site federations (their global model averages 3 updates' noise); K < 3 per round: x sqrt(3/K) (one
+# site, 3D at 26 and 44 cases: no set above norm_bias beyond the spread, all the lowest). More than 3 keep 3's.
 FINETUNE_MEASURED_SITES = 3
 NNUNET_STEPS = 1000 * 250  # nnU-Net's epochs x iterations per epoch
 ITERATIONS_PER_EPOCH = 250  # nnU-Net's; the step grid's counts are multiples of it
