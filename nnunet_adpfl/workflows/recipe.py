@@ -97,12 +97,12 @@ def format_recipe(cands: list[Candidate], counts: dict[str, int], clip: float, s
     return "\n".join(lines)
 
 
-def trainer_inputs(args, counts: dict[str, int], plan: dict | None, dims: int) -> Inputs:
+def trainer_inputs(args, counts: dict[str, int], plan: dict | None, dims: int, averaged: int) -> Inputs:
     """The rule's inputs, as the DP trainer (or, with --rounds, a federated DP trainer) has them."""
     batch = plan["configurations"][args.configuration]["batch_size"] if plan else args.plan_batch
     epochs = args.rounds * args.epochs_per_round if args.rounds else None
     return Inputs(args.cases, args.epsilon, args.delta, counts, args.pretrained, batch, args.max_case_passes,
-                  args.accountant, epochs, clip_given=args.clip is not None, spatial_dims=dims, sites=sites(args))
+                  args.accountant, epochs, clip_given=args.clip is not None, spatial_dims=dims, sites=averaged)
 
 
 def sites(args) -> int:
@@ -117,9 +117,10 @@ def sites(args) -> int:
     return args.sites or 1
 
 
-def trainer_choice(args, counts: dict[str, int], plan: dict | None, dims: int) -> tuple[list[Candidate], tuple]:
+def trainer_choice(args, counts: dict[str, int], plan: dict | None, dims: int,
+                   averaged: int) -> tuple[list[Candidate], tuple]:
     """What the DP trainers choose with no settings file (dp_defaults 'auto'): the same function, same inputs."""
-    inp = trainer_inputs(args, counts, plan, dims)
+    inp = trainer_inputs(args, counts, plan, dims, averaged)
     chosen, best, _ = choose(inp, {})
     return rule_candidates(inp, {})[2], (best, {"target_epsilon": args.epsilon, **chosen})
 
@@ -147,7 +148,7 @@ def _cmd(args) -> int:
                                  args.clip is not None, dims, averaged)
             head = GRID_HEAD
         else:
-            (cands, suggestion), head = trainer_choice(args, counts, plan, dims), TRAINER_HEAD
+            (cands, suggestion), head = trainer_choice(args, counts, plan, dims, averaged), TRAINER_HEAD
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     clip = 1.0 if args.clip is None else args.clip
