@@ -184,7 +184,7 @@ def train_federated(lay: Layout, trainer: str, config: str, settings: dict, roun
         procs["aggregator"] = start_aggregator(lay)
         for site in lay.sites:
             procs[site] = start_site(lay, site, trainer, config, settings)
-        _log(f"aggregator and {len(lay.sites)} sites started (logs in {lay.logs})")
+        _log(f"aggregator and {len(lay.sites)} site{'s' * (len(lay.sites) != 1)} started (logs in {lay.logs})")
         _wait_for_federation(lay, procs, rounds, start)
     finally:
         stop(procs.values())
