@@ -171,6 +171,20 @@ def test_rejections_jsonl_as_a_symlink_to_a_key_file_is_not_appended_to(tmp_path
     assert not log.is_symlink() and "unknown site" in rejections(fed, 1)[0]["reason"]
 
 
+def test_rejections_jsonl_as_a_hardlink_to_a_file_outside_is_not_appended_to(tmp_path):
+    fed, keys, agg, clients = make(tmp_path)
+    outside = tmp_path / "victim.txt"
+    outside.write_text("precious\n")
+    log = ff.round_dir(fed, 1) / "rejections.jsonl"
+    log.parent.mkdir(parents=True)
+    os.link(outside, log)
+    (ff.round_dir(fed, 1) / "updates").mkdir()
+    (ff.round_dir(fed, 1) / "updates" / "$(touch pwned).json").write_text("{}")  # a stray: logged, with its name
+    agg._judge_strays(1)
+    assert outside.read_text() == "precious\n"
+    assert os.stat(log).st_nlink == 1 and "unknown site" in rejections(fed, 1)[0]["reason"]
+
+
 # ---- 4. malformed files are rejected with a reason, never a crash, a hang or an unbounded read -----------------
 def _signed_manifest(fed, keys, site, r, **fields):
     manifest = {"kind": "update", "federation": json.loads((fed / ff.FEDERATION_FILE).read_text())["id"],

@@ -122,9 +122,15 @@ def write_bytes_in(root: str | Path, path: str | Path, data: bytes, mode: int | 
         os.close(dfd)
 
 
+def _is_single_file(st: os.stat_result) -> bool:
+    """A regular file with no other name (a hardlink may be a file outside the folder)."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
 def append_line_in(root: str | Path, path: str | Path, line: str) -> None:
     """Append ``line`` to a regular file below ``root``, fsynced; a symlink, FIFO or other non-regular file at
-    ``path`` is removed first (never written through); a folder there raises UnsafeInput."""
+    ``path``, or a hardlink (a file with another name, maybe outside ``root``), is removed first (never written
+    through); a folder there raises UnsafeInput."""
     parts = _relative_parts(Path(root), Path(path))
     dfd = _open_folder(Path(root), parts[:-1])
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -134,7 +140,7 @@ def append_line_in(root: str | Path, path: str | Path, line: str) -> None:
                 st = os.lstat(parts[-1], dir_fd=dfd)
                 if stat.S_ISDIR(st.st_mode):
                     raise UnsafeInput(f"{path} is a folder")
-                if not stat.S_ISREG(st.st_mode):
+                if not _is_single_file(st):
                     os.unlink(parts[-1], dir_fd=dfd)
             except FileNotFoundError:
                 pass
@@ -145,7 +151,7 @@ def append_line_in(root: str | Path, path: str | Path, line: str) -> None:
                     continue
                 raise
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                if not _is_single_file(os.fstat(fd)):
                     continue
                 os.write(fd, line.encode())
                 os.fsync(fd)
