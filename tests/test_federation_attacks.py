@@ -297,6 +297,63 @@ def test_a_non_finite_aggregate_is_not_signed(tmp_path):
     assert "not finite" in rejections(fed, 2)[0]["reason"]
 
 
+def _nested(depth):
+    value = 0.5
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+KEY_HOLDER_FIELDS = {"deep epsilon": ({"epsilon": _nested(31)}, 3, "epsilon"),
+                     "huge epsilon": ({"epsilon": "x" * (ff.MAX_MANIFEST_BYTES - 450)}, 3, "epsilon"),  # global > 4 MiB
+                     "negative epsilon": ({"epsilon": -1.0}, 3, "epsilon"),
+                     "40-digit num_cases": (None, 10 ** 40 - 1, "num_cases")}
+
+
+@pytest.mark.parametrize("how", KEY_HOLDER_FIELDS)
+def test_a_key_holder_cannot_make_the_global_unreadable(tmp_path, how):
+    """Fields of an update that the global copies (epsilon, the sum of num_cases) are checked: a global the sites
+    would refuse (too deep, too large, a 41-digit integer) is never signed."""
+    fed, keys, agg, clients = make(tmp_path, rounds=1, sites=["A", "B"])
+    privacy, cases, field = KEY_HOLDER_FIELDS[how]
+    clients["A"].upload(1, delta(1), cases, privacy)
+    clients["B"].upload(1, delta(2), 3, {"epsilon": 2})
+    assert in_thread(lambda: agg.run(max_rounds=1)) == 1
+    clients["B"].wait_global(1)  # readable by every site
+    assert repr(clients["B"].global_manifest(1)["epsilon_by_site"]) == "{'B': 2.0}"  # only a float is copied
+    assert field in rejections(fed, 1)[0]["reason"]
+    assert in_thread(Aggregator(fed, keys, **QUIET).last_completed_round) == 1
+
+
+def test_a_global_its_readers_would_refuse_is_never_written(tmp_path):
+    fed, keys, agg, clients = make(tmp_path)
+    with pytest.raises(ValueError, match="readers would refuse"):
+        agg._write_global(1, model(), {"sites": ["A"], "epsilon_by_site": {"A": _nested(40)}})
+    assert not ff.round_dir(fed, 1).exists()
+
+
+def test_a_round_whose_global_keeps_being_refused_is_closed_again_after_a_pause(tmp_path, monkeypatch):
+    fed, keys, agg, clients = make(tmp_path, rounds=2, sites=["A", "B"])
+    for r in (1, 2):
+        upload_all(clients, r, seed=10 * r)
+    refusing, real, out = threading.Event(), ff.read_own_global, {}
+    refusing.set()
+
+    def read_own_global(fed_dir, r, *args):
+        if r == 1 and refusing.is_set():
+            raise ff.Rejected("global model of round 1 refused (test)")
+        return real(fed_dir, r, *args)
+
+    monkeypatch.setattr(ff, "read_own_global", read_own_global)
+    thread = threading.Thread(target=lambda: out.update(r=agg.run()), daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    refusing.clear()
+    thread.join(20)
+    assert out.get("r") == 2
+    assert 1 <= len([x for x in rejections(fed, 1) if x["site"] == "global"]) < 20  # not hundreds a second
+
+
 # ---- 7. install-plan writes only inside the dataset's preprocessed folder ----------------------------------------
 def test_install_plan_never_writes_where_plans_name_points(tmp_path, monkeypatch):
     from types import SimpleNamespace

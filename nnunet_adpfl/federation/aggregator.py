@@ -26,6 +26,7 @@ from ..common.safe_io import UnsafeInput
 from ..common.initial_weights import describe_file, load_weights_file
 from ..common.tensors import unique_state
 
+RECLOSE_MAX_WAIT_S = 300.0  # the longest pause before a round whose global was refused is closed again
 STALE_TEMPORARY_S = 3600.0  # temporaries older than this are from killed writers: removed when the aggregator starts
 PLAN_WAIT_S = 60.0
 
@@ -185,12 +186,17 @@ class Aggregator:
         stop = self.cfg["rounds"] if max_rounds is None else min(self.cfg["rounds"], r + max_rounds)
         if r > 0:
             self.log(f"resuming after round {r} (found in {self.fed})")
+        furthest, reclosed = r, 0
         while r < stop:
             try:
                 self.run_round(r + 1)
                 r += 1
+                if r > furthest:
+                    furthest, reclosed = r, 0
             except ff.Rejected as e:  # the global it builds on was altered after it was checked: close it again
                 self.reject(r, "global", e.reason)
+                reclosed += 1  # after a pause that doubles each time: never a busy loop
+                time.sleep(min(self.poll_interval * 2 ** min(reclosed, 20), RECLOSE_MAX_WAIT_S))
                 if r == 0:
                     self.ensure_initial_model()
                 else:
@@ -319,7 +325,7 @@ class Aggregator:
             return None
         tensors = self.strategy.finish()
         info = {"sites": sorted(used), "num_cases": sum(m["num_cases"] for m in used.values()),
-                "epsilon_by_site": {s: m.get("epsilon") for s, m in used.items()}}
+                "epsilon_by_site": {s: _epsilon(m) for s, m in used.items()}}
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:  # never signed: the previous global is released again
             self.reject(r, "global", f"the aggregate is not finite ({bad[:3]}); the previous global model is "
@@ -329,6 +335,11 @@ class Aggregator:
         self.log(f"round {r}/{self.cfg['rounds']}: global model written from {info['sites']} "
                  f"({info['num_cases']} cases)")
         return manifest
+
+
+def _epsilon(manifest: dict) -> float | None:
+    """The epsilon an update reports, as a float (only a number is copied into the global)."""
+    return None if manifest.get("epsilon") is None else float(manifest["epsilon"])
 
 
 def update_norm(delta: dict[str, torch.Tensor]) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -35,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from ..common.atomic import append_line_in, write_bytes_atomic, write_bytes_in, write_json_atomic  # noqa: F401
-from ..common.safe_io import UnsafeInput, read_file, read_json_file
+from ..common.safe_io import UnsafeInput, loads_json, read_file, read_json_file
 from ..common.tensors import tensors_to_bytes
 from .names import FEDERATION_FILE  # noqa: F401  (ff.FEDERATION_FILE)
 
@@ -43,6 +44,7 @@ MAC_FIELDS = ("hmac", "hmacs")
 SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # every site id, checked with fullmatch at every load
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_KEY_FILE_BYTES = 4096
+MAX_CASES = 10 ** 9  # a site's num_cases: the global's sum stays a small integer
 
 
 class Rejected(UnsafeInput):
@@ -184,13 +186,19 @@ def write_json_in(fed: Path, path: Path, content: dict) -> None:
 def write_tensors_with_manifest(tensor_path: Path, manifest_path: Path, tensors: dict[str, torch.Tensor],
                                 manifest: dict, signer, fed: Path) -> dict:
     """Write tensors, then the manifest (with sha256, size and MACs): the manifest appears last. Both inside the
-    federation folder ``fed``, never through a symlink."""
+    federation folder ``fed``, never through a symlink. A manifest that ``read_manifest`` would refuse is never
+    written (ValueError, before anything is)."""
     data = tensors_to_bytes(tensors)
-    write_bytes_in(fed, tensor_path, data)
     manifest = {**manifest, "file": tensor_path.name, "sha256": hashlib.sha256(data).hexdigest(),
                 "bytes": len(data), "created": now()}
     manifest.update(signer(manifest))
-    write_json_in(fed, manifest_path, manifest)
+    text = json.dumps(manifest, indent=2, allow_nan=False).encode()
+    try:
+        loads_json(text, MAX_MANIFEST_BYTES)
+    except UnsafeInput as e:  # a plain ValueError: a bug to stop at, not a folder problem to retry
+        raise ValueError(f"{manifest_path.name} not written: its readers would refuse it ({e.reason})") from None
+    write_bytes_in(fed, tensor_path, data)
+    write_bytes_in(fed, manifest_path, text)
     return manifest
 
 
@@ -248,9 +256,7 @@ def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dic
     if manifest.get("round") != r:
         raise Rejected(f"wrong round: manifest says {str(manifest.get('round'))[:40]!r}, folder is round {r} "
                        "(replay?)")
-    cases = manifest.get("num_cases")
-    if not isinstance(cases, int) or isinstance(cases, bool) or cases < 1:
-        raise Rejected(f"num_cases must be a positive integer, got {cases!r}")
+    _check_copied_fields(manifest)
     if manifest.get("file") != tensor_path.name:
         raise Rejected(f"manifest names file {manifest.get('file')!r}, expected {tensor_path.name!r}")
     subset = manifest.get("subset", False)
@@ -269,6 +275,16 @@ def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dic
         dense = _zero_filled(_checked(stored, {k: v for k, v in spec.items() if k in stored} if subset else spec),
                              spec)
     return manifest, dense, trained
+
+
+def _check_copied_fields(manifest: dict) -> None:
+    """The fields the global copies (its num_cases sum, epsilon_by_site) must keep it small enough for readers."""
+    cases, epsilon = manifest.get("num_cases"), manifest.get("epsilon")
+    if not isinstance(cases, int) or isinstance(cases, bool) or not 1 <= cases <= MAX_CASES:
+        raise Rejected(f"num_cases must be an integer in 1..{MAX_CASES}, got {str(cases)[:80]!r}")
+    if epsilon is not None and (not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool)
+                                or not 0 <= epsilon < math.inf):
+        raise Rejected(f"epsilon must be a finite number >= 0 or absent, got {str(epsilon)[:80]!r}")
 
 
 def _checked(tensors: dict, spec: dict[str, tuple]) -> dict:
