@@ -354,6 +354,30 @@ def test_a_round_whose_global_keeps_being_refused_is_closed_again_after_a_pause(
     assert 1 <= len([x for x in rejections(fed, 1) if x["site"] == "global"]) < 12  # not hundreds a second
 
 
+def test_a_subset_update_with_no_float_tensor_is_refused_and_the_round_closes(tmp_path):
+    fed, keys, agg, clients = make(tmp_path, rounds=1, sites=["A", "B"])
+    clients["A"].upload(1, {"count": torch.tensor(0)}, 3, {"subset": True})  # norm 0: the lower median
+    clients["B"].upload(1, delta(2), 3, None)
+    assert in_thread(agg.run) == 1
+    assert clients["B"].global_manifest(1)["sites"] == ["B"]
+    assert "no float tensor" in rejections(fed, 1)[0]["reason"]
+
+
+def test_a_round_with_nothing_to_aggregate_goes_back_to_waiting(tmp_path, monkeypatch):
+    fed, keys, agg, clients = make(tmp_path, sites=["A", "B"])
+    upload_all(clients, 1)
+    previous = ff.read_own_global(fed, 0, agg.cfg["id"], agg.keys)
+    spec, accepted, norms = ff.tensor_spec(previous), {}, {}
+    agg._judge(1, spec, accepted, norms, {})
+
+    def finish():
+        raise ValueError("no update to aggregate")
+
+    monkeypatch.setattr(agg.strategy, "finish", finish)
+    assert agg._close(1, previous, spec, accepted, norms) is None and accepted == {}
+    assert "nothing to aggregate" in rejections(fed, 1)[0]["reason"]
+
+
 # ---- 7. install-plan writes only inside the dataset's preprocessed folder ----------------------------------------
 def test_install_plan_never_writes_where_plans_name_points(tmp_path, monkeypatch):
     from types import SimpleNamespace

@@ -306,7 +306,7 @@ class Aggregator:
 
     def _close(self, r: int, previous: dict, spec: dict, accepted: dict, norms: dict) -> dict | None:
         """Aggregate the accepted updates within the norm bound and write the signed global; None (back to waiting)
-        if every one of them changed since it was accepted."""
+        if every one of them changed since it was accepted, or none of them holds anything to aggregate."""
         self.strategy.begin(previous)
         used = {}
         for site in self._within_norm_bound(r, norms):  # sorted: the result does not depend on arrival order
@@ -323,7 +323,13 @@ class Aggregator:
             del delta
         if not used:
             return None
-        tensors = self.strategy.finish()
+        try:
+            tensors = self.strategy.finish()
+        except ValueError as e:  # no tensor trained by any of them: as if none was there
+            for site in used:
+                self.reject(r, site, f"at aggregation: {e}; nothing to aggregate")
+                del accepted[site], norms[site]
+            return None
         info = {"sites": sorted(used), "num_cases": sum(m["num_cases"] for m in used.values()),
                 "epsilon_by_site": {s: _epsilon(m) for s, m in used.items()}}
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -265,9 +265,9 @@ def read_update(fed: Path, r: int, site: str, federation_id: str, site_keys: dic
     if manifest.get("encoding") not in (None, "topk"):
         raise Rejected(f"unknown encoding {manifest.get('encoding')!r}")
     stored = read_verified_tensors(tensor_path, manifest, None, fed, max_tensor_bytes(spec))
-    if subset and not stored:
-        raise Rejected("subset update holds no tensors")
     sent = {k.rsplit("::", 1)[0] for k in stored} if manifest.get("encoding") == "topk" else set(stored)
+    if subset and not any("float" in spec[k][1] for k in sent & set(spec)):  # nothing the average could use
+        raise Rejected("subset update holds no tensors to aggregate (no float tensor of the model)")
     trained = sent if subset else None
     if manifest.get("encoding") == "topk":
         dense = _decode_topk(stored, {k: v for k, v in spec.items() if k in sent} if subset else spec, spec)
