@@ -1,0 +1,72 @@
+"""Signed content stays what was signed (review26 C3, C5, C7): a restarted aggregator never signs a second global
+for a closed round, the coordinator signs the plan files it wrote, and a replayed signed file in fingerprints/ is
+refused with the site's name. Helpers: test_federation_attacks."""
+import hashlib
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from nnunet_adpfl.federation import files as ff
+from nnunet_adpfl.federation.aggregator import Aggregator, ClosedRoundAltered
+from test_federation_attacks import QUIET, delta, in_thread, make, rejections
+
+
+# ---- C3: a closed round's global is fixed -----------------------------------------------------------------------
+def _close_round_1_then_flip_a_byte(tmp_path):
+    """Round 1 closes by quorum from A and B; C's update arrives late; a keyless writer flips a byte of global 1."""
+    fed, keys, agg, clients = make(tmp_path, rounds=2, timeout=0.0, quorum=2)
+    clients["A"].upload(1, delta(1), 3, None)
+    clients["B"].upload(1, delta(2), 3, None)
+    agg.run(max_rounds=1)
+    tensor_path, manifest_path = ff.global_paths(fed, 1)
+    signed = tensor_path.read_bytes(), manifest_path.read_bytes()
+    clients["C"].upload(1, delta(3), 3, None)
+    altered = bytearray(signed[0])
+    altered[-1] ^= 1
+    tensor_path.write_bytes(bytes(altered))
+    clients["A"].upload(2, delta(4), 3, None)
+    clients["B"].upload(2, delta(5), 3, None)
+    return fed, keys, clients, signed
+
+
+def test_a_restart_restores_a_closed_global_bit_for_bit_from_its_signed_sites(tmp_path):
+    fed, keys, clients, signed = _close_round_1_then_flip_a_byte(tmp_path)
+    assert in_thread(Aggregator(fed, keys, **QUIET).run) == 2
+    tensor_path, manifest_path = ff.global_paths(fed, 1)
+    assert (tensor_path.read_bytes(), manifest_path.read_bytes()) == signed  # C's late update is not added
+    assert json.loads(signed[1])["sites"] == ["A", "B"]
+    assert "sha256" in rejections(fed, 1)[-1]["reason"]
+    clients["C"].wait_global(2)
+
+
+@pytest.mark.parametrize("change", ["A re-signs another update", "A's update is deleted"])
+def test_a_restart_stops_rather_than_sign_a_different_global_for_a_closed_round(tmp_path, change):
+    fed, keys, clients, signed = _close_round_1_then_flip_a_byte(tmp_path)
+    if change == "A re-signs another update":
+        clients["A"].upload(1, delta(7), 3, None)
+    else:
+        ff.update_paths(fed, 1, "A")[0].unlink()
+    with pytest.raises(ClosedRoundAltered, match=r"round 1.*restore"):
+        in_thread(Aggregator(fed, keys, **QUIET).run)
+    assert ff.global_paths(fed, 1)[1].read_bytes() == signed[1]  # the signed manifest is kept, never re-signed
+    assert not ff.global_paths(fed, 2)[1].exists()
+
+
+@pytest.mark.parametrize("seed, restored", [(0, True), (1, False)])
+def test_the_initial_model_is_restored_only_if_rebuilt_bit_for_bit(tmp_path, monkeypatch, seed, restored):
+    from nnunet_adpfl.federation import aggregator
+    from test_federation_attacks import model
+    fed, keys, agg, clients = make(tmp_path)  # round 0 is model(0)
+    monkeypatch.setattr(aggregator, "read_plan_files", lambda *_: {"nnUNetPlans.json": {}, "dataset.json": {}})
+    monkeypatch.setattr(aggregator, "build_initial_model", lambda *_: model(seed))
+    tensor_path, manifest_path = ff.global_paths(fed, 0)
+    signed = tensor_path.read_bytes(), manifest_path.read_bytes()
+    tensor_path.write_bytes(signed[0][:-1])
+    if restored:
+        Aggregator(fed, keys, **QUIET).ensure_initial_model()
+        assert (tensor_path.read_bytes(), manifest_path.read_bytes()) == signed
+    else:
+        with pytest.raises(ClosedRoundAltered, match="round 0"):
+            Aggregator(fed, keys, **QUIET).ensure_initial_model()
+        assert manifest_path.read_bytes() == signed[1]
