@@ -70,3 +70,65 @@ def test_the_initial_model_is_restored_only_if_rebuilt_bit_for_bit(tmp_path, mon
         with pytest.raises(ClosedRoundAltered, match="round 0"):
             Aggregator(fed, keys, **QUIET).ensure_initial_model()
         assert manifest_path.read_bytes() == signed[1]
+
+
+# ---- C5: the coordinator signs the plan files it wrote or checked, never a copy read back ------------------------
+def _signed_fingerprints(fed, keys, summary=None, **fields):
+    """Every site's signed fingerprint file (``summary``: A's summary, ``fields``: A's other fields)."""
+    federation = json.loads((fed / ff.FEDERATION_FILE).read_text())["id"]
+    for site in json.loads((fed / ff.FEDERATION_FILE).read_text())["sites"]:
+        content = {"kind": "fingerprint", "federation": federation, "site": site, "summary": {}}
+        if site == "A":
+            content.update(summary={} if summary is None else summary, **fields)
+        content["hmac"] = ff.mac(ff.load_key(keys / f"{site}.key"), content)
+        ff.write_json_in(fed, fed / "fingerprints" / f"{site}.json", content)
+
+
+def _plan_args(tmp_path, fed, keys):
+    return SimpleNamespace(federation_dir=str(fed), keys_dir=str(keys), dataset_id=1, dataset_name="X",
+                           work_dir=str(tmp_path / "work"), max_features=None)
+
+
+def test_plan_signs_the_plan_files_it_wrote_not_what_a_writer_swaps_in_before_signing(tmp_path, monkeypatch):
+    from nnunet_adpfl.federation import federation_file, plan, summary
+    from nnunet_adpfl.federation.commands import cmd_plan
+    fed, keys, agg, clients = make(tmp_path, sites=["A", "B"])
+    _signed_fingerprints(fed, keys)
+    configuration = {"patch_size": [4], "batch_size": 2, "spacing": [1.0]}
+    monkeypatch.setattr(plan, "plan_federated", lambda *a, **k: {"configurations": {"3d_fullres": configuration}})
+    monkeypatch.setattr(summary, "merge_summaries", lambda s: ({"coordinator": "fingerprint"}, {"coordinator": 1}))
+    open_federation = federation_file.open_federation
+
+    def swap_then_open(*args):  # a keyless writer acts between the coordinator's write and its signature
+        (fed / "plans" / "dataset.json").write_text('{"attacker": 1}')
+        return open_federation(*args)
+
+    monkeypatch.setattr(federation_file, "open_federation", swap_then_open)
+    cmd_plan(_plan_args(tmp_path, fed, keys))
+    signed = json.loads((fed / ff.FEDERATION_FILE).read_text())["plan_files"]["dataset.json"]
+    assert signed == hashlib.sha256(json.dumps({"coordinator": 1}, indent=2).encode()).hexdigest()
+    with pytest.raises(ValueError, match="differs from the plan the coordinator signed"):
+        federation_file.read_plan_files(fed, open_federation(fed, keys)[0])
+
+
+def test_adopt_plan_copies_the_bytes_it_checked(tmp_path, monkeypatch):
+    from nnunet_adpfl.federation import federation_file
+    from nnunet_adpfl.federation.aggregator import create_federation
+    planned, keys, agg, clients = make(tmp_path, sites=["A", "B"])
+    names = federation_file.PLAN_FILES
+    written = federation_file.write_plan_files(planned, {name: b'{"coordinator": 1}' for name in names})
+    federation_file.sign_plan(planned, keys, "0" * 64, written)
+    fed = tmp_path / "new"
+    create_federation(fed, keys, ["A", "B"], rounds=1, epochs_per_round=1, mode="npfl")
+    write_bytes_in = ff.write_bytes_in
+
+    def swap_while_copying(root, path, data, *args):  # a keyless writer swaps the planned folder's files
+        for name in names:
+            (planned / "plans" / name).write_text('{"attacker": 1}')
+        return write_bytes_in(root, path, data, *args)
+
+    monkeypatch.setattr(ff, "write_bytes_in", swap_while_copying)
+    cfg = federation_file.adopt_plan(fed, keys, planned)
+    assert cfg["plan_files"] == written
+    assert federation_file.read_plan_files(fed, cfg)["dataset.json"] == {"coordinator": 1}
+
