@@ -132,3 +132,30 @@ def test_adopt_plan_copies_the_bytes_it_checked(tmp_path, monkeypatch):
     assert cfg["plan_files"] == written
     assert federation_file.read_plan_files(fed, cfg)["dataset.json"] == {"coordinator": 1}
 
+
+# ---- C7: a replayed or malformed signed fingerprint ends 'plan' with the site's name -----------------------------
+def test_plan_refuses_a_signed_update_manifest_replayed_as_a_fingerprint(tmp_path):
+    from nnunet_adpfl.federation.commands import cmd_plan, fingerprint_path
+    fed, keys, agg, clients = make(tmp_path, sites=["A", "B"])
+    _signed_fingerprints(fed, keys)
+    clients["A"].upload(1, delta(1), 3, None)
+    fingerprint_path(fed, "A").write_bytes(ff.update_paths(fed, 1, "A")[1].read_bytes())  # a keyless writer
+    with pytest.raises(SystemExit, match="not a fingerprint of site A"):
+        cmd_plan(_plan_args(tmp_path, fed, keys))
+
+
+@pytest.mark.parametrize("summary, fields, message", [
+    ({"num_cases": 10 ** 12}, {}, r"site A cannot be merged .*num_cases must be an integer in 1\.\.100000"),
+    ({"num_cases": 3}, {}, "site A cannot be merged .*KeyError"),
+    ("a list", {}, "not a fingerprint of site A"),
+    ({}, {"site": "B"}, "not a fingerprint of site A"),
+])
+def test_plan_names_the_site_whose_signed_summary_cannot_be_merged(tmp_path, summary, fields, message):
+    from nnunet_adpfl.federation.commands import cmd_plan
+    from nnunet_adpfl.federation.summary import QUANTILES, SUMMARY_FORMAT
+    fed, keys, agg, clients = make(tmp_path, sites=["A", "B"])
+    if isinstance(summary, dict):
+        summary = {"format": SUMMARY_FORMAT, "quantile_levels": list(QUANTILES), **summary}
+    _signed_fingerprints(fed, keys, summary, **fields)
+    with pytest.raises(SystemExit, match=message):
+        cmd_plan(_plan_args(tmp_path, fed, keys))

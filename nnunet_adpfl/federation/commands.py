@@ -88,23 +88,16 @@ def cmd_plan(a) -> int:
 
     fed = Path(a.federation_dir)
     cfg, keys = _checked(lambda: open_federation(fed, Path(a.keys_dir)))
-    summaries = []
-    for site in cfg["sites"]:
-        path = fingerprint_path(fed, site)
-        try:
-            content = ff.read_manifest(fed, path)
-        except FileNotFoundError:
-            raise SystemExit(f"error: no fingerprint from site {site} yet ({path})") from None
-        except ff.Rejected as e:
-            raise SystemExit(f"error: fingerprint of site {site} refused: {e.reason}") from None
-        if not ff.mac_ok(keys[site], content, content.get("hmac")) or content.get("federation") != cfg["id"]:
-            raise SystemExit(f"error: fingerprint of site {site} fails its HMAC or belongs to another federation")
-        summaries.append(content["summary"])
+    summaries = [_site_summary(fed, cfg["id"], site, keys[site]) for site in cfg["sites"]]
+    try:
+        fingerprint, dataset_json = merge_summaries(summaries)
+    except Exception as e:  # noqa: BLE001  (each merges on its own: they disagree)
+        raise SystemExit(f"error: the sites' fingerprints cannot be merged ({str(e)[:300]}; sites "
+                         f"numbered from 0 in the order {cfg['sites']})") from None
     plans = plan_federated(summaries, a.dataset_id, a.dataset_name, Path(a.work_dir),
                            configurations=(cfg["configuration"],))
     if a.max_features is not None:
         plans = cap_features(plans, a.max_features)
-    fingerprint, dataset_json = merge_summaries(summaries)
     contents = dict(zip(PLAN_FILES, (plans, dataset_json, fingerprint)))
     written = write_plan_files(fed, {name: json.dumps(c, indent=2, allow_nan=False).encode()
                                      for name, c in contents.items()})
@@ -114,6 +107,32 @@ def cmd_plan(a) -> int:
     print(f"federation plan written to {plans_file} (sha256 {cfg['plans_sha256'][:12]}...): {cfg['configuration']} "
           f"patch {c['patch_size']}, batch {c['batch_size']}, spacing {[round(x, 3) for x in c['spacing']]}")
     return 0
+
+
+def _site_summary(fed: Path, federation_id: str, site: str, key: bytes) -> dict:
+    """The summary in fingerprints/<site>.json, signed by the site for this federation, and mergeable on its own
+    (a replayed signed file, e.g. an update manifest, or a malformed summary ends 'plan' naming the site)."""
+    from .summary import merge_summaries
+
+    path = fingerprint_path(fed, site)
+    try:
+        content = ff.read_manifest(fed, path)
+    except FileNotFoundError:
+        raise SystemExit(f"error: no fingerprint from site {site} yet ({path})") from None
+    except ff.Rejected as e:
+        raise SystemExit(f"error: fingerprint of site {site} refused: {e.reason}") from None
+    if not ff.mac_ok(key, content, content.get("hmac")) or content.get("federation") != federation_id:
+        raise SystemExit(f"error: fingerprint of site {site} fails its HMAC or belongs to another federation")
+    summary = content.get("summary")
+    if content.get("kind") != "fingerprint" or content.get("site") != site or not isinstance(summary, dict):
+        raise SystemExit(f"error: {path} is not a fingerprint of site {site} (kind {str(content.get('kind'))[:40]!r}, "
+                         f"site {str(content.get('site'))[:80]!r}): a replayed file? Run 'fingerprint' at {site} again")
+    try:
+        merge_summaries([summary])
+    except Exception as e:  # noqa: BLE001  (signed by the site, still untrusted input)
+        raise SystemExit(f"error: fingerprint of site {site} cannot be merged ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    return summary
 
 
 def cmd_install_plan(a) -> int:
