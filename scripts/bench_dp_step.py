@@ -36,7 +36,7 @@ import torch
 
 from nnunet_adpfl.federation import files as ff
 from nnunet_adpfl.federation.aggregator import Aggregator, create_federation
-from nnunet_adpfl.federation.federation_file import PLAN_FILES, sign_plan
+from nnunet_adpfl.federation.federation_file import PLAN_FILES, sign_plan, write_plan_files
 from nnunet_adpfl.common.benchmarking import machine_description, peak_rss_mib, ratio_cells, ratio_row, report_memory, \
     run_benchmark_cli, run_memory_child, update_section
 from nnunet_adpfl.common.config import ENV_VAR
@@ -133,9 +133,8 @@ def prepare_federation(root: Path, env: dict, variant: str, mode: str) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     create_federation(fed, keys, [SITE], rounds=1, epochs_per_round=1, mode=mode, configuration=CONFIGURATION)
     preprocessed = next(Path(env["nnUNet_preprocessed"]).glob(f"Dataset{DATASET_ID:03d}_*"))
-    for name in PLAN_FILES:  # the benchmark's plan, signed into federation.json as 'nnunet-adpfl plan' does
-        ff.write_bytes_atomic(fed / "plans" / name, (preprocessed / name).read_bytes())
-    sign_plan(fed, keys, plans_digest(ff.read_json(preprocessed / "nnUNetPlans.json")))
+    written = write_plan_files(fed, {name: (preprocessed / name).read_bytes() for name in PLAN_FILES})
+    sign_plan(fed, keys, plans_digest(ff.read_json(preprocessed / "nnUNetPlans.json")), written)  # as 'plan' does
     Aggregator(fed, keys, log=lambda msg: None).ensure_initial_model()
     return {"federation_dir": str(fed), "site_id": SITE, "site_key_file": str(keys / f"{SITE}.key")}
 

@@ -133,12 +133,11 @@ def test_a_site_added_to_federation_json_is_refused(tmp_path):
 
 
 def test_a_changed_plan_file_is_refused(tmp_path):
-    from nnunet_adpfl.federation.federation_file import open_federation, read_plan_files, sign_plan
+    from nnunet_adpfl.federation.federation_file import open_federation, read_plan_files, sign_plan, write_plan_files
     fed, keys, agg, clients = make(tmp_path)
-    for name, content in (("nnUNetPlans.json", {"plans_name": "nnUNetPlans"}), ("dataset.json", {}),
-                          ("dataset_fingerprint.json", {})):
-        ff.write_json_in(fed, fed / "plans" / name, content)
-    sign_plan(fed, keys, "0" * 64)
+    written = write_plan_files(fed, {"nnUNetPlans.json": b'{"plans_name": "nnUNetPlans"}', "dataset.json": b"{}",
+                                     "dataset_fingerprint.json": b"{}"})
+    sign_plan(fed, keys, "0" * 64, written)
     cfg, _ = open_federation(fed, keys)
     assert read_plan_files(fed, cfg)["nnUNetPlans.json"] == {"plans_name": "nnUNetPlans"}
     (fed / "plans" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "evil": 1}}))

@@ -20,6 +20,7 @@ from . import files as ff
 from .federation_file import (DEFAULT_NORM_RATIO, MODES, check_federation, load_federation, load_site_keys,  # noqa: F401 (re-exported)
                               open_federation, read_plan_files, write_federation)
 from .released import check_decay
+from .restore import ClosedRoundAltered, aggregate_signed_sites, restore_global  # noqa: F401 (ClosedRoundAltered)
 from .strategies import FedAvg
 from ..common.atomic import remove_stale_temporaries
 from ..common.safe_io import UnsafeInput
@@ -147,21 +148,38 @@ class Aggregator:
 
     def ensure_initial_model(self) -> None:
         try:
-            ff.read_own_global(self.fed, 0, self.cfg["id"], self.keys)
+            self._closed_global(0)
             return
         except FileNotFoundError:
             pass
         except ff.Rejected as e:
             self.reject(0, "global.json", f"{e.reason}; the initial model is written again")
+        tensors, source = self._initial_model(), self.cfg.get("initial_weights")
+        self._write_global(0, tensors, {"sites": [], "num_cases": 0, "initial_weights": source})
+        self.log(f"round 0: initial model written ({sum(v.numel() for v in tensors.values()):,} parameters, "
+                 f"{'from ' + source['file'] if source else 'random initialisation'})")
+
+    def _initial_model(self) -> dict:
         files = read_plan_files(self.fed, self._with_plan())
         tensors = build_initial_model(files["nnUNetPlans.json"], files["dataset.json"], self.cfg["configuration"],
                                       self.cfg.get("seed", 0))
         source = self.cfg.get("initial_weights")
-        if source is not None:
-            tensors = load_weights_file(source, tensors)
-        self._write_global(0, tensors, {"sites": [], "num_cases": 0, "initial_weights": source})
-        self.log(f"round 0: initial model written ({sum(v.numel() for v in tensors.values()):,} parameters, "
-                 f"{'from ' + source['file'] if source else 'random initialisation'})")
+        return tensors if source is None else load_weights_file(source, tensors)
+
+    def _closed_global(self, r: int) -> dict:
+        """The tensors of global r, with every check of ``read_own_global``; Rejected if its manifest is not this
+        aggregator's (the round is closed again). Tensors that fail the signed sha256 are restored bit-for-bit
+        from the inputs the manifest names, or ClosedRoundAltered stops the aggregator (``restore.py``)."""
+        manifest = ff.own_global_manifest(self.fed, r, self.cfg["id"], self.keys)
+        try:
+            return ff.read_verified_tensors(ff.global_paths(self.fed, r)[0], manifest, None, self.fed)
+        except ff.Rejected as e:
+            self.reject(r, "global", f"{e.reason}; rebuilding it from the inputs its signed manifest names")
+        tensors = restore_global(self.fed, r, manifest, lambda: self._initial_model() if r == 0 else
+                                 aggregate_signed_sites(self.fed, r, manifest, self._closed_global(r - 1),
+                                                        self.cfg["id"], self.keys, self.strategy))
+        self.log(f"round {r}: global model restored bit-for-bit (signed sha256 {manifest['sha256'][:12]}...)")
+        return tensors
 
     def _with_plan(self) -> dict:
         """The federation's settings once they record a plan (the coordinator's 'plan' writes the plan files, then
@@ -282,7 +300,7 @@ class Aggregator:
         return kept
 
     def run_round(self, r: int) -> dict:
-        previous = ff.read_own_global(self.fed, r - 1, self.cfg["id"], self.keys)
+        previous = self._closed_global(r - 1)
         spec = ff.tensor_spec(previous)
         opened, timeout = self._opened_at(r), self.cfg.get("round_timeout_s")
         deadline = None if timeout is None else opened + timeout

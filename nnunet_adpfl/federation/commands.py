@@ -1,13 +1,15 @@
 """Federation commands: federation init, fingerprint, plan, install-plan, aggregate."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from . import files as ff
 from .aggregator import Aggregator, create_federation, plans_files
-from .federation_file import (PLAN_FILES, load_federation, load_site_keys, open_federation, read_plan_files,
-                              sign_plan, site_federation, write_federation)
+from .federation_file import (PLAN_FILES, load_federation, load_site_keys, open_federation, plan_digests, plan_json,
+                              read_plan_bytes, read_plan_files, sign_plan, site_federation, write_federation,
+                              write_plan_files)
 
 
 def _dataset_folder(root_env: str, dataset_id: int) -> Path:
@@ -45,16 +47,14 @@ def cmd_sign(a) -> int:
 
     fed, keys_dir = Path(a.federation_dir), Path(a.keys_dir)
     cfg = _checked(lambda: load_federation(fed))
-    if cfg.get("plans_sha256") is not None:
-        try:
-            plans = ff.read_manifest(fed, plans_files(fed)[0], 16 << 20)
-        except (FileNotFoundError, ff.Rejected) as e:
-            raise SystemExit(f"error: {plans_files(fed)[0]}: {getattr(e, 'reason', e)}") from None
-        if plans_digest(plans) != cfg["plans_sha256"]:
+    planned = cfg.get("plans_sha256") is not None
+    if planned:  # each plan file read once: the bytes checked are the bytes signed
+        data = _checked(lambda: read_plan_bytes(fed))
+        if plans_digest(_checked(lambda: plan_json(fed, PLAN_FILES[0], data[PLAN_FILES[0]]))) != cfg["plans_sha256"]:
             raise SystemExit(f"error: {plans_files(fed)[0]} does not match plans_sha256 in federation.json")
     _checked(lambda: write_federation(fed, cfg, load_site_keys(keys_dir, cfg["sites"])))
-    if cfg.get("plans_sha256") is not None:
-        _checked(lambda: sign_plan(fed, keys_dir, cfg["plans_sha256"]))
+    if planned:
+        _checked(lambda: sign_plan(fed, keys_dir, cfg["plans_sha256"], plan_digests(data)))
     print(f"federation.json in {fed} signed for {cfg['sites']}")
     return 0
 
@@ -88,36 +88,51 @@ def cmd_plan(a) -> int:
 
     fed = Path(a.federation_dir)
     cfg, keys = _checked(lambda: open_federation(fed, Path(a.keys_dir)))
-    summaries = []
-    for site in cfg["sites"]:
-        path = fingerprint_path(fed, site)
-        try:
-            content = ff.read_manifest(fed, path)
-        except FileNotFoundError:
-            raise SystemExit(f"error: no fingerprint from site {site} yet ({path})") from None
-        except ff.Rejected as e:
-            raise SystemExit(f"error: fingerprint of site {site} refused: {e.reason}") from None
-        if not ff.mac_ok(keys[site], content, content.get("hmac")) or content.get("federation") != cfg["id"]:
-            raise SystemExit(f"error: fingerprint of site {site} fails its HMAC or belongs to another federation")
-        summaries.append(content["summary"])
+    summaries = [_site_summary(fed, cfg["id"], site, keys[site]) for site in cfg["sites"]]
+    try:
+        fingerprint, dataset_json = merge_summaries(summaries)
+    except Exception as e:  # noqa: BLE001  (each merges on its own: they disagree)
+        raise SystemExit(f"error: the sites' fingerprints cannot be merged ({str(e)[:300]}; sites "
+                         f"numbered from 0 in the order {cfg['sites']})") from None
     plans = plan_federated(summaries, a.dataset_id, a.dataset_name, Path(a.work_dir),
                            configurations=(cfg["configuration"],))
     if a.max_features is not None:
         plans = cap_features(plans, a.max_features)
-    plans_file, dataset_file = plans_files(fed)
-    fingerprint, dataset_json = merge_summaries(summaries)
-    ff.write_json_in(fed, plans_file, plans)
-    ff.write_json_in(fed, dataset_file, dataset_json)
-    ff.write_json_in(fed, merged_fingerprint_file(fed), fingerprint)
-    cfg = sign_plan(fed, Path(a.keys_dir), plans_digest(plans))
+    contents = dict(zip(PLAN_FILES, (plans, dataset_json, fingerprint)))
+    written = write_plan_files(fed, {name: json.dumps(c, indent=2, allow_nan=False).encode()
+                                     for name, c in contents.items()})
+    cfg = sign_plan(fed, Path(a.keys_dir), plans_digest(plans), written)  # what was written, not read back
+    plans_file = plans_files(fed)[0]
     c = plans["configurations"][cfg["configuration"]]
     print(f"federation plan written to {plans_file} (sha256 {cfg['plans_sha256'][:12]}...): {cfg['configuration']} "
           f"patch {c['patch_size']}, batch {c['batch_size']}, spacing {[round(x, 3) for x in c['spacing']]}")
     return 0
 
 
-def merged_fingerprint_file(fed: Path) -> Path:
-    return Path(fed) / "plans" / "dataset_fingerprint.json"
+def _site_summary(fed: Path, federation_id: str, site: str, key: bytes) -> dict:
+    """The summary in fingerprints/<site>.json, signed by the site for this federation, and mergeable on its own
+    (a replayed signed file, e.g. an update manifest, or a malformed summary ends 'plan' naming the site)."""
+    from .summary import merge_summaries
+
+    path = fingerprint_path(fed, site)
+    try:
+        content = ff.read_manifest(fed, path)
+    except FileNotFoundError:
+        raise SystemExit(f"error: no fingerprint from site {site} yet ({path})") from None
+    except ff.Rejected as e:
+        raise SystemExit(f"error: fingerprint of site {site} refused: {e.reason}") from None
+    if not ff.mac_ok(key, content, content.get("hmac")) or content.get("federation") != federation_id:
+        raise SystemExit(f"error: fingerprint of site {site} fails its HMAC or belongs to another federation")
+    summary = content.get("summary")
+    if content.get("kind") != "fingerprint" or content.get("site") != site or not isinstance(summary, dict):
+        raise SystemExit(f"error: {path} is not a fingerprint of site {site} (kind {str(content.get('kind'))[:40]!r}, "
+                         f"site {str(content.get('site'))[:80]!r}): a replayed file? Run 'fingerprint' at {site} again")
+    try:
+        merge_summaries([summary])
+    except Exception as e:  # noqa: BLE001  (signed by the site, still untrusted input)
+        raise SystemExit(f"error: fingerprint of site {site} cannot be merged ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    return summary
 
 
 def cmd_install_plan(a) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import files as ff
 from .names import PLAN_FILES, PLANS_FOLDER
 from .released import check_decay
-from ..common.safe_io import UnsafeInput, read_file
+from ..common.safe_io import UnsafeInput, loads_json, read_file
 
 MODES = ("npfl", "dpfl", "adpfl")
 MAX_PLAN_FILE_BYTES = 16 << 20
@@ -161,37 +161,61 @@ def _plan_file_bytes(fed: Path, name: str) -> bytes:
         raise FederationFileError(f"{path}: {e.reason}") from None
 
 
+def read_plan_bytes(fed: Path, digests: dict[str, str] | None = None) -> dict[str, bytes]:
+    """Each plan file's bytes, read once (whatever is checked is what is used); checked against ``digests``, the
+    signed sha256 by name, if given."""
+    out = {}
+    for name in PLAN_FILES:
+        out[name] = _plan_file_bytes(fed, name)
+        if digests is not None and hashlib.sha256(out[name]).hexdigest() != digests[name]:
+            raise FederationFileError(f"{plans_folder(fed) / name} differs from the plan the coordinator signed "
+                                      "(sha256 mismatch)")
+    return out
+
+
+def plan_json(fed: Path, name: str, data: bytes) -> dict:
+    """A plan file's bytes as a JSON object (bounded size and depth, finite numbers)."""
+    try:
+        content = loads_json(data, MAX_PLAN_FILE_BYTES)
+    except UnsafeInput as e:
+        raise FederationFileError(f"{plans_folder(fed) / name}: {e.reason}") from None
+    if not isinstance(content, dict):
+        raise FederationFileError(f"{plans_folder(fed) / name} is not a JSON object")
+    return content
+
+
 def read_plan_files(fed: Path, cfg: dict) -> dict[str, dict]:
     """The plan files (by name), each checked against its sha256 in the (authenticated) ``cfg``."""
     digests = cfg.get("plan_files")
     if digests is None:
         raise FileNotFoundError(f"the federation in {fed} has no plan yet ('nnunet-adpfl plan')")
-    out = {}
-    for name in PLAN_FILES:
-        data = _plan_file_bytes(fed, name)
-        if hashlib.sha256(data).hexdigest() != digests[name]:
-            raise FederationFileError(f"{plans_folder(fed) / name} differs from the plan the coordinator signed "
-                                      "(sha256 mismatch)")
-        try:
-            out[name] = ff.read_manifest(fed, plans_folder(fed) / name, MAX_PLAN_FILE_BYTES)
-        except ff.Rejected as e:
-            raise FederationFileError(f"{plans_folder(fed) / name}: {e.reason}") from None
-    return out
+    return {name: plan_json(fed, name, data) for name, data in read_plan_bytes(fed, digests).items()}
 
 
-def sign_plan(fed: Path, keys_dir: Path, plans_sha256: str) -> dict:
-    """Record the plan now in ``fed/plans`` (its files' sha256 and the plans' digest) in federation.json, signed."""
+def write_plan_files(fed: Path, contents: dict[str, bytes]) -> dict[str, str]:
+    """Write the plan files into ``fed/plans``; returns the sha256 of the bytes written, for ``sign_plan``."""
+    for name, data in contents.items():
+        ff.write_bytes_in(fed, plans_folder(fed) / name, data)
+    return plan_digests(contents)
+
+
+def plan_digests(contents: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+
+
+def sign_plan(fed: Path, keys_dir: Path, plans_sha256: str, plan_files: dict[str, str]) -> dict:
+    """Record the plan in federation.json, signed: the plans' digest and ``plan_files``, the sha256 of the plan
+    files as the coordinator wrote or checked them (never read again from the shared folder)."""
     cfg, keys = open_federation(fed, keys_dir)
-    digests = {name: hashlib.sha256(_plan_file_bytes(fed, name)).hexdigest() for name in PLAN_FILES}
-    return write_federation(fed, {**cfg, "plans_sha256": plans_sha256, "plan_files": digests}, keys)
+    return write_federation(fed, {**cfg, "plans_sha256": plans_sha256, "plan_files": dict(plan_files)}, keys)
 
 
 def adopt_plan(fed: Path, keys_dir: Path, planned_fed: Path) -> dict:
     """Give a new federation the plan of ``planned_fed`` (same coordinator and keys): its files, checked against
-    its signed federation.json, copied into ``fed/plans``, and recorded in ``fed``'s signed federation.json."""
+    its signed federation.json, copied into ``fed/plans`` (the bytes checked), and recorded in ``fed``'s signed
+    federation.json."""
     planned_cfg, _ = open_federation(planned_fed, keys_dir)
-    read_plan_files(planned_fed, planned_cfg)
-    for name in PLAN_FILES:
-        ff.write_bytes_in(fed, plans_folder(fed) / name, _plan_file_bytes(planned_fed, name))
-    return sign_plan(fed, keys_dir, planned_cfg["plans_sha256"])
-
+    if planned_cfg.get("plan_files") is None:
+        raise FileNotFoundError(f"the federation in {planned_fed} has no plan yet ('nnunet-adpfl plan')")
+    data = read_plan_bytes(planned_fed, planned_cfg["plan_files"])
+    return sign_plan(fed, keys_dir, planned_cfg["plans_sha256"], write_plan_files(fed, data))

@@ -54,6 +54,7 @@ INTENSITY_KEYS = ("mean", "median", "std", "min", "max", "percentile_00_5", "per
 DATASET_KEYS = ("channel_names", "labels", "file_ending", "regions_class_order")
 _TAIL = 0.005  # level of percentile_00_5 (and 1 - level of percentile_99_5) in nnU-Net's fingerprint
 FINGERPRINT_FILE, DATASET_FILE = "dataset_fingerprint.json", "dataset.json"
+MAX_SITE_CASES = 100_000  # one pseudo-case each: bounds the coordinator's memory and the merged fingerprint's size
 
 
 # ----------------------------------------------------------------------------- site side
@@ -151,8 +152,10 @@ def _check_summary(summary: dict, index: int) -> None:
         raise ValueError(f"summary {index}: unknown format {summary.get('format')!r} (expected {SUMMARY_FORMAT!r})")
     if tuple(summary["quantile_levels"]) != QUANTILES:
         raise ValueError(f"summary {index}: quantile levels differ from QUANTILES")
-    if int(summary["num_cases"]) < 1:
-        raise ValueError(f"summary {index}: num_cases must be >= 1")
+    cases = summary.get("num_cases")
+    if not isinstance(cases, int) or isinstance(cases, bool) or not 1 <= cases <= MAX_SITE_CASES:
+        raise ValueError(f"summary {index}: num_cases must be an integer in 1..{MAX_SITE_CASES}, got "
+                         f"{str(cases)[:40]!r}")
 
 
 def _check_agreement(summaries: list[dict]) -> None:
