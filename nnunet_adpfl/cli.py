@@ -45,7 +45,7 @@ COMMAND_MODULES: tuple[tuple[str, dict[str, str]], ...] = (
         "install-plan": "at a site: install the federation plan before nnUNetv2_preprocess",
         "aggregate": "coordinator: run the aggregator (restartable)"}),
     ("nnunet_adpfl.federation.flower_commands", {
-        "flower": "the network transport (Flower): credentials, app, connection"}),
+        "flower": "the network transport (Flower): credentials, app, proxy, connection, supernode"}),
     ("nnunet_adpfl.workflows.simulate", {
         "simulate": "a whole federation on this machine (aggregator + sites as processes)"}),
     ("nnunet_adpfl.workflows.fed_experiment", {

@@ -38,12 +38,12 @@ from safetensors.torch import load as st_load
 from ..common.atomic import append_line_in, write_bytes_atomic, write_bytes_in, write_json_atomic  # noqa: F401
 from ..common.safe_io import UnsafeInput, loads_json, read_file, read_json_file
 from ..common.tensors import tensors_to_bytes
+from .keys import load_key  # noqa: F401  (ff.load_key)
 from .names import FEDERATION_FILE  # noqa: F401  (ff.FEDERATION_FILE)
 
 MAC_FIELDS = ("hmac", "hmacs")
 SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # every site id, checked with fullmatch at every load
 MAX_MANIFEST_BYTES = 4 << 20
-MAX_KEY_FILE_BYTES = 4096
 MAX_CASES = 10 ** 9  # a site's num_cases: the global's sum stays a small integer
 
 
@@ -107,23 +107,6 @@ def now() -> str:
 # ---- keys and MACs -----------------------------------------------------------------------------------
 def generate_key() -> str:
     return secrets.token_hex(32)
-
-
-def load_key(path: str | Path) -> bytes:
-    try:
-        text = read_file(path, MAX_KEY_FILE_BYTES).decode("ascii").strip()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"key file {path} does not exist") from None
-    except (UnsafeInput, UnicodeDecodeError) as e:
-        raise ValueError(f"key file {path}: {getattr(e, 'reason', e)}") from None
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise ValueError(f"key file {path} must hold a hex key (as written by 'nnunet-adpfl federation init')") \
-            from None
-    if len(key) < 16:
-        raise ValueError(f"key in {path} is too short ({len(key)} bytes)")
-    return key
 
 
 def _canonical(manifest: dict) -> bytes:

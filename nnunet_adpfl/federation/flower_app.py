@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..common.atomic import append_line_in, write_bytes_in
 from .flower_checks import MAX_FILES_PER_MESSAGE, RelayError, parse_field, text
 from .flower_relay import FEDERATION_FILE, Relay, site_exchange
+from .keys import load_key
 
 MESSAGE_TYPE = "query"
 STATS_FILE = "relay_stats.json"
@@ -67,14 +68,6 @@ def unpack(content, fields_expected: set[str]) -> tuple[dict, dict[str, bytes]]:
     return fields, files
 
 
-def read_key(path: str | Path) -> bytes:
-    """A site key as 'nnunet-adpfl federation init' writes it (hex); the same rules as files.load_key."""
-    key = bytes.fromhex(Path(path).read_text().strip())
-    if len(key) < 16:
-        raise ValueError(f"key in {path} is too short ({len(key)} bytes)")
-    return key
-
-
 # ---- ClientApp ---------------------------------------------------------------------------------------
 client_app = ClientApp()
 REQUEST_FIELDS = {"nonce", "push_mac", "held"}
@@ -87,7 +80,7 @@ def relay_query(msg: Message, context: Context) -> Message:
     site, fed = str(cfg["site"]), Path(str(cfg["federation-dir"]))
     try:
         fields, push = unpack(msg.content, REQUEST_FIELDS)
-        key = read_key(str(cfg["key-file"]))
+        key = load_key(str(cfg["key-file"]))
         status, files, mac = site_exchange(fed, site, key, fields.get("nonce"), push, fields.get("push_mac"),
                                            fields.get("held"))
         reply = {"site": site, "status": status, "mac": mac}

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from ..common.atomic import write_bytes_atomic
-from . import flower_proxy
+from . import flower_proxy, flower_site
 
 CONNECTION = "nnunet-adpfl"
 
@@ -44,7 +44,8 @@ def _toml_str(value: str) -> str:
 def write_app(app_dir: Path, federation_dir: Path, keys_dir: Path, aggregate: bool = True,
               poll_interval: float = 1.0, reply_timeout: float = 60.0, max_wait: float = 0.0) -> Path:
     """The Flower app folder ('flwr run <app_dir> <connection>' builds the FAB from it; the code is our package,
-    installed on the coordinator and every site, so the FAB holds only this pyproject)."""
+    installed on the coordinator and every site: the sites' 'nnunet-adpfl flower supernode' never runs code from
+    a FAB, so only the coordinator uses this pyproject)."""
     text = APP_TOML.format(federation_dir=_toml_str(Path(federation_dir).resolve()),
                            keys_dir=_toml_str(Path(keys_dir).resolve()), aggregate=str(aggregate).lower(),
                            poll_interval=float(poll_interval), reply_timeout=float(reply_timeout),
@@ -99,7 +100,7 @@ def cmd_connection(a) -> int:
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("flower", help="the network transport (Flower): credentials, app, connection")
+    p = sub.add_parser("flower", help="the network transport (Flower): credentials, app, proxy, connection, supernode")
     fsub = p.add_subparsers(dest="flower_command", required=True)
     q = fsub.add_parser("credentials", help="CA, SuperLink TLS certificate and one node-auth key pair per site")
     q.add_argument("out", help="folder for the credentials (on the coordinator)")
@@ -119,6 +120,7 @@ def add_cli(sub) -> None:
     q.set_defaults(func=cmd_app)
 
     flower_proxy.add_cli(fsub)
+    flower_site.add_cli(fsub)
 
     q = fsub.add_parser("connection", help="add the SuperLink (address + our CA) to the flwr CLI's configuration")
     q.add_argument("--name", default=CONNECTION)

@@ -9,15 +9,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from .flower_commands import CONNECTION, write_app, write_connection
 from .flower_credentials import make_credentials
 from .flower_proxy import proxy_command, write_proxy_config
-
-BIN = Path(sys.executable).parent
+from .flower_site import BIN, flwr
 
 
 def free_port() -> int:
@@ -29,11 +27,6 @@ def free_port() -> int:
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def flwr(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else name
 
 
 class FlowerNet:
@@ -89,11 +82,12 @@ class FlowerNet:
 
     def start_supernode(self, site: str, fed: Path, key_file: Path, node_key: str | None = None,
                         name: str | None = None, max_retries: int | None = None) -> subprocess.Popen:
+        """A site's 'nnunet-adpfl flower supernode' (flower-supernode that runs only the installed ClientApp)."""
         d = self.creds[node_key or site]
-        config = f'site="{site}" federation-dir="{fed}" key-file="{key_file}"'
-        cmd = [flwr("flower-supernode"), "--superlink", f"127.0.0.1:{self.fleet_port}", "--root-certificates",
-               str(d / "ca.crt"), "--auth-supernode-private-key", str(d / "node.key"), "--node-config", config,
-               "--port", str(free_port())]
+        cmd = [flwr("nnunet-adpfl"), "flower", "supernode", "--superlink", f"127.0.0.1:{self.fleet_port}",
+               "--root-certificates", str(d / "ca.crt"), "--auth-supernode-private-key", str(d / "node.key"),
+               "--site", site, "--federation-dir", str(fed), "--key-file", str(key_file),
+               "--runtime-port", str(free_port())]
         if max_retries is not None:
             cmd += ["--max-retries", str(max_retries)]
         return self.start(name or f"supernode_{site}", cmd)

@@ -1,0 +1,97 @@
+"""A site's 'nnunet-adpfl flower supernode' never runs code from the coordinator's app package (FAB)."""
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.cli.build import build_fab_from_disk  # noqa: E402
+from flwr.supercore.fab import Fab  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.supernode.runtime import run_clientapp  # noqa: E402
+
+from nnunet_adpfl.federation import flower_site  # noqa: E402
+from nnunet_adpfl.federation.flower_app import REPLY_FIELDS, pack, unpack  # noqa: E402
+from nnunet_adpfl.federation.flower_commands import write_app  # noqa: E402
+
+
+def hostile_fab(tmp_path):
+    """Our app's pyproject, plus a package of the same name whose ClientApp writes a marker when imported."""
+    app = write_app(tmp_path / "app", tmp_path / "fed", tmp_path / "keys")
+    pkg = app / "nnunet_adpfl" / "federation"
+    pkg.mkdir(parents=True)
+    (app / "nnunet_adpfl" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    marker = tmp_path / "PWNED"
+    (pkg / "flower_app.py").write_text(f"open({str(marker)!r}, 'w').write('FAB code ran')\n"
+                                       "from flwr.clientapp import ClientApp\nclient_app = ClientApp()\n")
+    content = build_fab_from_disk(app)
+    return Fab(hash_str=__import__("hashlib").sha256(content).hexdigest(), content=content, verifications={}), marker
+
+
+def test_a_task_answers_with_the_installed_clientapp_and_never_installs_the_fab(tmp_path, monkeypatch):
+    fab, marker = hostile_fab(tmp_path)
+    for name in ("_run_id", "_node_id", "_task_id"):  # Message() needs the identity of the task's process
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr_home"))
+    context = Context(run_id=1, node_id=7, node_config={"site": "A", "federation-dir": str(tmp_path / "site_fed"),
+                                                        "key-file": str(tmp_path / "A.key")},
+                      state=RecordDict(), run_config={})
+    request = Message(pack({}, {}), dst_node_id=7, message_type="query")
+    request.metadata.__dict__["_message_id"] = request.object_id
+    pushed, outputs = [], []
+    monkeypatch.setattr(run_clientapp, "pull_task_input", lambda client: (request, context, None, fab))
+    monkeypatch.setattr(run_clientapp, "push_message", lambda client, reply, ctx: pushed.append(reply))
+    monkeypatch.setattr(run_clientapp, "push_task_output", lambda **kw: outputs.append(kw["sub_status"]))
+    monkeypatch.setattr(flower_site, "_runtime_client", lambda *a, **kw: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr("flwr.supercore.heartbeat.HeartbeatSender.start", lambda self: None)
+    monkeypatch.setattr("flwr.supercore.heartbeat.HeartbeatSender.stop", lambda self: None)
+    monkeypatch.setattr("flwr.supercore.app_utils.start_parent_process_monitor", lambda pid: None)
+
+    assert flower_site.run_task("127.0.0.1:1", "token", 1) == 0
+    fields, _ = unpack(pushed[0].content, REPLY_FIELDS)  # the installed relay's answer (it refused the empty request)
+    assert fields["site"] == "A" and "error" in fields and outputs == ["completed"]
+    assert not marker.exists() and not (tmp_path / "flwr_home").exists()  # nothing from the FAB imported or installed
+
+
+def test_the_launcher_ends_with_its_supernode_even_before_the_runtime_api_is_up():
+    supernode = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(1); sys.exit(5)"])
+    start = time.time()
+    assert flower_site.serve_tasks("127.0.0.1:9", supernode, poll=0.1) == 5  # a refused SuperNode's exit code
+    assert time.time() - start < 30
+
+
+def test_supernode_runs_process_isolated_with_its_runtime_api_on_loopback(tmp_path):
+    a = SimpleNamespace(superlink="h:9093", root_certificates="ca.crt", auth_supernode_private_key="node.key",
+                        site="A", federation_dir=str(tmp_path / "fed"), key_file=str(tmp_path / "A.key"),
+                        runtime_port=9094, max_retries=None)
+    cmd = flower_site.supernode_command(a)
+    assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert f'federation-dir="{tmp_path / "fed"}"' in cmd[cmd.index("--node-config") + 1]
+    with pytest.raises(SystemExit, match="quotes"):
+        flower_site.node_config("A", str(tmp_path / 'a"b'), "k")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "oversized"])
+def test_the_clientapp_reads_its_site_key_by_the_folder_rules(tmp_path, monkeypatch, kind):
+    from nnunet_adpfl.federation.flower_app import client_app
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    real = tmp_path / "real.key"
+    real.write_text("ab" * 32)
+    key = tmp_path / "A.key"
+    if kind == "symlink":
+        key.symlink_to(real)
+    else:
+        key.write_text("ab" * 100_000)
+    context = Context(run_id=1, node_id=7, node_config={"site": "A", "federation-dir": str(tmp_path / "fed"),
+                                                        "key-file": str(key)}, state=RecordDict(), run_config={})
+    request = Message(pack({}, {}), dst_node_id=7, message_type="query")
+    request.metadata.__dict__["_message_id"] = request.object_id
+    fields, _ = unpack(client_app(message=request, context=context).content, REPLY_FIELDS)
+    assert "key file" in fields["error"] and "status" not in fields
