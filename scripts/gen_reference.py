@@ -42,8 +42,10 @@ def settings_page() -> str:
     from nnunet_adpfl.common.config import ENV_VAR, SETTINGS
 
     lines = [HEADER, "# Settings reference\n\n",
-             f"The settings file is a JSON object; `${ENV_VAR}` names it. Unknown keys and bad values stop training "
-             "with an error that names the key. Keys left out take the default below. How to choose them: "
+             f"The settings file is a JSON object; `${ENV_VAR}` names it (unset: every key takes its default; set "
+             "but empty: an error). Unknown or repeated keys and bad values (non-finite numbers such as `Infinity` "
+             "or `NaN` included) stop training with an error that names the key. Keys left out take the default "
+             "below. How to choose them: "
              "[choosing epsilon and the settings](../EPSILON.md).\n\n",
              "| key | type | default | allowed | description |\n", "|---|---|---|---|---|\n"]
     for key, s in SETTINGS.items():

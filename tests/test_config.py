@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -80,3 +81,47 @@ def test_unknown_key_names_the_nearest_known_one():
     with pytest.raises(SettingsError, match=r"did you mean 'noise_multiplier' \(not 'noise_multipler'\)\?") as e:
         load_settings("", {"noise_multipler": 1.0, "zzz": 1})
     assert "not 'zzz'" not in str(e.value)  # nothing close: no guess
+
+
+NUMERIC_KEYS = [k for k, s in SETTINGS.items()
+                if {int, float} & set(s.kind if isinstance(s.kind, tuple) else (s.kind,))]
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+@pytest.mark.parametrize("token", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, key, token):
+    f = tmp_path / "s.json"
+    other = "target_epsilon" if key == "noise_multiplier" else "noise_multiplier"
+    f.write_text(f'{{"{other}": 1.0, "{key}": {token}}}')
+    with pytest.raises(SettingsError, match=f"setting '{key}' must be") as e:
+        load_settings(str(f))
+    assert "\n" not in str(e.value)
+
+
+def test_repeated_keys_are_refused(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text('{"target_epsilon": 1, "delta": 1e-6, "target_epsilon": 100}')
+    with pytest.raises(SettingsError, match=r"\['target_epsilon'\] appear more than once"):
+        load_settings(str(f))
+
+
+def test_folders_unreadable_and_non_utf8_files_give_one_line(tmp_path):
+    with pytest.raises(SettingsError, match="cannot be read"):
+        load_settings(str(tmp_path))
+    binary = tmp_path / "b.json"
+    binary.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(SettingsError, match="not UTF-8"):
+        load_settings(str(binary))
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "locked.json"
+        locked.write_text("{}")
+        locked.chmod(0)
+        with pytest.raises(SettingsError, match="cannot be read"):
+            load_settings(str(locked))
+
+
+def test_an_empty_settings_variable_is_an_error(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "")
+    with pytest.raises(SettingsError, match="set but empty"):
+        load_settings()
+    assert load_settings("", {"noise_multiplier": 1.0})["noise_multiplier"] == 1.0  # "" passed in: no file

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -201,11 +202,49 @@ def apply_run_length(trainer, settings: dict) -> None:
 
 def explicit_keys(path: str | None = None) -> set[str]:
     """The keys the settings file (``path`` or ``$nnUNet_adpfl_config``) sets; load_settings has checked it."""
-    path = path if path is not None else os.environ.get(ENV_VAR)
-    if not path:
-        return set()
-    with open(path) as f:
-        return set(json.load(f))
+    path = _settings_path(path)
+    return set(_read_settings_file(path)) if path else set()
+
+
+def _settings_path(path: str | None) -> str | None:
+    """``path`` if given ("" = no file), else ``$nnUNet_adpfl_config``; set but empty there is an error (most likely
+    a typo such as ``export nnUNet_adpfl_config=$TYPO``), so a run never falls back to the defaults unnoticed."""
+    if path is not None:
+        return path
+    path = os.environ.get(ENV_VAR)
+    if path is not None and not path.strip():
+        raise SettingsError(f"${ENV_VAR} is set but empty: name a settings file, or unset it for the defaults")
+    return path
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise SettingsError(f"setting(s) {repeated} appear more than once in the settings file")
+    return dict(pairs)
+
+
+def _read_settings_file(path: str) -> dict:
+    """The JSON object in ``path``, or a one-line SettingsError (missing, unreadable, not UTF-8, not JSON, repeated
+    keys). Non-finite numbers parse here and are refused by ``_validate``, which names their key."""
+    where = f"settings file {path!r}" + (f" (from ${ENV_VAR})" if path == os.environ.get(ENV_VAR) else "")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise SettingsError(f"{where} does not exist") from None
+    except OSError as e:
+        raise SettingsError(f"{where} cannot be read: {e.strerror or e}") from None
+    try:
+        user = json.loads(data.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except UnicodeDecodeError:
+        raise SettingsError(f"{where} is not UTF-8 text") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise SettingsError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise SettingsError(f"{where} must contain a JSON object")
+    return user
 
 
 def _validate(key: str, value: Any) -> Any:
@@ -219,6 +258,8 @@ def _validate(key: str, value: Any) -> Any:
         raise SettingsError(f"setting '{key}' must be {_kind_name(kinds)}, got {value!r}")
     if not isinstance(value, kinds):
         raise SettingsError(f"setting '{key}' must be {_kind_name(kinds)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # Infinity, NaN, 1e999: no range check passes them
+        raise SettingsError(f"setting '{key}' must be a finite number, got {value!r}")
     if not spec.check(value):
         raise SettingsError(f"setting '{key}' must be {spec.requirement}, got {value!r}")
     return float(value) if float in kinds and not isinstance(value, bool) else value
@@ -238,18 +279,8 @@ def _did_you_mean(unknown: list[str]) -> str:
 
 def load_settings(path: str | None = None, overrides: dict | None = None) -> dict:
     """Defaults, updated from the JSON file (``path`` or ``$nnUNet_adpfl_config``) and ``overrides``."""
-    path = path if path is not None else os.environ.get(ENV_VAR)
-    user: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                user = json.load(f)
-        except FileNotFoundError:
-            raise SettingsError(f"settings file {path!r} (from ${ENV_VAR}) does not exist") from None
-        except json.JSONDecodeError as e:
-            raise SettingsError(f"settings file {path!r} is not valid JSON: {e}") from None
-        if not isinstance(user, dict):
-            raise SettingsError(f"settings file {path!r} must contain a JSON object")
+    path = _settings_path(path)
+    user = _read_settings_file(path) if path else {}
     user.update(overrides or {})
     unknown = sorted(set(user) - set(SETTINGS))
     if unknown:
