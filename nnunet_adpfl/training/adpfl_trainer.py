@@ -49,7 +49,8 @@ class FederatedADPTrainer(FederatedDPTrainer):
             schedule = NoiseSchedule(s["adpfl_noise_schedule"], end_ratio=s["adpfl_schedule_end_ratio"])
             self._schedule = calibrate_schedule(schedule, s["target_epsilon"], s["delta"], sample_rate,
                                                 self._steps_per_round(), rounds, s["accountant"])
-        return self._schedule[self.current_epoch // self.epochs_per_round]
+        # a finished site started again (--c, or rerun: it resumes from checkpoint_final) is past the last round
+        return self._schedule[min(self.current_epoch // self.epochs_per_round, rounds - 1)]
 
     def _budget_steps(self, sample_rate: float, sigma: float, remaining: int) -> int:
         """The whole remaining schedule must fit the budget (it was calibrated to)."""
