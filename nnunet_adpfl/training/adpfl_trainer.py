@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from ..federation import files as ff
 from ..privacy.adaptive import (NoiseSchedule, QuantileClipTracker, calibrate_schedule, count_noise_warning,
-                                 default_sigma_count, noise_aware_clip_lr)
+                                 default_sigma_count, noise_aware_clip_lr, split_noise)
 from ..common.atomic import write_bytes_atomic
 from ..common.config import SettingsError
 from .fed_trainers import FederatedDPTrainer
@@ -91,12 +91,23 @@ class FederatedADPTrainer(FederatedDPTrainer):
 
     def _new_clip_tracker(self) -> QuantileClipTracker:
         s, batch = self.dp_settings, self.privacy["expected_batch_size"]
-        sigma_count = s["adpfl_count_noise"] or default_sigma_count(batch, max(self._schedule))
+        sigma_count = self._count_noise_multiplier(batch)
         return QuantileClipTracker(
             clip=s["max_grad_norm"], expected_batch_size=batch, sigma_count=sigma_count,
             target_quantile=s["adpfl_clip_quantile"],
             learning_rate=s["adpfl_clip_lr"] or noise_aware_clip_lr(sigma_count, batch),
             max_clip=None if s["adpfl_clip_max_ratio"] is None else s["adpfl_clip_max_ratio"] * s["max_grad_norm"])
+
+    def _count_noise_multiplier(self, batch: float) -> float:
+        """adpfl_count_noise, or its default; refused at the start (not at the first step) when it is too small to
+        split every round's noise multiplier (2 * count noise > sigma)."""
+        s, sigma = self.dp_settings, max(self._schedule)
+        try:
+            sigma_count = s["adpfl_count_noise"] or default_sigma_count(batch, sigma)
+            split_noise(sigma, sigma_count)
+        except ValueError as e:
+            raise SettingsError(f"adaptive clipping (adpfl_adaptive_clip, adpfl_count_noise): {e}") from None
+        return sigma_count
 
     # ---- the private step -----------------------------------------------------------------------
     def _clip_norm(self) -> float:
