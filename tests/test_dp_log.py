@@ -1,11 +1,15 @@
 """What the DP trainers log at the start of private training, fresh and resumed (issue 37), and the small-fold
 warning in the log and the privacy report."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from test_dp_trainer import SHORT, make_trainer
 
 from nnunet_adpfl.privacy.accounting import PrivacyAccountant
+from nnunet_adpfl.privacy.report import NO_NOISE_WARNING, REPORT_NAME, privacy_report
 from nnunet_adpfl.privacy.small_fold import SIGMA_WARN, cases_for_sigma, small_fold_warning
 
 
@@ -72,3 +76,32 @@ def test_cases_for_sigma_is_the_smallest_n_within_the_budget():
     assert small_fold_warning(SIGMA_WARN, 3, b, eps, delta, steps) is None
     message = small_fold_warning(50.0, 3, b, eps, delta, steps)
     assert f"About {n} training cases would allow sigma 4" in message and "q = 0.667" in message
+
+
+def test_no_noise_warns_in_log_and_report(nnunet_paths, tmp_path, monkeypatch):
+    t = make_trainer(settings={**SHORT, "target_epsilon": None, "noise_multiplier": 0.0}, tmp_path=tmp_path,
+                     monkeypatch=monkeypatch)
+    t.on_train_start()
+    try:
+        assert _log(t).count(f"WARNING: {NO_NOISE_WARNING}") == 1
+        t.accountant.step(0.0, t.privacy["sample_rate"], 2)  # as if 2 steps were trained
+        content = t.write_privacy_report(final=False)
+        assert content["epsilon"] is None and content["guarantee_void_no_noise"] is True
+        json.loads((Path(t.output_folder) / REPORT_NAME).read_text(), parse_constant=_refuse)  # valid JSON
+    finally:
+        t.on_train_end()
+
+
+def _refuse(token):
+    raise ValueError(f"{token} is not JSON")
+
+
+def test_the_report_flags_no_guarantee_only_without_noise():
+    def report(sigma):
+        acc = PrivacyAccountant("rdp", 1e-5)
+        acc.step(sigma, 0.1, 100)
+        return privacy_report(accountant=acc, noise_multiplier=sigma, sample_rate=0.1, clipping={}, max_grad_norm=1.0,
+                              num_cases=20, expected_batch_size=2, target_epsilon=None, planned_steps=100,
+                              budget_exhausted=False, trainer="t", final=True, deterministic_noise=False)
+    assert report(0.0)["guarantee_void_no_noise"] and report(0.0)["epsilon"] is None
+    assert not report(1.0)["guarantee_void_no_noise"] and report(1.0)["epsilon"] > 0

@@ -22,6 +22,15 @@ def package_versions() -> dict:
     return out
 
 
+NO_NOISE_WARNING = ("noise multiplier 0: steps without noise, epsilon is infinite, no privacy guarantee "
+                    "(report: guarantee_void_no_noise)")
+
+
+def without_noise(accountant: PrivacyAccountant, noise_multiplier: float) -> bool:
+    """Whether this run's steps, or steps accounted before, add no noise (sigma 0): no guarantee at all."""
+    return noise_multiplier == 0 or any(sigma == 0 and q > 0 and steps > 0 for sigma, q, steps in accountant.history)
+
+
 def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sample_rate: float, clipping: dict,
                    max_grad_norm: float, num_cases: int, expected_batch_size: float, target_epsilon: float | None,
                    planned_steps: int, budget_exhausted: bool, trainer: str, final: bool,
@@ -29,7 +38,7 @@ def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sa
                    extra: dict | None = None) -> dict:
     eps = accountant.epsilon()
     content = {
-        "epsilon": eps if math.isfinite(eps) else None,
+        "epsilon": eps if math.isfinite(eps) else None,  # null: infinite (guarantee_void_no_noise), valid JSON
         "delta": accountant.delta,
         "noise_multiplier": noise_multiplier,
         "sample_rate": sample_rate,
@@ -47,6 +56,7 @@ def privacy_report(*, accountant: PrivacyAccountant, noise_multiplier: float, sa
         "history": [list(h) for h in accountant.history],
         "guarantee_void_deterministic_noise": deterministic_noise,
         "guarantee_void_deterministic_sampling": deterministic_sampling,
+        "guarantee_void_no_noise": without_noise(accountant, noise_multiplier) or not math.isfinite(eps),
         "trainer": trainer,
         "final": final,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),

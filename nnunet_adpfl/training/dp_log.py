@@ -1,8 +1,9 @@
 """What a DP trainer logs when its private training starts (or restarts with ``--c``): the mechanism, the steps
-planned, taken and left, the trained and frozen parameters, where the weights came from, and a warning for folds
-too small for their privacy budget."""
+planned, taken and left, the trained and frozen parameters, where the weights came from, and warnings for folds
+too small for their privacy budget and for steps without noise."""
 from __future__ import annotations
 
+from ..privacy.report import NO_NOISE_WARNING, without_noise
 from ..privacy.small_fold import small_fold_warning
 from .trainable import select_trainable
 
@@ -44,7 +45,7 @@ def fold_warning(trainer, sigma: float) -> str | None:
 
 
 def setup_lines(trainer, allowed: int) -> list[str]:
-    """The start-of-training log: one line, and a WARNING line for a small fold."""
+    """The start-of-training log: one line, and WARNING lines for a small fold and for steps without noise."""
     s, pv = trainer.dp_settings, trainer.privacy
     sigma, counts, batch = pv["noise_multiplier"], pv["parameters"], pv["expected_batch_size"]
     frozen = frozen_note(trainer.network, s["dp_trainable"], pv["params"])
@@ -56,4 +57,5 @@ def setup_lines(trainer, allowed: int) -> list[str]:
             f"engine {pv['per_case'].engine}{' (auto)' if pv['engine'] == 'auto' else ''}; trainable ({s['dp_trainable']}): {counts['trainable']:,} of {counts['total']:,} "
             f"parameters in {len(pv['params'])} tensors ({frozen}); noise std per coordinate "
             f"{sigma * s['max_grad_norm'] / batch:.3g} (sigma*C/B); momentum {s['momentum']}; {start}")
-    return [line] + ([f"WARNING: {pv['small_fold_warning']}"] if pv.get("small_fold_warning") else [])
+    warnings = [pv.get("small_fold_warning"), NO_NOISE_WARNING if without_noise(trainer.accountant, sigma) else None]
+    return [line] + [f"WARNING: {w}" for w in warnings if w]
