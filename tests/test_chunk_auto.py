@@ -62,6 +62,20 @@ def test_default_memory_limit_is_a_quarter_of_available_ram_on_cpu():
     assert default_memory_limit_mib(torch.device("cpu")) == pytest.approx(0.25 * available, rel=0.2)
 
 
+def test_without_proc_meminfo_the_limit_falls_back_and_auto_chunks_still_run(monkeypatch):
+    real_open = open
+
+    def no_proc(path, *args, **kwargs):  # macOS (and -device mps) has no /proc
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert default_memory_limit_mib(torch.device("cpu")) == per_case_grads.AUTO_FALLBACK_MIB
+    pc, net, x, y, loss = _engine()
+    assert sum(g[0].shape[0] for g, _ in pc.chunks(x, y)) == 5 and pc.chunk_size >= 1
+
+
 def test_auto_chunk_on_cpu_stays_within_the_throughput_cap_however_much_memory_is_allowed(monkeypatch):
     pc, net, x, y, loss = _engine(limit=1e9, batch=6)
     one = case_bytes(net, loss.per_case, pc.params, x[:1], [t[:1] for t in y])

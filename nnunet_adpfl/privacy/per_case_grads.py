@@ -81,6 +81,7 @@ AUTO_CPU_CHUNK_MIB = 320    # ... and at most this estimated memory per batched 
                             # per case (2D B = 128, hooks: 0.95x the standard step in chunks of 8 (309 MiB), 1.31x in
                             # chunks of 16, 1.66x in one chunk; docs/BENCHMARKS.md)
 AUTO_GPU_FREE_SHARE = 0.5   # on a GPU: this share of its free memory at set-up
+AUTO_FALLBACK_MIB = 2048    # where the free memory cannot be read (no /proc/meminfo: macOS, mps)
 GRAD_COPIES = 2             # per-case gradients live twice at the peak (the engine's result and the clipping's
                             # temporaries)
 PEAK_MARGIN = 1.4           # backward transients (output gradients) on top: measured peak / estimate was 1.2-1.35
@@ -92,8 +93,11 @@ def default_memory_limit_mib(device: torch.device) -> float:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return AUTO_GPU_FREE_SHARE * free / 2 ** 20
-    with open("/proc/meminfo") as f:
-        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    try:
+        with open("/proc/meminfo") as f:
+            available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):  # no /proc (macOS, mps) or no MemAvailable line
+        return AUTO_FALLBACK_MIB
     return AUTO_CPU_RAM_SHARE * available_kib / 2 ** 10
 
 
