@@ -86,6 +86,10 @@ MUTATIONS = [
              "nnunet_adpfl/privacy/resume.py",
              "if checkpoint is not None and Path(checkpoint).name == UNCOVERED_CHECKPOINT:", "if False:",
              (f"{TRAINER}::test_resume_from_checkpoint_best_is_refused_and_a_fresh_start_reports_the_earlier_account",)),
+    Mutation("validation_on_training_cases", "fold 'all' validates on its training cases (unnoised Dice in every "
+             "checkpoint)", "nnunet_adpfl/training/held_out.py",
+             "return list(tr_keys), []", "return list(tr_keys), list(tr_keys)",
+             ("tests/test_held_out_validation.py::test_fold_all_releases_no_validation_value_of_its_training_cases",)),
     Mutation("sampling_seed_unflagged", "the site `seed` setting (predictable Poisson draws) is not flagged",
              "nnunet_adpfl/training/dp_trainer.py",
              'deterministic_sampling=s["seed"] is not None,', "deterministic_sampling=False,",

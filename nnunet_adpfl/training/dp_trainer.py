@@ -31,6 +31,7 @@ from ..privacy import report
 from ..privacy.accounting import PrivacyAccountant, steps_within_budget
 from ..common.atomic import write_bytes_atomic, write_json_atomic
 from .ema import WeightEMA
+from .held_out import HeldOutValidationMixin
 from ..common.initial_weights import initial_weights_record, pretrained_origin, transfer_segmentation_layers
 from ..privacy.clipping import make_rule
 from ..common.config import SettingsError, apply_run_length, load_settings
@@ -52,7 +53,7 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
     return list(w / w.sum())
 
 
-class nnUNetTrainerDP(nnUNetTrainer):
+class nnUNetTrainerDP(HeldOutValidationMixin, nnUNetTrainer):
     """Base class of the DP trainers; subclasses choose the clipping rule."""
     clipping_rule = "flat"
     supports_ema = True  # federated trainers: no (a site's weights are replaced by the global model every round)
@@ -96,7 +97,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         return PerCaseLoss(self.label_manager.has_regions, self.label_manager.ignore_label, ds)
 
     def get_dataloaders(self):
-        """nnU-Net's loaders, with Poisson sampling for training (validation loader unchanged)."""
+        """nnU-Net's loaders, with Poisson sampling for training (validation loader unchanged; none on fold all)."""
         patch_size = self.configuration_manager.patch_size
         ds_scales = self._get_deep_supervision_scales()
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
@@ -117,14 +118,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
                                   multiplicity=self.dp_settings["augmentation_multiplicity"])
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
-                                  transforms=val_transforms)
+                                  transforms=val_transforms) if dataset_val.identifiers else None
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
-            return SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+            return SingleThreadedAugmenter(dl_tr, None), dl_val and SingleThreadedAugmenter(dl_val, None)
         pin = self.device.type == "cuda"
         mt_tr = training_augmenter(dl_tr, n_proc, pin)  # ordered: the steps are the draws in draw order
-        mt_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None, pin,
-                                              0.002)
+        mt_val = dl_val and NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4),
+                                                         None, pin, 0.002)
         return mt_tr, mt_val
 
     # ---- privacy set-up -----------------------------------------------------------------------------
@@ -290,11 +291,14 @@ class nnUNetTrainerDP(nnUNetTrainer):
             steps = min(self.num_iterations_per_epoch, self.privacy["steps_left"])
             train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(steps)]
             self.on_train_epoch_end(train_outputs)
-            with torch.no_grad():
-                self.on_validation_epoch_start()
-                val_outputs = [self.validation_step(next(self.dataloader_val))
-                               for _ in range(self.num_val_iterations_per_epoch)]
-                self.on_validation_epoch_end(val_outputs)
+            if self.dataloader_val is None:  # fold 'all' (held_out.py)
+                self.skip_validation_epoch()
+            else:
+                with torch.no_grad():
+                    self.on_validation_epoch_start()
+                    val_outputs = [self.validation_step(next(self.dataloader_val))
+                                   for _ in range(self.num_val_iterations_per_epoch)]
+                    self.on_validation_epoch_end(val_outputs)
             self.on_epoch_end()
         if self.privacy_budget_spent() and self.current_epoch < self.num_epochs:
             self.print_to_log_file(f"Privacy budget epsilon={self.dp_settings['target_epsilon']} spent: "
@@ -369,7 +373,7 @@ class nnUNetTrainerDP(nnUNetTrainer):
         s = self.dp_settings
         return {EARLIER_KEY: self._earlier_accounts, "initial_weights": self.initial_weights,
                 "trainable_parameters": self.privacy["parameters"], "dp_defaults": self.dp_defaults,
-                "small_fold_warning": self.privacy["small_fold_warning"],
+                "small_fold_warning": self.privacy["small_fold_warning"], "validation": self.validation_note(),
                 "augmentation_multiplicity": s["augmentation_multiplicity"], "momentum": s["momentum"],
                 "released_model": "weights" if s["ema_decay"] is None else f"EMA of the weights (decay "
                                                                              f"{s['ema_decay']}), post-processing"}
