@@ -143,6 +143,32 @@ def test_ghost_engine_keeps_each_case_within_the_clip_bound_in_fp32(dim, ghost, 
         assert clip * (1 - 1e-3) <= norm <= clip * (1 + 4 * torch.finfo(torch.float32).eps)
 
 
+@pytest.mark.parametrize("rule", [ClippingRule("flat"), ClippingRule("autos", {"gamma": 0.01})])
+def test_ghost_engine_clips_a_crafted_case_whose_gradient_cancels(rule):
+    """A case whose per-position weight gradients cancel (constant input, output gradient of alternating sign): in
+    fp32 its Gram product could round to 0 and let the case into the sum unclipped (100 C measured). The ghost
+    norm is an upper bound (float64 with its rounding bound), so the case stays within C."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(64, 64, 1, bias=False))
+    params = dict(net.named_parameters())
+
+    def linear_loss(out, y):  # d loss_i / d out_i = y_i: the output gradient is chosen
+        return (out * y).flatten(1).sum(1)
+
+    ghosted = PerCaseGradients(net, linear_loss, params, "ghost", chunk_size=1, ghost="all")
+    hooks = PerCaseGradients(net, linear_loss, params, "hooks", chunk_size=1)
+    a, g = torch.randn(64), torch.randn(64)
+    sign = torch.tensor([(-1.0) ** t for t in range(16)]).view(4, 4)
+    x = a.view(1, 64, 1, 1).expand(1, 64, 4, 4).contiguous()
+    worst = 0.0
+    for trial in range(60):
+        y = (g.view(1, 64, 1, 1) * sign * 10 ** (1 + trial / 20) + 1e-3 * torch.randn(1, 64, 4, 4)).contiguous()
+        clip = 0.01 * float(next(hooks.chunks(x, y))[0][0].double().norm())
+        one = clipped_sum(ghosted, rule, clip, x, y)
+        worst = max(worst, float(torch.sqrt(sum(t.double().pow(2).sum() for t in one.clipped))) / clip)
+    assert worst <= 1 + 1e-5
+
+
 def test_dp_autocast_setting_chooses_bf16_on_cuda_only_and_never_with_vmap():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_autocast("off", cpu, "hooks") is None and choose_autocast("bf16", cpu, "loop") is torch.bfloat16
@@ -171,6 +197,14 @@ def _reference_clipped(net, loss, params, x, y, k=1):
     return norms, (ClippingRule("flat").scales(norms, clip)[:, None] * ref).sum(0), clip
 
 
+GHOST_SLACK = 1e-6  # a ghost norm is an upper bound: the Gram product plus its worst-case float64 rounding error
+
+
+def assert_upper_bound(ghost_norms, norms):
+    assert bool((ghost_norms >= norms * (1 - 1e-12)).all())
+    torch.testing.assert_close(ghost_norms, norms, rtol=GHOST_SLACK, atol=0)
+
+
 @pytest.mark.parametrize("ghost,dim,residual,ds,regions",
                          [("all", *case) for case in CASES]
                          + [("cost", 2, False, True, False), ("cost", 3, True, True, False)])
@@ -186,9 +220,9 @@ def test_ghost_engine_norms_and_clipped_sum_match_the_per_case_loop(ghost, dim, 
     monkeypatch.setattr(grad_sample, "ghost_sq_norm", lambda m, *a: ghosted.append(m) or real_ghost_sq_norm(m, *a))
     pc = PerCaseGradients(net, loss.per_case, params, "ghost", chunk_size=2, ghost=ghost)
     sums = clipped_sum(pc, ClippingRule("flat"), clip, x, y)
-    torch.testing.assert_close(sums.norms, norms, rtol=1e-9, atol=0)
+    assert_upper_bound(sums.norms, norms)
     got = torch.cat([g.flatten() for g in sums.clipped])
-    assert float((got - ref_sum).norm() / ref_sum.norm()) <= 1e-9
+    assert float((got - ref_sum).norm() / ref_sum.norm()) <= GHOST_SLACK
     trained = {id(p) for p in params.values()}
     convs = {m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d))
              and id(m.weight) in trained}
@@ -214,8 +248,8 @@ def test_ghost_engine_with_multiplicity_and_a_non_finite_case():
     norms, ref_sum, clip = _reference_clipped(net, loss, params, x, y, k=3)
     pc = PerCaseGradients(net, loss.per_case, params, "ghost", chunk_size=1, multiplicity=3, ghost="all")
     sums = clipped_sum(pc, ClippingRule("flat"), clip, x, y)
-    torch.testing.assert_close(sums.norms, norms, rtol=1e-9, atol=0)
-    assert float((torch.cat([g.flatten() for g in sums.clipped]) - ref_sum).norm() / ref_sum.norm()) <= 1e-9
+    assert_upper_bound(sums.norms, norms)
+    assert float((torch.cat([g.flatten() for g in sums.clipped]) - ref_sum).norm() / ref_sum.norm()) <= GHOST_SLACK
     x_bad = x.clone()
     x_bad[4, 0, 0, 0] = float("nan")  # a patch of the second case
     pc = PerCaseGradients(net, loss.per_case, params, "ghost", chunk_size=2, multiplicity=3, ghost="all")

@@ -152,16 +152,27 @@ def _per_case_columns(x: torch.Tensor, multiplicity: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2).reshape(x.shape[0], multiplicity * x.shape[3], x.shape[2])
 
 
+GHOST_DTYPE = torch.float64  # ghost norms and ghost layers' weight gradients: the norm must bound what is summed
+
+
 def ghost_sq_norm(module, a: torch.Tensor, g: torch.Tensor, multiplicity: int) -> torch.Tensor:
-    """Per-case ||d loss_i / d weight||^2 from the layer's input a and output gradient g, without the gradient."""
+    """Per-case upper bound on ||d loss_i / d weight||^2 from the layer's input a and output gradient g, without
+    the gradient: the Gram product <A^T A, G^T G> in float64 plus a bound on its rounding error. The product can
+    cancel (a crafted case's gradient much smaller than its terms), and an underestimate would let the case into
+    the sum unclipped; the error is at most gamma_n (sum_t |a_t| |g_t|)^2 over the case's positions t."""
     if isinstance(module, _CONVS):
         cols_a, cols_g = _unfold(module, a), g.flatten(2)
     else:
         cols_a, cols_g = a.flatten(2), _space_to_depth(module, g)
-    ca, cg = _per_case_columns(cols_a, multiplicity), _per_case_columns(cols_g, multiplicity)
+    ca = _per_case_columns(cols_a.to(GHOST_DTYPE), multiplicity)
+    cg = _per_case_columns(cols_g.to(GHOST_DTYPE), multiplicity)
     gram_a = torch.bmm(ca, ca.transpose(1, 2))
     gram_g = torch.bmm(cg, cg.transpose(1, 2))
-    return (gram_a * gram_g).flatten(1).sum(1)
+    terms = ca.shape[1] ** 2 + ca.shape[2] + cg.shape[2] + 2  # the products summed, and each Gram entry's length
+    unit = torch.finfo(GHOST_DTYPE).eps
+    gamma = 1.01 * terms * unit / (1 - terms * unit)
+    magnitude = (ca.norm(dim=2) * cg.norm(dim=2)).sum(1) ** 2
+    return (gram_a * gram_g).flatten(1).sum(1).clamp_min(0) + gamma * magnitude
 
 
 def per_case_sq_norms(g: torch.Tensor) -> torch.Tensor:
@@ -251,12 +262,12 @@ class HookedGradSample:
         parameters' dtype."""
         sums, kept, losses = self._pass(x, y, multiplicity, autocast, ghost_weights=True)
         grads = self._per_case(sums, x.shape[0], multiplicity, only_present=True)
-        sq = sum((per_case_sq_norms(g) for g in grads.values()),
-                 torch.zeros(x.shape[0] // multiplicity, dtype=self.params[0].dtype, device=x.device))
+        sq = sum((per_case_sq_norms(g).to(GHOST_DTYPE) for g in grads.values()),
+                 torch.zeros(x.shape[0] // multiplicity, dtype=GHOST_DTYPE, device=x.device))
         for module, calls in kept.items():
             for a, g in calls:
                 sq = sq + ghost_sq_norm(module, a, g, multiplicity)
-        norms = torch.sqrt(sq)
+        norms = torch.sqrt(sq)  # float64: an upper bound where ghost norms enter
         finite = torch.isfinite(norms)
         scales = torch.where(finite, scales_of(torch.where(finite, norms, torch.zeros_like(norms))),
                              torch.zeros_like(norms))
@@ -271,14 +282,15 @@ class HookedGradSample:
         for module, calls in kept.items():
             for a, g in calls:
                 shape = (-1, *([1] * (a.dim() - 1)))
-                g = g * patch_scale.view(shape).to(g.dtype)
+                a, g = a.to(GHOST_DTYPE), g.to(GHOST_DTYPE) * patch_scale.view(shape)
                 if not all_finite:
                     a = torch.where(patch_finite.view(shape), a, a.new_zeros(()))
                     g = torch.where(patch_finite.view(shape), g, g.new_zeros(()))
-                w = weighted_weight_grad(module, a, g)
+                w = weighted_weight_grad(module, a, g).to(module.weight.dtype)
                 out[id(module.weight)] = out[id(module.weight)] + w if id(module.weight) in out else w
         clipped = [out[id(p)] if id(p) in out else torch.zeros_like(p) for p in self.params]
-        return clipped, torch.where(finite, norms, torch.full_like(norms, torch.inf)), losses
+        norms = torch.where(finite, norms, torch.full_like(norms, torch.inf)).to(self.params[0].dtype)
+        return clipped, norms, losses
 
     def _per_case(self, sums: dict, n: int, multiplicity: int, only_present: bool = False):
         """Per-patch sums -> per-case gradients (the K patches of a case added): a list in params order, or with
