@@ -40,6 +40,17 @@ def test_trainers_found_through_nnUNet_extTrainer(nnunet_paths, name, rule):
     assert trainer.rule.name == rule and type(trainer).__name__ == name
 
 
+def test_a_cascade_stage_is_refused(nnunet_paths):
+    """3d_cascade_fullres takes each case's segmentation by the 3d_lowres models (trained on the same patients) as
+    input: their privacy cost would not be in this run's report."""
+    trainer = make_trainer()
+    plans = json.loads(json.dumps(trainer.plans_manager.plans))
+    plans["configurations"]["3d_fullres"]["previous_stage"] = "3d_lowres"
+    plans["continue_training"] = False  # as get_trainer_from_args sets it
+    with pytest.raises(SettingsError, match="previous stage"):
+        type(trainer)(plans, "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+
+
 def test_amp_and_compile_off_even_on_cuda(nnunet_paths, monkeypatch):
     monkeypatch.setenv("nnUNet_compile", "true")
     trainer = make_trainer(device="cuda")  # constructing does not touch the GPU

@@ -116,7 +116,8 @@ SETTINGS: dict[str, Setting] = {
                            lambda v: v in ("auto", "bf16", "off"), "'auto', 'bf16' or 'off'"),
     "dp_memory_limit_mib": Setting(None, (int, float), "memory bound of max_physical_batch_size 'auto', in MiB; "
                                    "null = 25% of the RAM available (CPU; 2048 where /proc/meminfo is missing, e.g. "
-                                   "macOS) or 50% of the GPU's free memory, read when the first private step starts", _positive, "> 0", nullable=True),
+                                   "macOS) or 50% of the GPU's free memory, read when the first private step starts",
+                                   _positive, "> 0", nullable=True),
     "federation_dir": Setting(None, str, "federated trainers: the shared federation folder", lambda v: bool(v),
                               "a path", nullable=True),
     "site_id": Setting(None, str, "federated trainers: this site's name in federation.json", lambda v: bool(v),

@@ -63,6 +63,10 @@ class nnUNetTrainerDP(HeldOutValidationMixin, nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp:
             raise SettingsError("DP trainers do not support DDP: per-rank batches would not be Poisson samples")
+        if self.is_cascaded:
+            raise SettingsError(f"{configuration}: a cascade's input is each case's segmentation by the previous "
+                                "stage, whose models trained on the same patients outside this run's privacy account: "
+                                "train 3d_fullres or 3d_lowres")
         self.dp_settings = load_settings()
         apply_run_length(self, self.dp_settings)
         self.grad_scaler = None
