@@ -26,6 +26,7 @@ STEP = "tests/test_dp_step_invariants.py"
 TRAINER = "tests/test_dp_trainer_invariants.py"
 GHOST = "tests/test_grad_sample_engines.py::test_ghost_engine_norms_and_clipped_sum_match_the_per_case_loop"
 GHOST_FP32 = "tests/test_grad_sample_engines.py::test_ghost_engine_keeps_each_case_within_the_clip_bound_in_fp32"
+GHOST_CANCEL = "tests/test_grad_sample_engines.py::test_ghost_engine_clips_a_crafted_case_whose_gradient_cancels"
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,18 @@ MUTATIONS = [
              (GHOST,)),
     Mutation("ghost_sum_unscaled", "book-keeping: the ghost layers' share of the sum is the unclipped batch gradient",
              "nnunet_adpfl/privacy/grad_sample.py",
-             "g * patch_scale.view(shape).to(g.dtype)", "g",
+             "g.to(GHOST_DTYPE) * patch_scale.view(shape)", "g.to(GHOST_DTYPE)",
              (GHOST,)),
+    Mutation("ghost_norm_cancels", "book-keeping: the ghost norm is the Gram product summed in fp32 without its "
+             "rounding bound (a crafted case whose gradient cancels gets a norm near 0 and enters the sum unclipped)",
+             "nnunet_adpfl/privacy/grad_sample.py",
+             "return (gram_a * gram_g).flatten(1).sum(1).clamp_min(0) + gamma * magnitude",
+             "return (gram_a.float() * gram_g.float()).flatten(1).sum(1).to(GHOST_DTYPE)",
+             (GHOST_CANCEL,)),
+    Mutation("cascade_accepted", "a 3d_cascade_fullres stage trains under DP (its input comes from models outside "
+             "the account)", "nnunet_adpfl/training/dp_trainer.py",
+             "        if self.is_cascaded:", "        if False:",
+             ("tests/test_dp_trainer.py::test_a_cascade_stage_is_refused",)),
     Mutation("ghost_norm_low_precision", "book-keeping: the output-gradient Gram matrix in bf16 (ghost norms off by "
              "rounding, a case's contribution above C)",
              "nnunet_adpfl/privacy/grad_sample.py",

@@ -335,15 +335,15 @@ def test_a_round_whose_global_keeps_being_refused_is_closed_again_after_a_pause(
     fed, keys, agg, clients = make(tmp_path, rounds=2, sites=["A", "B"])
     for r in (1, 2):
         upload_all(clients, r, seed=10 * r)
-    refusing, real, out = threading.Event(), ff.read_own_global, {}
+    refusing, real, out = threading.Event(), ff.own_global_manifest, {}
     refusing.set()
 
-    def read_own_global(fed_dir, r, *args):
+    def own_global_manifest(fed_dir, r, *args):
         if r == 1 and refusing.is_set():
             raise ff.Rejected("global model of round 1 refused (test)")
         return real(fed_dir, r, *args)
 
-    monkeypatch.setattr(ff, "read_own_global", read_own_global)
+    monkeypatch.setattr(ff, "own_global_manifest", own_global_manifest)
     thread = threading.Thread(target=lambda: out.update(r=agg.run()), daemon=True)
     thread.start()
     time.sleep(1.0)
