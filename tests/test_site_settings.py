@@ -1,11 +1,14 @@
 """A federated trainer started without its site settings (issue 37): a short message, no traceback, no output
 folder left behind."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from nnunet_adpfl.common.config import SettingsError
 
 FEDERATED = {"nnUNetTrainerFL": ("npfl", "nnUNetTrainer"), "nnUNetTrainerDPFL": ("dpfl", "nnUNetTrainerDPSGD"),
              "nnUNetTrainerADPFL": ("adpfl", "nnUNetTrainerDPSGD"),
@@ -52,3 +55,15 @@ def test_nnUNetv2_train_without_settings_prints_no_traceback(nnunet_paths):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     _check_message(done.stderr, "nnUNetTrainerADPFL", "adpfl", "nnUNetTrainerDPSGD")
     assert not list(root.rglob("nnUNetTrainerADPFL__*"))
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerDPFL", "nnUNetTrainerADPFL"])
+def test_a_private_site_without_noise_is_refused_before_it_joins(nnunet_paths, tmp_path, monkeypatch, name):
+    """noise_multiplier 0 and no target: every upload would be unprotected (epsilon infinite)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    f = tmp_path / "site.json"
+    f.write_text(json.dumps({"federation_dir": str(tmp_path / "fed"), "site_id": "A", "site_key_file": "A.key",
+                             "target_epsilon": None, "noise_multiplier": 0.0}))
+    monkeypatch.setenv("nnUNet_adpfl_config", str(f))
+    with pytest.raises(SettingsError, match="without any privacy guarantee"):
+        get_trainer_from_args("501", "3d_fullres", 0, name, "nnUNetPlans", device=torch.device("cpu"))

@@ -18,6 +18,7 @@ class FederatedNPTrainer(SiteSettingsCheck, FederatedTrainerMixin, nnUNetTrainer
 class FederatedDPTrainer(SiteSettingsCheck, FederatedTrainerMixin, nnUNetTrainerDP):
     federation_mode = "dpfl"
     single_site_trainer = "nnUNetTrainerDPSGD (DP-SGD)"
+    private = True
     supports_ema = False
 
     def _privacy_manifest(self) -> dict:

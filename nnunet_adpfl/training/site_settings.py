@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..common.config import ENV_VAR, load_settings
+from ..common.config import ENV_VAR, SettingsError, load_settings
 
 SITE_KEYS = ("federation_dir", "site_id", "site_key_file")
 
@@ -40,6 +40,7 @@ class SiteSettingsCheck:
     federation_mode: str
     single_site_trainer = "nnUNetTrainer (standard nnU-Net)"
     simulated = True
+    private = False  # DP-FL, ADP-FL: every upload must carry noise
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -47,4 +48,9 @@ class SiteSettingsCheck:
                                         self.simulated)
         if message is not None:
             raise SystemExit(message)
+        settings = load_settings()
+        if self.private and settings["target_epsilon"] is None and settings["noise_multiplier"] == 0:
+            raise SettingsError("noise_multiplier 0 with no target_epsilon: this site's updates would leave it "
+                                "without any privacy guarantee; set target_epsilon (or noise_multiplier > 0), "
+                                "or train without privacy with nnUNetTrainerFL")
         super().__init__(plans, configuration, fold, dataset_json, device)
