@@ -326,6 +326,33 @@ def test_stale_temporaries_of_killed_writers_are_removed_when_the_aggregator_sta
     assert not stale.exists() and fresh.exists()  # a writer may still be writing the fresh one
 
 
+def test_a_folder_swapped_for_a_symlink_during_the_cleanup_does_not_redirect_it(tmp_path, monkeypatch):
+    """The cleanup unlinks by the folder's descriptor: a folder swapped for a symlink to another folder between
+    the listing and the unlink (a keyless writer's race) makes it remove nothing outside the root."""
+    import os
+    import time
+    from nnunet_adpfl.common import atomic
+    root, outside = tmp_path / "fed", tmp_path / "outside"
+    (root / "round_0001").mkdir(parents=True)
+    outside.mkdir()
+    old = time.time() - 2 * 3600
+    for folder in (root / "round_0001", outside):
+        (folder / ".A.json.1a2b.tmp").write_bytes(b"partial")
+        os.utime(folder / ".A.json.1a2b.tmp", (old, old))
+    real = atomic.TEMPORARY
+
+    class SwapOnFirstMatch:
+        def fullmatch(self, name):
+            if not (root / "moved").exists():
+                (root / "round_0001").rename(root / "moved")
+                (root / "round_0001").symlink_to(outside)
+            return real.fullmatch(name)
+
+    monkeypatch.setattr(atomic, "TEMPORARY", SwapOnFirstMatch())
+    atomic.remove_stale_temporaries(root, 3600)
+    assert (outside / ".A.json.1a2b.tmp").exists() and not (root / "moved" / ".A.json.1a2b.tmp").exists()
+
+
 def test_an_update_changed_after_it_was_accepted_is_not_averaged(fed):
     fed_dir, _, _, agg, clients = fed
     for s in SITES:

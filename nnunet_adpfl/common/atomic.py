@@ -167,13 +167,12 @@ def remove_stale_temporaries(root: str | Path, max_age_s: float) -> list[Path]:
     """Remove the temporary files (``.<name>.<random>.tmp``) that writers killed mid-write left below ``root``,
     if older than ``max_age_s``; symlinks are not followed. Returns what was removed."""
     removed, limit = [], time.time() - max_age_s
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        for name in names:
-            path = Path(folder) / name
+    for folder, _, names, fd in os.fwalk(root, follow_symlinks=False):  # by descriptor: a folder swapped for a
+        for name in names:                                             # symlink meanwhile is not followed
             try:
-                if TEMPORARY.fullmatch(name) and os.lstat(path).st_mtime < limit:
-                    os.unlink(path)
-                    removed.append(path)
+                if TEMPORARY.fullmatch(name) and os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < limit:
+                    os.unlink(name, dir_fd=fd)
+                    removed.append(Path(folder) / name)
             except OSError:
                 continue
     return removed
