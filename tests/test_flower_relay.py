@@ -84,7 +84,14 @@ def test_site_refuses_unsigned_pushes_and_sends_only_its_own_files(tmp_path):
         (site_dir / name.replace(".json", ".safetensors")).write_bytes(b"x")
     _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], N4, {}, None, None)
     assert sent == {}  # the coordinator does not know this node yet
-    _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], N5, {}, None, {"updates": [1], "fingerprint": None})
+    held = {"updates": [1], "fingerprint": None}
+    with pytest.raises(fr.RelayError, match="valid coordinator HMAC"):  # another node's request cannot ask for them
+        fr.site_exchange(site_dir, "A", keyring["A"], N5, {}, None, held)
+    with pytest.raises(fr.RelayError, match="valid coordinator HMAC"):  # the HMAC covers 'held'
+        fr.site_exchange(site_dir, "A", keyring["A"], N5, {}, fr.relay_mac(keyring["A"], "push", N5, "A",
+                                                                           fr.push_body({}, None)), held)
+    _, sent, _ = fr.site_exchange(site_dir, "A", keyring["A"], N5, {}, fr.relay_mac(keyring["A"], "push", N5, "A",
+                                                                                     fr.push_body({}, held)), held)
     assert sorted(sent) == sorted(fr.update_names(2, "A"))
 
 

@@ -187,6 +187,13 @@ def _write_files(fed: Path, files: dict[str, bytes], overwrite=lambda name: True
 
 
 # ---- the site side (ClientApp) --------------------------------------------------------------------------
+def push_body(push: dict[str, bytes], held: dict | None) -> dict:
+    """What the coordinator's request HMAC covers: the files it pushes and, once it knows the site, what it holds
+    of it (another registered node could otherwise queue requests that make this site send its files again)."""
+    body = {"files": _digests(push)}
+    return body if held is None else {**body, "held": held}
+
+
 def site_exchange(fed: Path, site: str, key: bytes, nonce, push: dict[str, bytes], push_mac,
                   held) -> tuple[dict, dict[str, bytes], str]:
     """Apply one request of the coordinator to the site's local folder; returns (status, files, reply MAC).
@@ -197,10 +204,12 @@ def site_exchange(fed: Path, site: str, key: bytes, nonce, push: dict[str, bytes
     nonce, held = check.nonce(nonce), check.held(held)
     push_mac = check.mac_or_none(push_mac, "push_mac")
     check_files(push, _PUSHABLE, MAX_TENSOR_FILE_BYTES)  # before round 0 arrives a site knows no model size
-    if push:
-        expected = relay_mac(key, "push", nonce, site, {"files": _digests(push)})
+    if push or held is not None:  # a request that writes files or asks for this site's files: the coordinator's
+        expected = relay_mac(key, "push", nonce, site, push_body(push, held))
         if push_mac is None or not hmac.compare_digest(expected, push_mac):
-            raise RelayError("files pushed without a valid coordinator HMAC for this site: nothing written")
+            raise RelayError("a request with files or 'held' without a valid coordinator HMAC for this site: "
+                             "nothing written or sent")
+    if push:
         fed.mkdir(parents=True, exist_ok=True)
         _write_files(fed, push)
     status, files = folder_status(fed, site), {}
@@ -270,8 +279,7 @@ class Relay:
         push, held, mac = {}, None, None
         if site is not None and site in self.status:
             push, held = self._push_plan(site, self.status[site]), self._held(site)
-            if push:
-                mac = relay_mac(self.keys[site], "push", nonce, site, {"files": _digests(push)})
+            mac = relay_mac(self.keys[site], "push", nonce, site, push_body(push, held))
         self.pending[node] = (nonce, site)
         self.bytes_pushed += sum(len(v) for v in push.values())
         return {"nonce": nonce, "push": push, "push_mac": mac, "held": held}
