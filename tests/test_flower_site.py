@@ -95,3 +95,27 @@ def test_the_clientapp_reads_its_site_key_by_the_folder_rules(tmp_path, monkeypa
     request.metadata.__dict__["_message_id"] = request.object_id
     fields, _ = unpack(client_app(message=request, context=context).content, REPLY_FIELDS)
     assert "key file" in fields["error"] and "status" not in fields
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_supernode_ends_when_its_launcher_is_killed():
+    """Restarting a killed launcher must not find an orphaned SuperNode still holding the node."""
+    import os
+    import signal
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys, time; from nnunet_adpfl.federation import "
+                                 "flower_site; p = flower_site.start_child(['sleep', '60']); print(p.pid, flush=True); "
+                                 "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    child = int(launcher.stdout.readline())
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+
+    def running(pid: int) -> bool:  # a zombie (ended, not yet reaped by init) counts as ended
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while running(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not running(child)

@@ -119,8 +119,22 @@ def serve_tasks(address: str, supernode: subprocess.Popen, poll: float = 0.5) ->
     return supernode.returncode
 
 
+def _end_with_parent() -> None:
+    """In the child, Linux only: SIGTERM when the launcher dies (SIGKILL included), so that restarting it finds no
+    orphaned SuperNode holding the node's key."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start_child(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, preexec_fn=_end_with_parent)
+
+
 def cmd_supernode(a) -> int:
-    supernode = subprocess.Popen(supernode_command(a))
+    supernode = start_child(supernode_command(a))
 
     def stop(signum, _frame):
         supernode.terminate()
