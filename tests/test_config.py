@@ -88,7 +88,7 @@ NUMERIC_KEYS = [k for k, s in SETTINGS.items()
 
 
 @pytest.mark.parametrize("key", NUMERIC_KEYS)
-@pytest.mark.parametrize("token", ["Infinity", "-Infinity", "NaN", "1e999"])
+@pytest.mark.parametrize("token", ["Infinity", "-Infinity", "NaN", "1e999", "1" + "0" * 400])
 def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, key, token):
     f = tmp_path / "s.json"
     other = "target_epsilon" if key == "noise_multiplier" else "noise_multiplier"
@@ -96,6 +96,13 @@ def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, key, token):
     with pytest.raises(SettingsError, match=f"setting '{key}' must be") as e:
         load_settings(str(f))
     assert "\n" not in str(e.value)
+
+
+def test_an_integer_literal_beyond_pythons_limit_names_the_file(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text('{"max_grad_norm": 1' + "0" * 5000 + "}")
+    with pytest.raises(SettingsError, match="is not valid JSON"):
+        load_settings(str(f))
 
 
 def test_repeated_keys_are_refused(tmp_path):

@@ -326,6 +326,19 @@ def test_stale_temporaries_of_killed_writers_are_removed_when_the_aggregator_sta
     assert not stale.exists() and fresh.exists()  # a writer may still be writing the fresh one
 
 
+def test_the_cleanup_works_through_a_federation_path_that_is_a_symlink(tmp_path):
+    import os
+    import time
+    from nnunet_adpfl.common import atomic
+    (tmp_path / "real" / "round_0001").mkdir(parents=True)
+    (tmp_path / "fed").symlink_to(tmp_path / "real")  # e.g. /data/fed -> /mnt/nfs/fed
+    stale = tmp_path / "real" / "round_0001" / ".A.json.1a2b.tmp"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert atomic.remove_stale_temporaries(tmp_path / "fed", 3600) == [tmp_path / "fed" / "round_0001" / stale.name]
+    assert not stale.exists()
+
+
 def test_a_folder_swapped_for_a_symlink_during_the_cleanup_does_not_redirect_it(tmp_path, monkeypatch):
     """The cleanup unlinks by the folder's descriptor: a folder swapped for a symlink to another folder between
     the listing and the unlink (a keyless writer's race) makes it remove nothing outside the root."""

@@ -33,8 +33,8 @@ def hostile_fab(tmp_path):
     return Fab(hash_str=__import__("hashlib").sha256(content).hexdigest(), content=content, verifications={}), marker
 
 
-def test_a_task_answers_with_the_installed_clientapp_and_never_installs_the_fab(tmp_path, monkeypatch):
-    fab, marker = hostile_fab(tmp_path)
+def task_harness(tmp_path, monkeypatch, fab):
+    """run_task against a fake Runtime API: what it pushes (replies, final statuses)."""
     for name in ("_run_id", "_node_id", "_task_id"):  # Message() needs the identity of the task's process
         monkeypatch.setattr(TaskIdentity, name, 1)
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr_home"))
@@ -47,11 +47,17 @@ def test_a_task_answers_with_the_installed_clientapp_and_never_installs_the_fab(
     monkeypatch.setattr(run_clientapp, "pull_task_input", lambda client: (request, context, None, fab))
     monkeypatch.setattr(run_clientapp, "push_message", lambda client, reply, ctx: pushed.append(reply))
     monkeypatch.setattr(run_clientapp, "push_task_output", lambda **kw: outputs.append(kw["sub_status"]))
-    monkeypatch.setattr(flower_site, "_runtime_client", lambda *a, **kw: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(flower_site, "_runtime_client", lambda *a, **kw: (SimpleNamespace(close=lambda: None),
+                                                                          SimpleNamespace()))
     monkeypatch.setattr("flwr.supercore.heartbeat.HeartbeatSender.start", lambda self: None)
     monkeypatch.setattr("flwr.supercore.heartbeat.HeartbeatSender.stop", lambda self: None)
     monkeypatch.setattr("flwr.supercore.app_utils.start_parent_process_monitor", lambda pid: None)
+    return pushed, outputs
 
+
+def test_a_task_answers_with_the_installed_clientapp_and_never_installs_the_fab(tmp_path, monkeypatch):
+    fab, marker = hostile_fab(tmp_path)
+    pushed, outputs = task_harness(tmp_path, monkeypatch, fab)
     assert flower_site.run_task("127.0.0.1:1", "token", 1) == 0
     fields, _ = unpack(pushed[0].content, REPLY_FIELDS)  # the installed relay's answer (it refused the empty request)
     assert fields["site"] == "A" and "error" in fields and outputs == ["completed"]
@@ -119,3 +125,16 @@ def test_the_supernode_ends_when_its_launcher_is_killed():
     while running(child) and time.time() < deadline:
         time.sleep(0.1)
     assert not running(child)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])  # SIGINT (parent gone), the API gone
+def test_a_task_whose_reply_cannot_be_pushed_ends_failed_without_a_traceback(tmp_path, monkeypatch, failure):
+    fab, _ = hostile_fab(tmp_path)
+    _, outputs = task_harness(tmp_path, monkeypatch, fab)
+
+    def push_message(client, reply, context):
+        raise failure("gone")
+
+    monkeypatch.setattr(run_clientapp, "push_message", push_message)
+    assert flower_site.run_task("127.0.0.1:1", "token", 1) == 1
+    assert outputs == ["failed"]

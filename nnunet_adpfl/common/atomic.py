@@ -166,13 +166,13 @@ def append_line_in(root: str | Path, path: str | Path, line: str) -> None:
 def remove_stale_temporaries(root: str | Path, max_age_s: float) -> list[Path]:
     """Remove the temporary files (``.<name>.<random>.tmp``) that writers killed mid-write left below ``root``,
     if older than ``max_age_s``; symlinks are not followed. Returns what was removed."""
-    removed, limit = [], time.time() - max_age_s
-    for folder, _, names, fd in os.fwalk(root, follow_symlinks=False):  # by descriptor: a folder swapped for a
+    removed, limit, real = [], time.time() - max_age_s, os.path.realpath(root)  # the root may be a symlink itself
+    for folder, _, names, fd in os.fwalk(real, follow_symlinks=False):  # by descriptor: a folder swapped for a
         for name in names:                                             # symlink meanwhile is not followed
             try:
                 if TEMPORARY.fullmatch(name) and os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < limit:
                     os.unlink(name, dir_fd=fd)
-                    removed.append(Path(folder) / name)
+                    removed.append(Path(root) / os.path.relpath(folder, real) / name)
             except OSError:
                 continue
     return removed

@@ -241,11 +241,19 @@ def _read_settings_file(path: str) -> dict:
         user = json.loads(data.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
     except UnicodeDecodeError:
         raise SettingsError(f"{where} is not UTF-8 text") from None
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer literal over 4300 digits
         raise SettingsError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(user, dict):
         raise SettingsError(f"{where} must contain a JSON object")
     return user
+
+
+def _finite(value: int | float) -> bool:
+    """Infinity, NaN, 1e999 and integers too large for a float pass no range check: refused."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _validate(key: str, value: Any) -> Any:
@@ -259,8 +267,8 @@ def _validate(key: str, value: Any) -> Any:
         raise SettingsError(f"setting '{key}' must be {_kind_name(kinds)}, got {value!r}")
     if not isinstance(value, kinds):
         raise SettingsError(f"setting '{key}' must be {_kind_name(kinds)}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):  # Infinity, NaN, 1e999: no range check passes them
-        raise SettingsError(f"setting '{key}' must be a finite number, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not _finite(value):
+        raise SettingsError(f"setting '{key}' must be a finite number, got {repr(value)[:40]}")
     if not spec.check(value):
         raise SettingsError(f"setting '{key}' must be {spec.requirement}, got {value!r}")
     return float(value) if float in kinds and not isinstance(value, bool) else value

@@ -58,8 +58,9 @@ def _runtime_client(address: str, component: str, token: str | None = None, max_
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     retry = make_simple_http_retry_invoker()
     retry.max_tries, retry.max_time = (1, None) if max_time is None else (None, max_time)
-    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
-                                                 interceptors=interceptors, retry_invoker=retry)
+    client = RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                   interceptors=interceptors, retry_invoker=retry)
+    return client, retry
 
 
 def run_task(address: str, token: str, parent_pid: int) -> int:
@@ -73,26 +74,31 @@ def run_task(address: str, token: str, parent_pid: int) -> int:
 
     from .flower_app import client_app
 
-    start_parent_process_monitor(parent_pid)  # ends with 'nnunet-adpfl flower supernode'
-    client = _runtime_client(address, "flwr-clientapp", token, max_time=TASK_RETRY_S)
+    start_parent_process_monitor(parent_pid)  # ends with 'nnunet-adpfl flower supernode' (by SIGINT)
+    client, retry = _runtime_client(address, "flwr-clientapp", token, max_time=TASK_RETRY_S)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    message = context = reply = None
+    message = context = None
     status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
         message, context, _run, _fab = pull_task_input(client)
-        reply = client_app(message=message, context=context)
-        status, details = SubStatus.COMPLETED, ""
-    except Exception as e:  # noqa: BLE001 (answered as an error reply, as Flower's flwr-clientapp does)
-        details = f"{type(e).__name__}: {e}"[:500]
-        print(f"ClientApp task failed: {details}", file=sys.stderr, flush=True)
-        if message is not None:
+        try:
+            reply = client_app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as e:  # noqa: BLE001 (answered as an error reply, as Flower's flwr-clientapp does)
+            details = f"{type(e).__name__}: {e}"[:500]
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
-    try:
-        if reply is not None and context is not None:
-            push_message(client, reply, context)
+        push_message(client, reply, context)
+    except BaseException as e:  # noqa: BLE001 (no message or reply moved: the run stopped, SIGINT, API gone)
+        status, details = SubStatus.FAILED, f"{type(e).__name__}: {e}"[:500]
     finally:
-        push_task_output(client=client, context=context, sub_status=status, details=details)
+        if status != SubStatus.COMPLETED:
+            print(f"ClientApp task failed: {details}", file=sys.stderr, flush=True)
+        retry.max_tries, retry.max_time = 1, None  # the final status: one try, never a hang on exit
+        try:
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+        except BaseException:  # noqa: BLE001 (the SuperNode expires the task without it)
+            pass
         heartbeat.stop()
         client.close()
     return 0 if status == SubStatus.COMPLETED else 1
@@ -107,14 +113,15 @@ def serve_tasks(address: str, supernode: subprocess.Popen, poll: float = 0.5) ->
     while supernode.poll() is None:
         running = [p for p in running if p.poll() is None]
         try:
-            client = client or _runtime_client(address, "SuperExec")
+            client = client or _runtime_client(address, "SuperExec")[0]
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])) \
                 if len(running) < MAX_TASKS else None
         except Exception:  # noqa: BLE001 (the SuperNode's Runtime API not up yet, or going down)
             res = None
         if res is not None and res.HasField("task") and res.token:
             env = {**os.environ, TOKEN_ENV: res.token}
-            running.append(subprocess.Popen([sys.executable, "-m", __name__, address, str(os.getpid())], env=env))
+            running.append(subprocess.Popen([sys.executable, "-P", "-m", __name__, address, str(os.getpid())],
+                                            env=env))  # -P: not the working folder first on the import path
         time.sleep(poll)
     return supernode.returncode
 
