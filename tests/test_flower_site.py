@@ -138,3 +138,12 @@ def test_a_task_whose_reply_cannot_be_pushed_ends_failed_without_a_traceback(tmp
     monkeypatch.setattr(run_clientapp, "push_message", push_message)
     assert flower_site.run_task("127.0.0.1:1", "token", 1) == 1
     assert outputs == ["failed"]
+
+
+def test_a_hung_task_is_ended_and_frees_its_slot():
+    hung, fresh = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    now = time.time()
+    left = flower_site.still_running([(hung, now - flower_site.TASK_LIMIT_S - 1), (fresh, now)], now)
+    assert left == [(fresh, now)] and hung.poll() is not None
+    fresh.kill()
+    fresh.wait()

@@ -20,6 +20,7 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 TOKEN_ENV = "NNUNET_ADPFL_FLOWER_TASK_TOKEN"  # the environment, not argv: other users cannot read it
 MAX_TASKS = 2  # ClientApp processes at once; more tasks wait in the SuperNode
+TASK_LIMIT_S = 1800.0  # a task running longer is ended (a relay task takes seconds; its message's TTL is minutes)
 TASK_RETRY_S = 120.0  # a task gives up when the SuperNode's Runtime API has not answered for this long
 
 
@@ -104,6 +105,20 @@ def run_task(address: str, token: str, parent_pid: int) -> int:
     return 0 if status == SubStatus.COMPLETED else 1
 
 
+def still_running(tasks: list[tuple[subprocess.Popen, float]], now: float) -> list[tuple[subprocess.Popen, float]]:
+    """The (process, start) of the tasks still running; one running longer than TASK_LIMIT_S is ended (a hung task
+    would hold one of the MAX_TASKS slots for good; its message expired long before)."""
+    alive = []
+    for task, started in tasks:
+        if task.poll() is None and now - started > TASK_LIMIT_S:
+            print(f"ClientApp task {task.pid} ended after {TASK_LIMIT_S:.0f} s", file=sys.stderr, flush=True)
+            task.kill()
+            task.wait()
+        elif task.poll() is None:
+            alive.append((task, started))
+    return alive
+
+
 def serve_tasks(address: str, supernode: subprocess.Popen, poll: float = 0.5) -> int:
     """Launch one ClientApp process per task of the SuperNode while it runs; its exit code at the end."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -111,7 +126,7 @@ def serve_tasks(address: str, supernode: subprocess.Popen, poll: float = 0.5) ->
 
     client, running = None, []
     while supernode.poll() is None:
-        running = [p for p in running if p.poll() is None]
+        running = still_running(running, time.time())
         try:
             client = client or _runtime_client(address, "SuperExec")[0]
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])) \
@@ -120,8 +135,9 @@ def serve_tasks(address: str, supernode: subprocess.Popen, poll: float = 0.5) ->
             res = None
         if res is not None and res.HasField("task") and res.token:
             env = {**os.environ, TOKEN_ENV: res.token}
-            running.append(subprocess.Popen([sys.executable, "-P", "-m", __name__, address, str(os.getpid())],
-                                            env=env))  # -P: not the working folder first on the import path
+            task = subprocess.Popen([sys.executable, "-P", "-m", __name__, address, str(os.getpid())],
+                                    env=env)  # -P: not the working folder first on the import path
+            running.append((task, time.time()))
         time.sleep(poll)
     return supernode.returncode
 
