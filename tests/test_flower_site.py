@@ -75,9 +75,10 @@ def test_supernode_runs_process_isolated_with_its_runtime_api_on_loopback(tmp_pa
     a = SimpleNamespace(superlink="h:9093", root_certificates="ca.crt", auth_supernode_private_key="node.key",
                         site="A", federation_dir=str(tmp_path / "fed"), key_file=str(tmp_path / "A.key"),
                         runtime_port=9094, max_retries=None)
-    cmd = flower_site.supernode_command(a)
+    cmd = flower_site.supernode_command(a, tmp_path / "secret")
     assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert f'federation-dir="{tmp_path / "fed"}"' in cmd[cmd.index("--node-config") + 1]
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(tmp_path / "secret")
     with pytest.raises(SystemExit, match="quotes"):
         flower_site.node_config("A", str(tmp_path / 'a"b'), "k")
 
@@ -147,3 +148,48 @@ def test_a_hung_task_is_ended_and_frees_its_slot():
     assert left == [(fresh, now)] and hung.poll() is not None
     fresh.kill()
     fresh.wait()
+
+
+PROBE = """import signal, sys
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from nnunet_adpfl.federation import flower_site
+signal.signal(signal.SIGINT, lambda *a: sys.exit(3))  # Flower's client answers a 401 with SIGINT to itself
+secret = open(sys.argv[2], "rb").read() if len(sys.argv) > 2 else None
+client = flower_site._runtime_client(sys.argv[1], "SuperExec", secret=secret)[0]
+client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+"""
+
+
+def listening(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_only_the_launcher_may_take_the_supernodes_tasks(tmp_path):
+    """The SuperNode's Runtime API (loopback) gives tasks only to the holder of the launcher's secret: another local
+    process cannot take, and answer, this site's requests."""
+    import socket
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = SimpleNamespace(superlink="127.0.0.1:9", root_certificates="ca.crt", auth_supernode_private_key="node.key",
+                        site="A", federation_dir=str(tmp_path), key_file=str(tmp_path / "A.key"), runtime_port=port,
+                        max_retries=1000)
+    cmd = [c for c in flower_site.supernode_command(a, secret) if c not in ("--root-certificates", "ca.crt",
+                                                                           "--auth-supernode-private-key", "node.key")]
+    supernode = subprocess.Popen([*cmd, "--insecure"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not listening(port):
+            assert time.time() < deadline and supernode.poll() is None, "the SuperNode's Runtime API did not start"
+            time.sleep(0.2)
+        probe = [sys.executable, "-c", PROBE, f"127.0.0.1:{port}"]
+        assert subprocess.run([*probe, str(secret)], timeout=60).returncode == 0
+        assert subprocess.run(probe, timeout=60).returncode == 3  # refused without the secret
+    finally:
+        supernode.kill()
+        supernode.wait()

@@ -6,14 +6,17 @@ code at every site and read its images. ``nnunet-adpfl flower supernode`` starts
 ``--isolation process`` (it then launches nothing) and takes its ClientApp tasks itself: each one runs in a
 fresh process that pulls the message and context with Flower's own functions, never installs, imports or reads
 the FAB, and answers with this package's ``flower_app.client_app``. The FAB's run config is not used at a site
-(the ClientApp reads only the node config).
+(the ClientApp reads only the node config). The SuperNode gives tasks only to the holder of a secret the launcher
+makes at each start (Flower's SuperExec authentication), so other local processes cannot take them.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,23 +43,31 @@ def node_config(site: str, federation_dir: str, key_file: str) -> str:
     return " ".join(f'{k}="{v}"' for k, v in pairs.items())
 
 
-def supernode_command(a) -> list[str]:
+def supernode_command(a, secret_file: Path) -> list[str]:
+    """``secret_file``: the launcher's task-taking secret (only it may take the SuperNode's tasks)."""
     config = node_config(a.site, a.federation_dir, a.key_file)
     cmd = [flwr("flower-supernode"), "--superlink", a.superlink, "--root-certificates", a.root_certificates,
            "--auth-supernode-private-key", a.auth_supernode_private_key, "--node-config", config,
-           "--isolation", "process", "--host", "127.0.0.1", "--port", str(a.runtime_port)]
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(a.runtime_port),
+           "--superexec-auth-secret-file", str(secret_file)]
     return cmd + (["--max-retries", str(a.max_retries)] if a.max_retries is not None else [])
 
 
-def _runtime_client(address: str, component: str, token: str | None = None, max_time: float | None = None):
-    """A client of the SuperNode's Runtime API; gives up on a failed call after max_time seconds (None: one try)."""
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+def _runtime_client(address: str, component: str, token: str | None = None, max_time: float | None = None,
+                    secret: bytes | None = None):
+    """A client of the SuperNode's Runtime API; gives up on a failed call after max_time seconds (None: one try).
+    ``secret``: signs AcquireTask (the SuperNode gives tasks only to the holder of its secret)."""
+    from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+                                             SuperExecAuthHttpInterceptor)
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if secret is not None:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                         protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
     retry = make_simple_http_retry_invoker()
     retry.max_tries, retry.max_time = (1, None) if max_time is None else (None, max_time)
     client = RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
@@ -119,7 +130,7 @@ def still_running(tasks: list[tuple[subprocess.Popen, float]], now: float) -> li
     return alive
 
 
-def serve_tasks(address: str, supernode: subprocess.Popen, poll: float = 0.5) -> int:
+def serve_tasks(address: str, supernode: subprocess.Popen, poll: float = 0.5, secret: bytes | None = None) -> int:
     """Launch one ClientApp process per task of the SuperNode while it runs; its exit code at the end."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
@@ -128,7 +139,7 @@ def serve_tasks(address: str, supernode: subprocess.Popen, poll: float = 0.5) ->
     while supernode.poll() is None:
         running = still_running(running, time.time())
         try:
-            client = client or _runtime_client(address, "SuperExec")[0]
+            client = client or _runtime_client(address, "SuperExec", secret=secret)[0]
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])) \
                 if len(running) < MAX_TASKS else None
         except Exception:  # noqa: BLE001 (the SuperNode's Runtime API not up yet, or going down)
@@ -157,7 +168,16 @@ def start_child(cmd: list[str]) -> subprocess.Popen:
 
 
 def cmd_supernode(a) -> int:
-    supernode = start_child(supernode_command(a))
+    with tempfile.TemporaryDirectory(prefix="nnunet_adpfl_supernode_") as private:  # mode 0700
+        secret = secrets.token_bytes(32)  # other local processes cannot take (and answer) this site's tasks
+        secret_file = Path(private) / "superexec.secret"
+        secret_file.touch(mode=0o600)
+        secret_file.write_bytes(secret)
+        return _run_supernode(a, secret_file, secret)
+
+
+def _run_supernode(a, secret_file: Path, secret: bytes) -> int:
+    supernode = start_child(supernode_command(a, secret_file))
 
     def stop(signum, _frame):
         supernode.terminate()
@@ -165,7 +185,7 @@ def cmd_supernode(a) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        return serve_tasks(f"127.0.0.1:{a.runtime_port}", supernode)
+        return serve_tasks(f"127.0.0.1:{a.runtime_port}", supernode, secret=secret)
     finally:
         if supernode.poll() is None:
             supernode.terminate()
